@@ -1,0 +1,205 @@
+"""The three attention variants, side by side: baseline GQA, DIFF V1, DIFF V2.
+
+All share :class:`AttentionBase`: bias-free ``q_proj``/``k_proj``/``v_proj``/``o_proj``, RoPE, an optional
+KV cache and one call of the attention primitive. A variant only says how many query heads it has and how it
+turns the per-query-head outputs into the h·d context that ``o_proj`` reads (``mix``).
+
+Shapes: x (B, T, D); q (B, Hq, T, d); k, v (B, Hkv, S, d); the context before W_O is (B, T, h·d).
+Passing a ``stats`` dict runs the eager path and records diagnostics (max logit, context RMS, sink mass, λ).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kernels import apply_rope, attend, eager_attention
+
+
+class KVCacheLayer(Protocol):
+    """One layer's KV cache: appends this step's K/V (B, Hkv, T, d) and returns the full K/V to attend to."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class AttentionBase(nn.Module):
+    n_query_heads: int
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, n_query_heads: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_query_heads = n_query_heads
+        self.backend = cfg.backend
+        d, dm = cfg.head_dim, cfg.d_model
+        self.q_proj = nn.Linear(dm, n_query_heads * d, bias=False)
+        self.k_proj = nn.Linear(dm, cfg.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(dm, cfg.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * d, dm, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        *,
+        mask: torch.Tensor | None = None,
+        cache: KVCacheLayer | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        cos, sin = rope
+        q = apply_rope(self.q_proj(x).view(b, t, self.n_query_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        ctx = self.mix(q, k, v, x, mask, stats)  # (B, T, h_out, d_out) with h_out·d_out = h·d
+        if stats is not None:
+            stats["context_rms"] = ctx.float().pow(2).mean(dim=(0, 1, 3)).sqrt().tolist()  # per output head
+        return self.o_proj(ctx.reshape(b, t, -1))
+
+    def attend(self, q, k, v, mask, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, Hq, T, d) outputs and, in diagnostic mode, the probabilities (B, Hq, T, S)."""
+        if stats is None:
+            return attend(q, k, v, backend=self.backend, mask=mask), None
+        out, probs, logits = eager_attention(q, k, v, mask=mask)
+        stats["max_logit"] = logits.masked_fill(logits.isinf(), 0.0).abs().amax().item()
+        return out, probs
+
+    def mix(self, q, k, v, x, mask, stats) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision tensors to fp32; leave fp32/fp64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _record_sink(stats: dict[str, Any] | None, weights: torch.Tensor | None) -> None:
+    """Mean weight on key 0 over queries t >= 1 (query 0 can only see key 0), per output head."""
+    if stats is not None and weights is not None and weights.shape[-2] > 1:
+        stats["sink_mass"] = weights[..., 1:, 0].float().mean(dim=(0, 2)).tolist()
+
+
+class BaselineAttention(AttentionBase):
+    """Standard GQA attention with h query heads."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx, n_query_heads=cfg.n_heads)
+
+    def mix(self, q, k, v, x, mask, stats):
+        out, probs = self.attend(q, k, v, mask, stats)
+        _record_sink(stats, probs)
+        return out.transpose(1, 2)
+
+
+class DiffV2Attention(AttentionBase):
+    """DIFF V2: 2h query heads, one attention call, head i = head 2i − σ(λ_i)·head 2i+1, λ = x W_λᵀ per token.
+
+    Ablations: ``pairing="split"`` pairs head i with head i+h (different GQA groups: the blog's wrong
+    implementation); ``lambda_mode="none"`` uses weight 1 and has no ``lambda_proj``; ``"linear"`` drops the
+    sigmoid.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx, n_query_heads=2 * cfg.n_heads)
+        self.pairing, self.lambda_mode = cfg.pairing, cfg.lambda_mode
+        if cfg.lambda_mode != "none":
+            self.lambda_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
+
+    def split_pairs(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2h, ...) → the two members of each pair, (B, h, ...) each."""
+        if self.pairing == "interleaved":
+            return heads[:, 0::2], heads[:, 1::2]
+        return heads[:, : self.n_heads], heads[:, self.n_heads :]
+
+    def subtraction_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """σ(λ) per token and head, (B, T, h), in fp32."""
+        if self.lambda_mode == "none":
+            return torch.ones(*x.shape[:2], self.n_heads, device=x.device, dtype=_fp32(x).dtype)
+        lam = _fp32(self.lambda_proj(x))
+        return torch.sigmoid(lam) if self.lambda_mode == "sigmoid" else lam
+
+    def mix(self, q, k, v, x, mask, stats):
+        out, probs = self.attend(q, k, v, mask, stats)
+        o1, o2 = self.split_pairs(out)
+        s = self.subtraction_weight(x).transpose(1, 2)[..., None]  # (B, h, T, 1)
+        ctx = (_fp32(o1) - s * _fp32(o2)).to(out.dtype)  # fp32 subtraction: both terms can be tiny
+        if stats is not None:
+            a1, a2 = self.split_pairs(probs)
+            _record_sink(stats, a1 - s * a2)
+            stats["lambda_mean"], stats["lambda_std"] = s.mean().item(), s.std().item()
+        return ctx.transpose(1, 2)
+
+
+def lambda_init_fn(layer_idx: int) -> float:
+    """DIFF V1's depth-dependent λ_init with a 0-based layer index: layer 0 gets 0.2 (spec §2, Q12)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+class DiffV1Attention(AttentionBase):
+    """DIFF V1 (paper + official flash code): h/2 differential heads, each with q heads (2i, 2i+1), K heads
+    (2g, 2g+1) of its KV group g and a 2d-wide value [v_2g, v_2g+1]; one λ per layer, per-head RMSNorm over
+    2d channels, then × (1 − λ_init).
+
+    With stock kernels (value width d) it runs two GQA calls: queries are regrouped so q1 of group g reads
+    KV head 2g and q2 reads 2g+1; the second call swaps the value heads of each pair. That reads V twice,
+    the decode cost the V2 blog points at.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx, n_query_heads=cfg.n_heads)
+        d = cfg.head_dim
+        self.lambda_init = lambda_init_fn(layer_idx)
+        self.lambda_q1 = nn.Parameter(torch.empty(d))
+        self.lambda_k1 = nn.Parameter(torch.empty(d))
+        self.lambda_q2 = nn.Parameter(torch.empty(d))
+        self.lambda_k2 = nn.Parameter(torch.empty(d))
+        self.subln = nn.RMSNorm(2 * d, eps=1e-5, elementwise_affine=True)  # official latest code: affine (Q9)
+        self.reset_lambda()
+
+    def reset_lambda(self) -> None:
+        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            nn.init.normal_(p, mean=0.0, std=0.1)
+
+    def lambda_full(self) -> torch.Tensor:
+        lam1 = torch.exp((_fp32(self.lambda_q1) * _fp32(self.lambda_k1)).sum())
+        lam2 = torch.exp((_fp32(self.lambda_q2) * _fp32(self.lambda_k2)).sum())
+        return lam1 - lam2 + self.lambda_init
+
+    def mix(self, q, k, v, x, mask, stats):
+        b, hq, t, d = q.shape
+        groups, rep = self.n_kv_heads // 2, self.n_heads // self.n_kv_heads
+        # differential head i = g*rep + r uses q heads 2i (s=0) and 2i+1 (s=1); order them (g, s, r)
+        q_grouped = q.view(b, groups, rep, 2, t, d).transpose(2, 3).reshape(b, hq, t, d)
+        v_swapped = v.view(b, groups, 2, -1, d).flip(2).reshape(v.shape)
+        out_a, probs = self.attend(q_grouped, k, v, mask, stats)  # a_s @ v_{2g+s}
+        out_b, _ = self.attend(q_grouped, k, v_swapped, mask, None)  # a_s @ v_{2g+1-s}
+        out_a, out_b = (o.view(b, groups, 2, rep, t, d) for o in (out_a, out_b))
+        attn1 = torch.cat((out_a[:, :, 0], out_b[:, :, 0]), dim=-1)  # a1 @ [v_2g, v_2g+1]
+        attn2 = torch.cat((out_b[:, :, 1], out_a[:, :, 1]), dim=-1)  # a2 @ [v_2g, v_2g+1]
+        lam = self.lambda_full()
+        diff = _fp32(attn1) - lam * _fp32(attn2)  # (B, groups, rep, T, 2d)
+        normed = F.rms_norm(diff, (2 * d,), self.subln.weight.to(diff.dtype), self.subln.eps)
+        ctx = (normed * (1.0 - self.lambda_init)).to(q.dtype).reshape(b, hq // 2, t, 2 * d)
+        if stats is not None:
+            p = probs.view(b, groups, 2, rep, t, -1)
+            _record_sink(stats, (p[:, :, 0] - lam * p[:, :, 1]).reshape(b, hq // 2, t, -1))
+            stats["lambda_mean"], stats["lambda_std"] = lam.item(), 0.0
+        return ctx.transpose(1, 2)
+
+
+ATTENTION_CLASSES: dict[str, type[AttentionBase]] = {
+    "baseline": BaselineAttention,
+    "diff_v1": DiffV1Attention,
+    "diff_v2": DiffV2Attention,
+}
+
+
+def build_attention(cfg: ModelConfig, layer_idx: int) -> AttentionBase:
+    return ATTENTION_CLASSES[cfg.attention](cfg, layer_idx)

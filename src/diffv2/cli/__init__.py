@@ -1,0 +1,33 @@
+"""The ``diffv2`` command line. Each subcommand lives in its own module with ``add_parser`` + ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import DiffV2Error
+from . import data, models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffv2", description="DIFF V2 / DIFF V1 / baseline language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    models.add_parser(sub)
+    data.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DiffV2Error as err:  # user-fixable: one line, no traceback
+        print(f"diffv2: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffv2: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

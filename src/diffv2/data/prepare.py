@@ -1,0 +1,299 @@
+"""Turn a text source into a tokenized dataset folder: shards, tokenizer.json and manifest.json."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import ConfigError, DataError
+from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents
+from .shards import ShardWriter, atomic_write_bytes, file_sha256, read_header, version_for_max_id
+from .tokenizer import Tokenizer
+
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+FORMAT = "diffv2-tokens"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+_DATASET_FILE = re.compile(r"^(?:(?:train|val)_\d{6}\.bin|tokenizer\.json|manifest\.json)$")
+_TEMP_FILE = re.compile(r"^\.(.+)\.[^.]+\.tmp$")
+# Documents are encoded in chunks: big enough for the parallel batch encoder, small enough for memory.
+_CHUNK_DOCS = 1024
+_CHUNK_CHARS = 8_000_000
+
+
+def _diffv2_version() -> str:
+    try:
+        return importlib.metadata.version("diffv2")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _is_dataset_file(name: str) -> bool:
+    # Also the temp files an interrupted atomic write leaves behind: ".<name>.<random>.tmp".
+    tmp = _TEMP_FILE.match(name)
+    return bool(_DATASET_FILE.match(tmp.group(1) if tmp else name))
+
+
+def _old_dataset_files(out_dir: Path, overwrite: bool) -> list[Path]:
+    """Files of a dataset already in ``out_dir``, which only ``overwrite`` allows replacing."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output {out_dir} exists and is not a folder")
+    old = sorted(p for p in out_dir.glob("*") if _is_dataset_file(p.name)) if out_dir.is_dir() else []
+    if old and not overwrite:
+        what = "a dataset" if (out_dir / MANIFEST_NAME).exists() else "an unfinished prepare (no manifest.json)"
+        raise DataError(
+            f"{out_dir} already holds {what}; pass --overwrite (overwrite=True) to replace it, "
+            "or choose another --out folder"
+        )
+    return old
+
+
+def _val_indices(n_docs: int, val_fraction: float, seed: int) -> set[int]:
+    if n_docs < 2 or val_fraction == 0:
+        return set()
+    n_val = min(n_docs - 1, max(1, round(n_docs * val_fraction)))
+    rng = np.random.default_rng([seed, 0x5EED])
+    return {int(i) for i in rng.choice(n_docs, size=n_val, replace=False)}
+
+
+def _chunks(documents: Iterable[str]) -> Iterator[list[tuple[int, str]]]:
+    """Numbered documents in chunks of at most _CHUNK_DOCS documents / about _CHUNK_CHARS characters."""
+    chunk: list[tuple[int, str]] = []
+    chars = 0
+    for i, doc in enumerate(documents):
+        chunk.append((i, doc))
+        chars += len(doc)
+        if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _fixed_tokenizer(tokenizer: str | Path | Tokenizer) -> Tokenizer | None:
+    """The tokenizer named by ``tokenizer``, or None for "bpe" (trained later, once the split is known)."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if str(tokenizer) == "bpe":
+        return None
+    if str(tokenizer) == "byte":
+        return Tokenizer.byte_level()
+    if not Path(tokenizer).exists():
+        raise DataError(f"tokenizer {tokenizer!r} is not 'bpe', 'byte', or an existing tokenizer.json file")
+    return Tokenizer.from_file(tokenizer)
+
+
+class _SplitWriter:
+    """Writes one split as a numbered series of shards of at most ``shard_tokens`` tokens each."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, version: int) -> None:
+        self.out_dir, self.split, self.shard_tokens, self.version = out_dir, split, shard_tokens, version
+        self.shards: list[dict] = []
+        self.n_documents = 0
+        self._writer: ShardWriter | None = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self._writer is None:
+                name = f"{self.split}_{len(self.shards):06d}.bin"
+                self._writer = ShardWriter(self.out_dir / name, self.version)
+            room = self.shard_tokens - self._writer.n_tokens
+            self._writer.write(tokens[:room])
+            tokens = tokens[room:]
+            if self._writer.n_tokens >= self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._writer is not None
+        writer, self._writer = self._writer, None
+        sha = writer.close()
+        size = writer.path.stat().st_size
+        self.shards.append({"file": writer.path.name, "n_tokens": writer.n_tokens, "bytes": size, "sha256": sha})
+
+    def finish(self) -> dict:
+        if self._writer is not None:
+            self._close_shard()
+        return {
+            "n_documents": self.n_documents,
+            "n_tokens": sum(s["n_tokens"] for s in self.shards),
+            "shards": self.shards,
+        }
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+def prepare_dataset(
+    source: str | Path,
+    out_dir: str | Path,
+    tokenizer: str | Path | Tokenizer = "bpe",
+    vocab_size: int = 8192,
+    val_fraction: float = 0.01,
+    shard_tokens: int = 100_000_000,
+    seed: int = 0,
+    text_field: str = "text",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Tokenize ``source`` into ``out_dir`` and return the manifest (also written as manifest.json).
+
+    Documents are split into train/val by document (a seeded random choice of ``val_fraction`` of them,
+    at least one when there are two or more; a single document has its tokens split instead). Every
+    document is followed by the end-of-text token. The manifest is written last, so a folder without one
+    is an unfinished prepare. A "bpe" tokenizer is trained on the train documents only.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ConfigError(f"shard_tokens must be positive, got {shard_tokens}")
+    if seed < 0:
+        raise ConfigError(f"seed must be non-negative, got {seed}")
+    out_dir = Path(out_dir)
+    fixed = _fixed_tokenizer(tokenizer)  # before the long passes, so a bad path fails at once
+    old = _old_dataset_files(out_dir, overwrite)
+
+    # A counting pass first: the split is chosen by document index, and the progress bar needs a total.
+    n_docs = sum(1 for _ in iter_documents(source, text_field))
+    val_idx = _val_indices(n_docs, val_fraction, seed)
+    if fixed is None:
+        train_docs = (d for i, d in enumerate(iter_documents(source, text_field)) if i not in val_idx)
+        tok = Tokenizer.train_bpe(train_docs, vocab_size=vocab_size, show_progress=progress)
+    else:
+        tok = fixed
+    version = version_for_max_id(tok.vocab_size - 1)
+    dtype = np.uint16 if version == 1 else np.uint32
+    # The old dataset goes only now, after the source was read through without error; the manifest goes
+    # first so that a crash half-way leaves a folder marked unfinished rather than a broken dataset.
+    for p in sorted(old, key=lambda p: p.name != MANIFEST_NAME):
+        p.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {s: _SplitWriter(out_dir, s, shard_tokens, version) for s in SPLITS}
+    try:
+        with tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=not progress) as bar:
+            for chunk in _chunks(iter_documents(source, text_field)):
+                ids = tok.encode_batch([doc for _, doc in chunk])
+                for split in SPLITS:
+                    docs = [
+                        np.append(np.asarray(t, dtype=dtype), dtype(tok.eot_id))
+                        for (i, _), t in zip(chunk, ids, strict=True)
+                        if (i in val_idx) == (split == "val")
+                    ]
+                    if not docs:
+                        continue
+                    tokens = np.concatenate(docs)
+                    if n_docs == 1 and val_fraction > 0:
+                        # One document cannot be split by document, so its token stream is cut instead.
+                        n_val = min(tokens.size - 1, max(1, round(tokens.size * val_fraction)))
+                        writers["train"].write(tokens[: tokens.size - n_val])
+                        writers["val"].write(tokens[tokens.size - n_val :])
+                        writers["train"].n_documents = writers["val"].n_documents = 1
+                    else:
+                        writers[split].write(tokens)
+                        writers[split].n_documents += len(docs)
+                bar.update(len(chunk))
+        splits = {s: w.finish() for s, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+    tok.save(out_dir / TOKENIZER_NAME)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": _describe_source(source),
+        "text_field": text_field,
+        "tokenizer_kind": tok.kind,
+        "tokenizer_file": TOKENIZER_NAME,
+        "tokenizer_sha256": tok.sha256(),
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "shard_version": version,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_tokens": shard_tokens,
+        "splits": splits,
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "diffv2_version": _diffv2_version(),
+    }
+    atomic_write_bytes(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    return manifest
+
+
+def _describe_source(source: str | Path) -> dict:
+    if str(source) == DEFAULT_SOURCE:
+        info = default_corpus_info()
+        return {"given": DEFAULT_SOURCE, "resolved": f"{info['name']} ({info['source_package']})", **info}
+    return {"given": str(source), "resolved": str(Path(source).expanduser().resolve())}
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """Read and check ``data_dir/manifest.json`` (format, fields, files present); returns it."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist; run `diffv2 data prepare --out {data_dir}` first")
+    if not path.is_file():
+        raise DataError(
+            f"{data_dir} has no {MANIFEST_NAME} (missing or unfinished prepare); "
+            f"run `diffv2 data prepare --out {data_dir}` first"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a diffv2 dataset manifest (format is not {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: manifest format version {manifest.get('format_version')} is not supported "
+            f"(this diffv2 reads version {FORMAT_VERSION})"
+        )
+    required = ("tokenizer_file", "tokenizer_sha256", "vocab_size", "eot_id", "splits")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise DataError(f"{path}: missing fields {missing}")
+    for split in SPLITS:
+        info = manifest["splits"].get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise DataError(f"{path}: no shard list for split {split!r}")
+        for shard in info["shards"]:
+            if not {"file", "n_tokens", "sha256"} <= set(shard):
+                raise DataError(f"{path}: a {split} shard entry lacks file/n_tokens/sha256: {shard}")
+            if not (data_dir / shard["file"]).is_file():
+                raise DataError(f"{data_dir / shard['file']}: shard listed in the manifest is missing")
+    if not (data_dir / manifest["tokenizer_file"]).is_file():
+        raise DataError(f"{data_dir / manifest['tokenizer_file']}: tokenizer listed in the manifest is missing")
+    return manifest
+
+
+def verify_dataset(data_dir: str | Path) -> dict:
+    """Check every shard's header, size and sha256 and the tokenizer's hash against the manifest."""
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            path = data_dir / shard["file"]
+            _, n_tokens, _ = read_header(path)
+            if n_tokens != shard["n_tokens"]:
+                raise DataError(f"{shard['file']}: holds {n_tokens} tokens but the manifest says {shard['n_tokens']}")
+            sha = file_sha256(path)
+            if sha != shard["sha256"]:
+                raise DataError(
+                    f"{shard['file']}: corrupted: sha256 is {sha[:16]}... but the manifest says "
+                    f"{shard['sha256'][:16]}...; run `diffv2 data prepare --overwrite` again"
+                )
+    tok = Tokenizer.from_file(data_dir / manifest["tokenizer_file"])
+    if tok.sha256() != manifest["tokenizer_sha256"]:
+        raise DataError(f"{data_dir / manifest['tokenizer_file']}: does not match the manifest's sha256")
+    return manifest

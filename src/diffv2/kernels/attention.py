@@ -1,0 +1,96 @@
+"""The attention primitive: causal GQA attention of Hq query heads over Hkv key/value heads.
+
+Query head j reads KV head ``j // (Hq // Hkv)`` (contiguous groups: flash-attn, SDPA ``enable_gqa`` and HF
+``repeat_kv`` all use it), which is what keeps a DIFF V2 pair (2i, 2i+1) inside one GQA group.
+
+Two backends:
+- ``sdpa``: ``F.scaled_dot_product_attention(..., enable_gqa=True)``; never materialises repeated K/V. On a
+  CUDA device with bf16/fp16 inputs the math kernel is excluded, so a shape no fused kernel supports fails
+  loudly instead of silently running the slow, memory-hungry math path.
+- ``eager``: explicit fp32 softmax over grouped queries (no repeated K/V either); can return the attention
+  probabilities and logits for diagnostics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# cuDNN first: on the H200 it ran causal prefill at ~590 TFLOP/s against ~320 for flash (DEVELOPERS.md).
+_FUSED = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+_fused_order: list[SDPBackend] = list(_FUSED)
+
+
+def fused_sdpa_backends(order: list[SDPBackend] | None = None) -> list[SDPBackend]:
+    """Get (and with ``order``, set) the fused SDPA kernels allowed for half-precision CUDA inputs."""
+    global _fused_order
+    if order is not None:
+        if not order or SDPBackend.MATH in order:
+            raise ValueError("fused_sdpa_backends: give at least one fused backend and not SDPBackend.MATH")
+        _fused_order = list(order)
+    return list(_fused_order)
+
+
+def _causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """Boolean (t, s) mask, True = may attend, aligned bottom-right: query i sits at key position s - t + i."""
+    q_pos = torch.arange(s - t, s, device=device)[:, None]
+    return torch.arange(s, device=device)[None, :] <= q_pos
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "sdpa",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention. q: (B, Hq, T, d); k, v: (B, Hkv, S, d) with S >= T; returns (B, Hq, T, d).
+
+    ``mask`` (boolean, broadcastable to (B, 1, T, S), True = may attend) replaces the causal rule; without it
+    queries are aligned to the last T key positions (the KV-cache convention), unlike SDPA's top-left
+    ``is_causal`` when T != S.
+    """
+    if backend == "eager":
+        return eager_attention(q, k, v, mask=mask)[0]
+    t, s = q.shape[-2], k.shape[-2]
+    causal = mask is None
+    if causal and t != s:
+        causal = False  # a single query sees the whole cache; otherwise align bottom-right explicitly
+        mask = None if t == 1 else _causal_mask(t, s, q.device)
+    gqa = q.shape[1] != k.shape[1]
+    guard = contextlib.nullcontext()
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
+        guard = sdpa_kernel(_fused_order, set_priority=True)
+    try:
+        with guard:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    except RuntimeError as err:
+        if "No available kernel" not in str(err):
+            raise
+        raise RuntimeError(
+            f"no fused SDPA kernel accepts q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype} mask={mask is not None} "
+            f"(allowed: {[b.name for b in _fused_order]}); refusing the slow math fallback. Use backend='eager' "
+            "or change head_dim/dtype."
+        ) from err
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference attention in fp32 (or fp64). Returns (out, probs, logits); probs/logits: (B, Hq, T, S), masked
+    logits are -inf. Queries are grouped per KV head, so K/V are read in place, never repeated."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[-2]
+    if mask is None:
+        mask = _causal_mask(t, s, q.device)
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for a float64 model
+    qg = q.to(wide).reshape(b, hkv, hq // hkv, t, d)
+    logits = torch.einsum("bhgtd,bhsd->bhgts", qg, k.to(wide)) * d**-0.5
+    logits = logits.reshape(b, hq, t, s).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row (padding) gives zeros
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs.reshape(b, hkv, hq // hkv, t, s), v.to(wide))
+    return out.reshape(b, hq, t, v.shape[-1]).to(q.dtype), probs, logits

@@ -1,0 +1,244 @@
+"""Core model properties: float64 reference equivalence, backends, causality, pairing, function preservation,
+gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffv2 import ModelConfig, Transformer
+from diffv2.attention import DiffV2Attention, build_attention, lambda_init_fn
+from diffv2.kernels import attend, eager_attention
+
+from . import reference
+
+VARIANTS = [
+    dict(attention="baseline"),
+    dict(attention="diff_v1"),
+    dict(attention="diff_v2"),
+    dict(attention="diff_v2", pairing="split"),
+    dict(attention="diff_v2", lambda_mode="none"),
+    dict(attention="diff_v2", lambda_mode="linear"),
+]
+IDS = ["baseline", "diff_v1", "diff_v2", "v2_split", "v2_no_lambda", "v2_linear"]
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, ffn_hidden=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def randomize(model: Transformer, seed: int) -> Transformer:
+    """Give every weight (norm gains included) a random value, so no term can hide behind an init of 1 or 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+REFERENCE_CASES = [
+    pytest.param(variant, n_kv, id=f"{name}-kv{n_kv}")
+    for variant, name in zip(VARIANTS, IDS, strict=True)
+    for n_kv in (1, 2, 4)
+    if not (variant["attention"] == "diff_v1" and n_kv == 1)  # V1 needs an even number of KV heads
+]
+
+
+@pytest.mark.parametrize(("variant", "n_kv_heads"), REFERENCE_CASES)
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_matches_float64_reference(variant, backend, n_kv_heads):
+    torch.manual_seed(n_kv_heads)
+    cfg = tiny(n_kv_heads=n_kv_heads, backend=backend, **variant)
+    model = randomize(Transformer(cfg), seed=n_kv_heads).double()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    expected = reference.forward(model, tokens)
+    torch.testing.assert_close(model(tokens), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_sdpa_equals_eager_fp32(variant):
+    torch.manual_seed(1)
+    sdpa = Transformer(tiny(**variant))
+    eager = Transformer(tiny(backend="eager", **variant))
+    eager.load_state_dict(sdpa.state_dict())
+    tokens = torch.randint(0, 97, (3, 17))
+    torch.testing.assert_close(sdpa(tokens), eager(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:3], ids=IDS[:3])
+def test_bf16_runs_close_to_fp32(variant):
+    torch.manual_seed(2)
+    model = Transformer(tiny(**variant))
+    tokens = torch.randint(0, 97, (2, 16))
+    ref = model(tokens)
+    low = model.to(torch.bfloat16)(tokens)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_causality(variant):
+    torch.manual_seed(3)
+    model = randomize(Transformer(tiny(**variant)), seed=3)
+    tokens = torch.randint(0, 97, (2, 20))
+    changed = tokens.clone()
+    t = 11
+    changed[:, t + 1 :] = torch.randint(0, 97, changed[:, t + 1 :].shape)
+    assert not torch.equal(changed, tokens)
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
+    assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max() > 1e-3
+
+
+def _kv_heads_read_by_output_head(cfg: ModelConfig) -> list[set[int]]:
+    """For each output head, the KV heads whose values change its context (found by perturbing V rows)."""
+    torch.manual_seed(4)
+    attn = build_attention(cfg, 0).double()
+    x = torch.randn(1, 6, cfg.d_model, dtype=torch.float64)
+    t = x.shape[1]
+    rope = (
+        torch.ones(1, t, cfg.head_dim, dtype=torch.float64),
+        torch.zeros(1, t, cfg.head_dim, dtype=torch.float64),
+    )
+    seen: list[torch.Tensor] = []
+    attn.o_proj.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().clone()))
+    attn(x, rope)
+    base = seen[-1].view(1, t, cfg.n_heads, cfg.head_dim)
+    reads: list[set[int]] = [set() for _ in range(cfg.n_heads)]
+    d = cfg.head_dim
+    for kv in range(cfg.n_kv_heads):
+        with torch.no_grad():
+            attn.v_proj.weight[kv * d : (kv + 1) * d] += 1.0
+            attn(x, rope)
+            attn.v_proj.weight[kv * d : (kv + 1) * d] -= 1.0
+        changed = (seen[-1].view(1, t, cfg.n_heads, d) - base).abs().amax(dim=(0, 1, 3)) > 1e-9
+        for i in torch.nonzero(changed).flatten().tolist():
+            reads[i].add(kv)
+    return reads
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_pairing_stays_inside_a_gqa_group(n_kv_heads):
+    cfg = tiny(n_heads=8, n_kv_heads=n_kv_heads, d_model=64, head_dim=8)
+    group = cfg.n_heads // n_kv_heads
+    # interleaved: heads 2i and 2i+1 both read KV head i // group, exactly the baseline's grouping
+    assert _kv_heads_read_by_output_head(cfg) == [{i // group} for i in range(cfg.n_heads)]
+    # the blog's wrong implementation mixes two KV heads in one differential head
+    split = _kv_heads_read_by_output_head(cfg.replace(pairing="split"))
+    assert any(len(kvs) == 2 for kvs in split)
+
+
+def test_split_pairs_selects_heads():
+    attn = DiffV2Attention(tiny(n_heads=4), 0)
+    heads = torch.arange(8).view(1, 8)
+    a, b = attn.split_pairs(heads)
+    assert a.tolist() == [[0, 2, 4, 6]] and b.tolist() == [[1, 3, 5, 7]]
+    attn.pairing = "split"
+    a, b = attn.split_pairs(heads)
+    assert a.tolist() == [[0, 1, 2, 3]] and b.tolist() == [[4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_function_preserving_duplication(n_kv_heads):
+    """DIFF V2 with Q2 := Q1, lambda_proj = 0 (σ = 0.5) and W_O × 2 equals the baseline layer."""
+    torch.manual_seed(5)
+    cfg = tiny(n_kv_heads=n_kv_heads)
+    base = build_attention(cfg.replace(attention="baseline"), 0)
+    v2 = build_attention(cfg, 0)
+    d = cfg.head_dim
+    with torch.no_grad():
+        wq = base.q_proj.weight.view(cfg.n_heads, d, cfg.d_model)
+        v2.q_proj.weight.copy_(wq.repeat_interleave(2, dim=0).reshape(-1, cfg.d_model))
+        v2.k_proj.weight.copy_(base.k_proj.weight)
+        v2.v_proj.weight.copy_(base.v_proj.weight)
+        v2.o_proj.weight.copy_(2 * base.o_proj.weight)
+        v2.lambda_proj.weight.zero_()
+    x = torch.randn(2, 10, cfg.d_model)
+    pos = torch.arange(10)[None]
+    from diffv2.kernels import rope_cos_sin
+
+    rope = rope_cos_sin(pos, d, cfg.rope_theta)
+    torch.testing.assert_close(v2(x, rope), base(x, rope), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_every_parameter_gets_a_gradient(variant):
+    torch.manual_seed(6)
+    model = Transformer(tiny(**variant))
+    tokens = torch.randint(0, 97, (2, 12))
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
+
+
+def test_loss_is_mean_cross_entropy_with_ignore_index():
+    torch.manual_seed(7)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (2, 8))
+    targets = torch.randint(0, 97, (2, 8))
+    targets[0, :3] = -100
+    logits, loss = model(tokens, targets)
+    keep = targets != -100
+    expected = -torch.log_softmax(logits, -1)[keep].gather(-1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_lambda_init_depth_schedule():
+    assert lambda_init_fn(0) == pytest.approx(0.2)
+    assert lambda_init_fn(1) == pytest.approx(0.8 - 0.6 * 0.7408182206817179)
+    model = Transformer(tiny(attention="diff_v1", n_layers=3))
+    assert [layer.attn.lambda_init for layer in model.layers] == [pytest.approx(lambda_init_fn(i)) for i in range(3)]
+
+
+def test_init_keeps_lambda_proj_at_pytorch_default():
+    cfg = tiny(d_model=256, head_dim=64)
+    model = Transformer(cfg)
+    w = model.layers[0].attn.lambda_proj.weight
+    bound = 1 / cfg.d_model**0.5
+    assert w.abs().max() <= bound and w.std() > 0.5 * bound / 3**0.5  # U(±1/√D), not N(0, 0.02)
+    q = model.layers[0].attn.q_proj.weight
+    assert abs(q.std().item() - 0.02) < 0.002
+    o = model.layers[0].attn.o_proj.weight
+    assert abs(o.std().item() - 0.02 / (2 * cfg.n_layers) ** 0.5) < 0.002
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_attend_with_fewer_queries_than_keys_aligns_bottom_right(backend):
+    """A KV-cache step (T < S) must equal the last T rows of the full causal attention."""
+    torch.manual_seed(8)
+    q = torch.randn(2, 8, 12, 16)
+    k, v = torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    full = attend(q, k, v, backend=backend)
+    torch.testing.assert_close(attend(q[:, :, -3:], k, v, backend=backend), full[:, :, -3:], rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_probabilities_are_causal_and_normalised():
+    torch.manual_seed(9)
+    q, k, v = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    _, probs, logits = eager_attention(q, k, v)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 4, 7))
+    upper = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    assert (probs[..., upper] == 0).all() and logits[..., upper].isinf().all()
+    assert torch.isfinite(logits[..., ~upper]).all()
+
+
+def test_diagnose_reports_per_layer_stats():
+    torch.manual_seed(10)
+    model = Transformer(tiny())
+    stats = model.diagnose(torch.randint(0, 97, (2, 16)))
+    assert len(stats) == 2
+    for layer in stats:
+        assert set(layer) >= {
+            "max_logit",
+            "context_rms",
+            "sink_mass",
+            "lambda_mean",
+            "hidden_max",
+            "hidden_topk",
+        }
+        assert 0 < layer["lambda_mean"] < 1 and len(layer["context_rms"]) == 4
+        assert layer["hidden_topk"][0] == layer["hidden_max"]
