@@ -1,0 +1,159 @@
+"""Training configuration: one validated dataclass; the same field names in Python, config files and flags.
+
+A config file (TOML or YAML) holds the training fields at the top level and the model under ``model``:
+
+    steps = 2000
+    lr = 1e-3
+    [model]
+    preset = "125m"
+    attention = "diff_v2"
+
+Flags override the file (``--steps 100``, ``--attention baseline``); model fields are flags too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESETS, ModelConfig, check_choice, check_positive_int
+from ..errors import ConfigError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    # data: a prepared data dir (holding manifest.json) or a text source (file/dir/"default") to prepare
+    data: str = "default"
+    tokenizer: str = "bpe"  # for preparing a text source: "bpe", "byte" or a tokenizer.json path
+    tokenizer_vocab: int = 4096
+    out_dir: str = "runs/default"
+    # model: a preset plus field overrides (vocab_size always follows the tokenizer)
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)
+    # optimisation
+    steps: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 60
+    schedule: str = "cosine"
+    wsd_decay_frac: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    # runtime
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    # evaluation, logging, diagnostics, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    diag_every: int = 100
+    diag_batch: int = 4
+    spike_k: float = 3.0
+    spike_window: int = 50
+    save_every: int = 200
+    keep_last: int = 3
+    max_nonfinite: int = 5
+    tensorboard: bool = True
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up (known GPUs) or skip
+    sample_tokens: int = 120
+    sample_prompt: str = "And God said"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every", "diag_batch",
+                     "spike_window", "keep_last", "max_nonfinite", "tokenizer_vocab"):  # fmt: skip
+            check_positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "diag_every", "save_every", "sample_tokens", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 disables)")
+        for name in ("lr", "grad_clip", "spike_k", "adam_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name}={value!r}: must be a positive number")
+        for name in ("weight_decay", "peak_flops"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        for name in ("min_lr_ratio", "beta1", "beta2", "wsd_decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must lie in [0, 1]")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset={self.preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"model={self.model!r}: must be a table of ModelConfig fields")
+        self.model_config(vocab_size=2)  # validates the model fields early
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model: preset + overrides, with the tokenizer's vocabulary and room for ``seq_len``."""
+        overrides = {k: v for k, v in self.model.items() if k != "preset"}
+        cfg = ModelConfig.preset(self.preset, **{**overrides, "vocab_size": vocab_size})
+        if cfg.max_seq_len < self.seq_len:
+            cfg = cfg.replace(max_seq_len=self.seq_len)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        model = dict(data.pop("model", None) or {})
+        if "preset" in model:
+            data.setdefault("preset", model.pop("preset"))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config field(s) {unknown}; valid fields: {sorted(known)}")
+        model_known = {f.name for f in fields(ModelConfig)}
+        bad = sorted(set(model) - model_known)
+        if bad:
+            raise ConfigError(f"unknown model config field(s) {bad}; valid fields: {sorted(model_known)}")
+        return cls(**data, model=model)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path}: use a .toml, .yaml/.yml or .json file")
+    import yaml
+
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path}: cannot parse: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table/mapping of fields")
+    return data

@@ -1,0 +1,113 @@
+"""What a run reports: spike counting, metrics.jsonl + TensorBoard, and the run directory's metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class SpikeDetector:
+    """Counts values above ``k`` × the running median of the last ``window`` values (loss or grad norm)."""
+
+    def __init__(self, k: float, window: int) -> None:
+        self.k, self.window = k, window
+        self.history: deque[float] = deque(maxlen=window)
+        self.count = 0
+
+    def update(self, value: float) -> bool:
+        # wait for a few values so the median means something; spikes do not enter the baseline
+        spike = len(self.history) >= min(10, self.window) and value > self.k * statistics.median(self.history)
+        if spike:
+            self.count += 1
+        else:
+            self.history.append(value)
+        return spike
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque(state["history"], maxlen=self.window)
+        self.count = int(state["count"])
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard if available."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # optional extra: pip install 'diffv2[tensorboard]'
+                self.tb = None
+
+    def log(self, kind: str, step: int, **values: Any) -> None:
+        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for name, value in _flatten(values):
+                self.tb.add_scalar(f"{kind}/{name}", value, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records past the checkpoint so the log holds one trajectory."""
+        self.file.close()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True) if self.path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.file = self.path.open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten(values: dict[str, Any], prefix: str = ""):
+    for name, value in values.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            yield prefix + name, value
+        elif isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+            for i, v in enumerate(value):
+                yield f"{prefix}{name}/{i}", v
+        elif isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{name}/")
+
+
+def environment() -> dict[str, Any]:
+    """What ran: versions, device, git commit of the working tree (if any)."""
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "argv": sys.argv,
+    }
+    try:
+        root = Path(__file__).resolve().parents[3]
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        env["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
