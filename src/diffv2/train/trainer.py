@@ -164,116 +164,155 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
     return None
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Train (or resume) a run; returns a summary. ``stop_after`` stops (with a checkpoint) after that step."""
-    run, state = setup(cfg, resume=resume, progress=progress)
-    model, optimizer, loader = run.model, run.optimizer, run.loader
-    logger = MetricsLogger(run.run_dir, tensorboard=cfg.tensorboard)
-    start = state["step"]
-    if resume:
-        logger.truncate_after(start)
-    loss_spikes, grad_spikes = (
-        SpikeDetector(cfg.spike_k, cfg.spike_window),
-        SpikeDetector(cfg.spike_k, cfg.spike_window),
-    )
-    if "loss_spikes" in state:
-        loss_spikes.load_state_dict(state["loss_spikes"])
-        grad_spikes.load_state_dict(state["grad_spikes"])
-    nonfinite, in_a_row = state.get("nonfinite", 0), 0
-    evals = EvalBatches(
-        run.data_dir, "val", batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches
-    )
-    diag_tokens = next(iter(evals))[0][: cfg.diag_batch].to(run.device)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    flops_per_token, peak = model.flops_per_token(cfg.seq_len), peak_flops(cfg, run.device)
-    end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
-    params = [p for p in model.parameters()]
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=run.run_dir.name, dynamic_ncols=True)
-    diag_time, train_time, window_tokens, window_time = 0.0, 0.0, 0, 0.0
-    val_loss = loss_value = None
-    step = start
-    for step in range(start, end):
-        lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+class Trainer:
+    """Drives one run: ``Trainer(cfg).fit()``. Each step: accumulate, clip, skip if non-finite, update, log;
+    every N steps: diagnostics, evaluation, checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.run, state = setup(cfg, resume=resume, progress=progress)
+        self.logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard)
+        self.step = state["step"]
+        if resume:
+            self.logger.truncate_after(self.step)
+        self.loss_spikes = SpikeDetector(cfg.spike_k, cfg.spike_window)
+        self.grad_spikes = SpikeDetector(cfg.spike_k, cfg.spike_window)
+        if "loss_spikes" in state:
+            self.loss_spikes.load_state_dict(state["loss_spikes"])
+            self.grad_spikes.load_state_dict(state["grad_spikes"])
+        self.nonfinite, self.in_a_row = state.get("nonfinite", 0), 0
+        self.evals = EvalBatches(self.run.data_dir, "val", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                 max_batches=cfg.eval_batches)  # fmt: skip
+        self.diag_tokens = next(iter(self.evals))[0][: cfg.diag_batch].to(self.run.device)
+        self.flops_per_token = self.run.model.flops_per_token(cfg.seq_len)
+        self.peak = peak_flops(cfg, self.run.device)
+        self.diag_time = self.train_time = self.window_time = 0.0
+        self.window_tokens = 0
+        self.loss: float | None = None
+        self.val_loss: float | None = None
+
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``cfg.steps`` (or stop after ``stop_after``, with a checkpoint); returns a summary."""
+        cfg, run = self.cfg, self.run
+        end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+        run.model.train()
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc=run.run_dir.name,
+                   dynamic_ncols=True)  # fmt: skip
+        while self.step < end:
+            record = self.train_step()
+            done = self.step
+            if done % cfg.log_every == 0 or done == end:
+                record.update(self.throughput())
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
+            self.logger.log("train", done, **record)
+            if cfg.diag_every and (done % cfg.diag_every == 0 or done == 1):
+                self.diagnose()
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                self.val_loss = evaluate(run, self.evals)
+                self.logger.log("eval", done, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)))
+                bar.write(f"step {done}: train loss {record['loss']:.4f}  val loss {self.val_loss:.4f}")
+            if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+                self.save()
+            bar.update(1)
+        bar.close()
+        summary: dict[str, Any] = {
+            "step": self.step,
+            "finished": self.step >= cfg.steps,
+            "train_loss": self.loss,
+            "val_loss": self.val_loss,
+            "loss_spikes": self.loss_spikes.count,
+            "grad_spikes": self.grad_spikes.count,
+            "nonfinite": self.nonfinite,
+            "checkpoint": str(latest_checkpoint(run.run_dir)),
+            "diag_overhead": self.diag_time / max(1e-9, self.train_time),
+        }
+        if summary["finished"] and cfg.sample_tokens:
+            summary["sample"] = sample_text(run, cfg.sample_prompt, cfg.sample_tokens)
+        self.logger.close()
+        if summary["finished"]:
+            _write_json(run.run_dir / "summary.json", summary)
+        return summary
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, run = self.cfg, self.run
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                    min_lr_ratio=cfg.min_lr_ratio, wsd_decay_frac=cfg.wsd_decay_frac)  # fmt: skip
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        t_step = time.perf_counter()
         loss_sum = torch.zeros((), device=run.device)
         for _ in range(cfg.grad_accum):
-            x, y = (t.to(run.device, non_blocking=True) for t in next(loader))
+            x, y = (t.to(run.device, non_blocking=True) for t in next(run.loader))
             with _autocast(run):
                 _, loss = run.step_fn(x, y)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()  # .item() syncs the device
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip).item()  # syncs
         loss_value = loss_sum.item() / cfg.grad_accum
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
-            optimizer.step()
-            in_a_row = 0
-        else:
-            nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
-            if in_a_row >= cfg.max_nonfinite:
-                raise TrainingError(f"{in_a_row} non-finite steps in a row (step {step}, loss {loss_value}, grad "
-                                    f"norm {grad_norm}); lower --lr or check the data")  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
+            run.optimizer.step()
+            self.in_a_row = 0
+        else:  # skip the update, count it, give up after max_nonfinite in a row
+            self.nonfinite, self.in_a_row = self.nonfinite + 1, self.in_a_row + 1
+            if self.in_a_row >= cfg.max_nonfinite:
+                raise TrainingError(f"{self.in_a_row} non-finite steps in a row (step {self.step}, loss "
+                                    f"{loss_value}, grad norm {grad_norm}); lower --lr or check the data")  # fmt: skip
+        run.optimizer.zero_grad(set_to_none=True)
         record: dict[str, Any] = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, "skipped": not finite}
         if finite:
-            record["loss_spike"] = loss_spikes.update(loss_value)
-            record["grad_spike"] = grad_spikes.update(grad_norm)
-        window_tokens += tokens_per_step
-        step_time = time.perf_counter() - t_step  # training steps only: eval/diagnostics/saves excluded
-        window_time, train_time = window_time + step_time, train_time + step_time
-        done = step + 1
-        if done % cfg.log_every == 0 or done == end:
-            record["tokens_per_s"] = window_tokens / window_time
-            if peak:
-                record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
-            if run.device.type == "cuda":
-                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-            record.update(loss_spikes=loss_spikes.count, grad_spikes=grad_spikes.count, nonfinite=nonfinite)
-            window_tokens, window_time = 0, 0.0
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        logger.log("train", done, **record)
-        if cfg.diag_every and (done % cfg.diag_every == 0 or done == 1):
-            t0 = time.perf_counter()
-            model.eval()
-            stats = summarize_diagnostics(model.diagnose(diag_tokens))
-            model.train()
-            diag_time += time.perf_counter() - t0
-            logger.log("diag", done, **stats, overhead=diag_time / train_time)
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            val_loss = evaluate(run, evals)
-            logger.log("eval", done, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-            bar.write(f"step {done}: train loss {loss_value:.4f}  val loss {val_loss:.4f}")
-        if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-            state = {"step": done, "loader": loader.state_dict(), "loss_spikes": loss_spikes.state_dict(),
-                     "grad_spikes": grad_spikes.state_dict(), "nonfinite": nonfinite,
-                     "tokenizer_sha256": run.tokenizer.sha256()}  # fmt: skip
-            save_checkpoint(run.run_dir, done, model=model, optimizer=optimizer, state=state,
-                            config={"train": cfg.to_dict(), "model": run.model_cfg.to_dict()},
-                            tokenizer_json=run.tokenizer.to_json_str(), keep_last=cfg.keep_last)  # fmt: skip
-        bar.update(1)
-    bar.close()
-    summary: dict[str, Any] = {
-        "step": end,
-        "finished": end >= cfg.steps,
-        "train_loss": loss_value,
-        "val_loss": val_loss,
-        "loss_spikes": loss_spikes.count,
-        "grad_spikes": grad_spikes.count,
-        "nonfinite": nonfinite,
-        "checkpoint": str(latest_checkpoint(run.run_dir)),
-        "diag_overhead": diag_time / max(1e-9, train_time),
-    }
-    if summary["finished"] and cfg.sample_tokens:
-        summary["sample"] = sample_text(run, cfg.sample_prompt, cfg.sample_tokens)
-    logger.close()
-    if summary["finished"]:
-        _write_json(run.run_dir / "summary.json", summary)
-    return summary
+            self.loss = loss_value
+            record["loss_spike"] = self.loss_spikes.update(loss_value)
+            record["grad_spike"] = self.grad_spikes.update(grad_norm)
+        self.step += 1
+        step_time = time.perf_counter() - t0  # training work only: eval/diagnostics/saves excluded
+        self.window_time += step_time
+        self.train_time += step_time
+        self.window_tokens += cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        return record
+
+    def throughput(self) -> dict[str, Any]:
+        """Speed since the last call, plus running counters."""
+        out: dict[str, Any] = {"tokens_per_s": self.window_tokens / self.window_time}
+        if self.peak:
+            out["mfu"] = out["tokens_per_s"] * self.flops_per_token / self.peak
+        if self.run.device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.run.device) / 2**30
+        out.update(loss_spikes=self.loss_spikes.count, grad_spikes=self.grad_spikes.count, nonfinite=self.nonfinite)
+        self.window_tokens, self.window_time = 0, 0.0
+        return out
+
+    def diagnose(self) -> None:
+        t0 = time.perf_counter()
+        model = self.run.model
+        model.eval()
+        stats = summarize_diagnostics(model.diagnose(self.diag_tokens))
+        model.train()
+        self.diag_time += time.perf_counter() - t0
+        self.logger.log("diag", self.step, **stats, overhead=self.diag_time / self.train_time)
+
+    def save(self) -> Path:
+        run = self.run
+        state = {
+            "step": self.step,
+            "loader": run.loader.state_dict(),
+            "loss_spikes": self.loss_spikes.state_dict(),
+            "grad_spikes": self.grad_spikes.state_dict(),
+            "nonfinite": self.nonfinite,
+            "tokenizer_sha256": run.tokenizer.sha256(),
+        }
+        return save_checkpoint(run.run_dir, self.step, model=run.model, optimizer=run.optimizer, state=state,
+                               config={"train": self.cfg.to_dict(), "model": run.model_cfg.to_dict()},
+                               tokenizer_json=run.tokenizer.to_json_str(), keep_last=self.cfg.keep_last)  # fmt: skip
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train (or resume) a run; returns a summary. ``stop_after`` stops (with a checkpoint) after that step."""
+    return Trainer(cfg, resume=resume, progress=progress).fit(stop_after)
 
 
 def sample_text(run: Run, prompt: str, n_tokens: int, seed: int = 0) -> str:
