@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import DiffV2Error
-from . import data, models, train
+from . import data, generate, models, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)
     data.add_parser(sub)
     train.add_parser(sub)
+    generate.add_parser(sub)
     return parser
 
 

@@ -100,17 +100,22 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"tokenizer file {path} does not exist")
+        return cls.from_json_str(path.read_text(encoding="utf-8"), source=str(path))
+
+    @classmethod
+    def from_json_str(cls, text: str, source: str = "(in memory)") -> Tokenizer:
+        """Build from the text of a tokenizer.json (e.g. the copy stored in a checkpoint)."""
         try:
-            tok = tokenizers.Tokenizer.from_file(str(path))
+            tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the Rust side raises a plain Exception for any parse problem
-            raise DataError(f"{path}: not a valid tokenizer.json ({e})") from None
+            raise DataError(f"{source}: not a valid tokenizer.json ({e})") from None
         eot = next((t for t in EOT_CANDIDATES if tok.token_to_id(t) is not None), None)
         if eot is None:
             raise DataError(
-                f"{path}: no end-of-text token (looked for {', '.join(EOT_CANDIDATES)}); "
+                f"{source}: no end-of-text token (looked for {', '.join(EOT_CANDIDATES)}); "
                 "documents are separated by it, so add one to the tokenizer"
             )
-        made = cls(tok, "file", eot, source=str(path))
+        made = cls(tok, "file", eot, source=source)
         # A saved byte tokenizer is recognised, so the kind survives save -> from_file.
         if made.sha256() == _byte_level_sha256():
             made._kind = "byte"

@@ -1,6 +1,6 @@
-"""Text generation: KV caches and sampling."""
+"""Text generation: a KV cache holding only the n_kv_heads heads, batched sampling, streaming."""
 
-from .cache import DynamicKVCache, new_caches
-from .sampling import generate, sample_next
+from .cache import KVCache
+from .sampling import generate, generate_batch, sample_next, stream_batch
 
-__all__ = ["DynamicKVCache", "generate", "new_caches", "sample_next"]
+__all__ = ["KVCache", "generate", "generate_batch", "sample_next", "stream_batch"]

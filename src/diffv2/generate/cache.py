@@ -1,28 +1,65 @@
-"""KV caches. They hold only the n_kv_heads K/V heads: DIFF V2 caches exactly what the baseline caches."""
+"""KV cache. It holds only the n_kv_heads K/V heads: DIFF V2 caches exactly what the baseline caches
+(DIFF V1 too: its 2d-wide values are two KV heads side by side)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..model import Transformer
+from ..config import ModelConfig
 
 
-class DynamicKVCache:
-    """One layer's cache that grows by concatenation (simple; for CPU and short generations)."""
+class KVCache:
+    """Pre-allocated K/V for every layer, (n_layers, B, n_kv_heads, max_len, head_dim), written at slots.
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    The generator calls :meth:`advance` before each forward with the buffer slots this step writes. In prefix
+    mode (default) attention sees the filled prefix ``[:length]`` (shapes grow: CPU, eager). In static mode it
+    sees the whole buffer and unwritten slots are masked, so every decode step has the same shapes (CUDA
+    graphs).
+    """
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        return self.k, self.v
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device,
+                 static: bool = False) -> None:  # fmt: skip
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.static = static
+        self.slots = torch.zeros(0, dtype=torch.long, device=device)
+        self.length = 0
+        self.layers = [_LayerView(self, i) for i in range(cfg.n_layers)]
 
     @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def advance(self, slots: torch.Tensor, length: int) -> None:
+        """This step writes ``slots`` (T,) and, in prefix mode, attends to the first ``length`` slots."""
+        if length > self.max_len:
+            raise ValueError(f"KV cache full: {length} slots needed, {self.max_len} allocated")
+        self.slots, self.length = slots, length
+
+    def mask(self, start: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, 1, T, S) boolean mask for the current step: causal over the slots, hiding each row's left
+        padding (slots before ``start[b]``) and, in static mode, the slots not written yet. ``None`` when the
+        default causal rule is already exact (prefix mode, no padding)."""
+        if not self.static and start is None:
+            return None
+        keys = torch.arange(self.max_len if self.static else self.length, device=self.k.device)
+        mask = keys[None, None, None, :] <= self.slots[None, None, :, None]
+        return mask if start is None else mask & (keys >= start[:, None, None, None])
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
 
 
-def new_caches(model: Transformer) -> list[DynamicKVCache]:
-    return [DynamicKVCache() for _ in model.layers]
+class _LayerView:
+    def __init__(self, cache: KVCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        keys, values = c.k[self.index], c.v[self.index]
+        keys.index_copy_(2, c.slots, k.to(keys.dtype))
+        values.index_copy_(2, c.slots, v.to(values.dtype))
+        if c.static:
+            return keys, values
+        return keys[:, :, : c.length], values[:, :, : c.length]

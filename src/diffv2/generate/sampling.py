@@ -1,4 +1,5 @@
-"""Sampling from a :class:`~diffv2.Transformer` with a KV cache: greedy, temperature, top-k, top-p, EOS."""
+"""Generation with a KV cache: batched prompts of different lengths (left padding), greedy / temperature /
+top-k / top-p sampling, stop tokens, streaming."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from ..model import Transformer
-from .cache import new_caches
+from .cache import KVCache
 
 
 def sample_next(
@@ -36,9 +37,9 @@ def sample_next(
 
 
 @torch.no_grad()
-def generate(
+def stream_batch(
     model: Transformer,
-    prompt: list[int],
+    prompts: list[list[int]],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -46,23 +47,53 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one by one (streaming) for one prompt; stops at ``eos_id`` or ``max_new_tokens``."""
-    if not prompt:
-        raise ValueError("prompt: give at least one token")
-    device = next(model.parameters()).device
-    limit = model.cfg.max_seq_len
-    if len(prompt) + max_new_tokens > limit:
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={limit}")
+) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, the new token of every prompt (``None`` once that prompt has hit ``eos_id``).
+
+    Prompts are left-padded to a common length: each row gets its own RoPE positions (0 at its first real
+    token) and a mask that hides the padding, so a padded row computes exactly what it would alone.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: give at least one prompt, each with at least one token")
+    cfg, device = model.cfg, next(model.parameters()).device
+    width = max(map(len, prompts))
+    if width + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={cfg.max_seq_len}")
+    batch = len(prompts)
+    start = torch.tensor([width - len(p) for p in prompts], device=device)  # first real slot per row
+    tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
+    padding = start if bool((start > 0).any()) else None
+    cache = KVCache(cfg, batch, width + max_new_tokens, dtype=next(model.parameters()).dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    caches = new_caches(model)
-    tokens = torch.tensor([prompt], device=device)
-    positions = torch.arange(len(prompt), device=device)[None]
+    slots = torch.arange(width, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        logits = model(tokens, positions=positions, caches=caches)[:, -1]
+        cache.advance(slots, int(slots[-1]) + 1)
+        mask = cache.mask(padding)
+        positions = (slots[None, :] - start[:, None]).clamp(min=0)
+        logits = model(tokens, positions=positions, mask=mask, caches=cache.layers)[:, -1]
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        token = int(nxt.item())
-        yield token
-        if token == eos_id:
+        yield [None if done else tok for tok, done in zip(nxt.tolist(), finished.tolist(), strict=True)]
+        if eos_id is not None:
+            finished |= nxt == eos_id
+            if bool(finished.all()):
+                return
+        tokens, slots = nxt[:, None], slots[-1:] + 1
+
+
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """New tokens for each prompt (up to and including ``eos_id``); kwargs as for :func:`stream_batch`."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream_batch(model, prompts, max_new_tokens, **kwargs):
+        for row, tok in zip(out, step, strict=True):
+            if tok is not None:
+                row.append(tok)
+    return out
+
+
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwargs) -> Iterator[int]:
+    """Stream the new tokens of one prompt; stops after ``eos_id`` (which is yielded) or ``max_new_tokens``."""
+    for (tok,) in stream_batch(model, [prompt], max_new_tokens, **kwargs):
+        if tok is None:
             return
-        tokens, positions = nxt[:, None], positions[:, -1:] + 1
+        yield tok

@@ -52,7 +52,8 @@ def attend(
 
     ``mask`` (boolean, broadcastable to (B, 1, T, S), True = may attend) replaces the causal rule; without it
     queries are aligned to the last T key positions (the KV-cache convention), unlike SDPA's top-left
-    ``is_causal`` when T != S.
+    ``is_causal`` when T != S. On CUDA a masked call runs :func:`decode_attention` (few queries) or the eager
+    path (long prompts with padding), since SDPA's fused kernels do not combine GQA with a mask.
     """
     if backend == "eager":
         return eager_attention(q, k, v, mask=mask)[0]
@@ -61,6 +62,9 @@ def attend(
     if causal and t != s:
         causal = False  # a single query sees the whole cache; otherwise align bottom-right explicitly
         mask = None if t == 1 else _causal_mask(t, s, q.device)
+    if mask is not None and q.is_cuda:
+        # no fused CUDA kernel takes GQA together with an explicit mask (padding, static-cache slots)
+        return decode_attention(q, k, v, mask) if t <= 16 else eager_attention(q, k, v, mask=mask)[0]
     gqa = q.shape[1] != k.shape[1]
     guard = contextlib.nullcontext()
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
@@ -94,3 +98,20 @@ def eager_attention(
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row (padding) gives zeros
     out = torch.einsum("bhgts,bhsd->bhgtd", probs.reshape(b, hkv, hq // hkv, t, s), v.to(wide))
     return out.reshape(b, hq, t, v.shape[-1]).to(q.dtype), probs, logits
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Few queries over a (static) KV cache with an explicit mask (padding, unwritten slots).
+
+    Written as broadcast-multiply + sum with fp32 accumulation so that, under ``torch.compile``, each becomes
+    one fused reduction that reads every cached K/V head once for its whole query group (no repeated K/V, no
+    fp32 copy of the cache). q: (B, Hq, T, d); k, v: (B, Hkv, S, d); mask broadcastable to (B, 1, T, S).
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, t, 1, d).float()
+    scores = (qg * k[:, :, None, None].float()).sum(-1) * d**-0.5  # (B, Hkv, G, T, S)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = (probs[..., None] * v[:, :, None, None].float()).sum(-2)  # (B, Hkv, G, T, d)
+    return out.reshape(b, hq, t, v.shape[-1]).to(q.dtype)

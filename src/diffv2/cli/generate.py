@@ -1,0 +1,79 @@
+"""``diffv2 generate``: sample from a trained checkpoint with its own tokenizer, streaming to the console."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..data import Tokenizer
+from ..errors import CheckpointError
+from ..generate import stream_batch
+from ..model import Transformer
+from ..train.checkpoint import latest_checkpoint, load_model_weights, read_checkpoint_meta, read_tokenizer_json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint (a run dir or a checkpoint dir)")
+    p.add_argument("--checkpoint", required=True, help="run dir (its latest checkpoint) or checkpoint dir")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    p.set_defaults(func=run)
+
+
+def load_model(path: str | Path, device: str = "auto") -> tuple[Transformer, Tokenizer]:
+    """Model (eval mode; bf16 on CUDA) and tokenizer from a run dir or checkpoint dir."""
+    path = Path(path)
+    ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no checkpoint found")
+    _, config = read_checkpoint_meta(ckpt)
+    if "model" not in config:
+        raise CheckpointError(f"{ckpt / 'config.json'}: has no 'model' section; not a diffv2 training checkpoint")
+    tok_json = read_tokenizer_json(ckpt)
+    if tok_json is None:
+        raise CheckpointError(f"{ckpt}: holds no tokenizer.json")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    model = Transformer(ModelConfig.from_dict(config["model"]))
+    load_model_weights(ckpt, model)
+    model = model.to(dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    return model, Tokenizer.from_json_str(tok_json)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    prompts = [tokenizer.encode(p) for p in args.prompt]
+    if any(not p for p in prompts):
+        raise CheckpointError("--prompt: an empty prompt encodes to no tokens; give some text")
+    eos = None if args.no_stop else tokenizer.eot_id
+    new: list[list[int]] = [[] for _ in prompts]
+    single = len(prompts) == 1
+    if single:
+        print(args.prompt[0], end="", flush=True)
+    shown = ""
+    for step in stream_batch(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, eos_id=eos, seed=args.seed):  # fmt: skip
+        for row, tok in zip(new, step, strict=True):
+            if tok is not None and tok != eos:
+                row.append(tok)
+        if single:  # stream: print what the new tokens decode to so far (BPE pieces may join later)
+            text = tokenizer.decode(new[0])
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(shown) :])
+                sys.stdout.flush()
+                shown = text
+    if single:
+        print(tokenizer.decode(new[0])[len(shown) :])
+    else:
+        for prompt, row in zip(args.prompt, new, strict=True):
+            print(f"--- {prompt!r}\n{prompt}{tokenizer.decode(row)}")
+    return 0
