@@ -1,0 +1,182 @@
+"""Decode speed of baseline vs DIFF V1 vs DIFF V2 at equal d_model, n_layers, h, n_kv_heads (bf16, CUDA).
+
+    python bench/decode.py                       # ~1B shapes (preset 1b), batch {1,16,64} x context {1k,8k,32k}
+    python bench/decode.py --batches 1 --contexts 1024 --preset small   # a quick look
+
+Each point times one-token decode steps at a fixed context length: the KV cache is filled with random
+values (a real prefill of 64 x 32k tokens would only cost time), the step (model forward with the cache,
+stock SDPA attention) is captured in a CUDA graph and replayed. Bytes per step = weights read (all but the
+embedding table) + the K/V cache read once; GB/s = bytes / step time; the device's copy bandwidth is measured
+in the same run. A second table times the attention op alone at the same shapes: SDPA (default choice, flash,
+cuDNN) and our ``decode_attention`` (compiled) against reading K and V once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from diffv2 import ModelConfig, Transformer
+from diffv2.generate import KVCache
+from diffv2.kernels import decode_attention
+
+
+def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def copy_bandwidth_gbs(n_bytes: int = 4 << 30) -> float:
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), iters=10)
+    return 2 * n_bytes / ms / 1e6  # read + write
+
+
+def decode_step_ms(model: Transformer, batch: int, context: int) -> tuple[float, int]:
+    """Step time at ``context`` cached tokens (CUDA graph replay) and the bytes it must read."""
+    cfg = model.cfg
+    cache = KVCache(cfg, batch, context, dtype=torch.bfloat16, device=torch.device("cuda"))
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.advance(torch.tensor([context - 1], device="cuda"), context)  # rewrite the last slot every step
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
+    positions = torch.full((batch, 1), context - 1, device="cuda")
+
+    def step():
+        return model(tokens, positions=positions, caches=cache.layers)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = cuda_time_ms(graph.replay)
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
+    kv = cache.nbytes()  # every cached K/V byte, read once
+    return ms, weights + kv
+
+
+def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: float) -> list[dict]:
+    hq = 2 * cfg.n_heads
+    q = torch.randn(batch, hq, 1, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, cfg.n_kv_heads, context, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    mask = torch.ones(1, 1, 1, context, dtype=torch.bool, device="cuda")
+    compiled = torch.compile(decode_attention, dynamic=True)
+    candidates = {
+        "sdpa (default)": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "sdpa flash": lambda: _with(SDPBackend.FLASH_ATTENTION, q, k, v),
+        "sdpa cudnn": lambda: _with(SDPBackend.CUDNN_ATTENTION, q, k, v),
+        "decode_attention (compiled)": lambda: compiled(q, k, v, mask),
+    }
+    rows = []
+    kv_bytes = 2 * k.numel() * k.element_size()
+    for name, fn in candidates.items():
+        try:
+            ms = cuda_time_ms(fn)
+            rows.append(dict(batch=batch, context=context, kernel=name, ms=ms, gbs=kv_bytes / ms / 1e6,
+                             pct_copy=kv_bytes / ms / 1e6 / copy_gbs))  # fmt: skip
+        except RuntimeError as err:
+            rows.append(dict(batch=batch, context=context, kernel=name, error=str(err).splitlines()[0][:80]))
+    return rows
+
+
+def _with(backend, q, k, v):
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="1b")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--contexts", default="1024,8192,32768")
+    p.add_argument("--variants", default="baseline,diff_v1,diff_v2")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {copy_gbs:.0f} GB/s")
+    rows = []
+    for variant in args.variants.split(","):
+        cfg = ModelConfig.preset(args.preset, attention=variant, vocab_size=args.vocab_size,
+                                 max_seq_len=max(contexts))  # fmt: skip
+        torch.manual_seed(0)
+        model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
+        for batch in batches:
+            for context in contexts:
+                try:
+                    ms, nbytes = decode_step_ms(model, batch, context)
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    rows.append(dict(variant=variant, batch=batch, context=context, error="out of memory"))
+                    continue
+                torch.cuda.empty_cache()
+                gbs = nbytes / ms / 1e6
+                rows.append(dict(variant=variant, batch=batch, context=context, ms=ms, tok_s=batch * 1e3 / ms,
+                                 gb=nbytes / 1e9, gbs=gbs, pct_copy=gbs / copy_gbs))  # fmt: skip
+        del model
+        torch.cuda.empty_cache()
+    op_rows = []
+    cfg = ModelConfig.preset(args.preset, vocab_size=args.vocab_size)
+    for batch in batches:
+        for context in contexts:
+            op_rows += attention_op_rows(cfg, batch, context, copy_gbs)
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+        json.dump({"copy_gbs": copy_gbs, "model": rows, "attention": op_rows}, f, indent=1)
+
+    by = {(r["variant"], r["batch"], r["context"]): r for r in rows if "ms" in r}
+    print(f"\nmodel decode ({args.preset}, bf16, CUDA graph, stock SDPA)")
+    print(f"{'B':>3} {'ctx':>6} | " + " | ".join(f"{v:>8} tok/s  GB/s  %copy" for v in args.variants.split(","))
+          + " | V2/base  V2/V1  bytes V2/base")  # fmt: skip
+    for batch in batches:
+        for context in contexts:
+            line = f"{batch:>3} {context:>6} | "
+            cells = []
+            for v in args.variants.split(","):
+                r = by.get((v, batch, context))
+                cells.append(f"{r['tok_s']:>14.0f} {r['gbs']:>5.0f} {r['pct_copy']:>6.1%}" if r else f"{'n/a':>27}")
+            line += " | ".join(cells)
+            v2, b, v1 = (
+                by.get(("diff_v2", batch, context)),
+                by.get(("baseline", batch, context)),
+                by.get(("diff_v1", batch, context)),
+            )
+            if v2 and b and v1:
+                line += (
+                    f" | {v2['tok_s'] / b['tok_s']:>7.3f} {v2['tok_s'] / v1['tok_s']:>6.3f} {v2['gb'] / b['gb']:>13.3f}"
+                )
+            print(line)
+    print("\nattention op alone (2h=query heads of DIFF V2 over h_kv heads, one query token)")
+    print(f"{'B':>3} {'ctx':>6} {'kernel':<28} {'ms':>8} {'GB/s':>7} {'%copy':>7}")
+    for r in op_rows:
+        if "ms" in r:
+            head = f"{r['batch']:>3} {r['context']:>6} {r['kernel']:<28}"
+            print(f"{head} {r['ms']:>8.3f} {r['gbs']:>7.0f} {r['pct_copy']:>7.1%}")
+        else:
+            print(f"{r['batch']:>3} {r['context']:>6} {r['kernel']:<28} {r['error']}")
+
+
+if __name__ == "__main__":
+    main()
