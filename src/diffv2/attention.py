@@ -147,9 +147,10 @@ class DiffV1Attention(AttentionBase):
     (2g, 2g+1) of its KV group g and a 2d-wide value [v_2g, v_2g+1]; one λ per layer, per-head RMSNorm over
     2d channels, then × (1 − λ_init).
 
-    With stock kernels (value width d) it runs two GQA calls: queries are regrouped so q1 of group g reads
-    KV head 2g and q2 reads 2g+1; the second call swaps the value heads of each pair. That reads V twice,
-    the decode cost the V2 blog points at.
+    With stock kernels (value width d) training/prefill runs two GQA calls: queries are regrouped so q1 of
+    group g reads KV head 2g and q2 reads 2g+1; the second call swaps the value heads of each pair. A decode
+    step instead runs four calls on strided views (no copy of the cache). Either way V is read twice: the
+    decode cost the V2 blog points at.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -172,8 +173,17 @@ class DiffV1Attention(AttentionBase):
         lam2 = torch.exp((_fp32(self.lambda_q2) * _fp32(self.lambda_k2)).sum())
         return lam1 - lam2 + self.lambda_init
 
-    def mix(self, q, k, v, x, mask, stats):
+    def two_maps(self, q, k, v, mask, stats):
+        """attn1 = a1 @ [v_2g, v_2g+1] and attn2 = a2 @ [...], each (B, h/2, T, 2d), plus a1/a2 probabilities
+        in (g, s, r) order when diagnosing."""
         b, hq, t, d = q.shape
+        if t == 1 and stats is None:
+            # decode: four calls on strided head views (the official flash2 scheme); no copy of the V cache
+            k1, k2, v1, v2 = k[:, 0::2], k[:, 1::2], v[:, 0::2], v[:, 1::2]
+            q1, q2 = q[:, 0::2], q[:, 1::2]
+            attn1 = torch.cat((self.attend(q1, k1, v1, mask, None)[0], self.attend(q1, k1, v2, mask, None)[0]), -1)
+            attn2 = torch.cat((self.attend(q2, k2, v1, mask, None)[0], self.attend(q2, k2, v2, mask, None)[0]), -1)
+            return attn1, attn2, None
         groups, rep = self.n_kv_heads // 2, self.n_heads // self.n_kv_heads
         # differential head i = g*rep + r uses q heads 2i (s=0) and 2i+1 (s=1); order them (g, s, r)
         q_grouped = q.view(b, groups, rep, 2, t, d).transpose(2, 3).reshape(b, hq, t, d)
@@ -183,12 +193,17 @@ class DiffV1Attention(AttentionBase):
         out_a, out_b = (o.view(b, groups, 2, rep, t, d) for o in (out_a, out_b))
         attn1 = torch.cat((out_a[:, :, 0], out_b[:, :, 0]), dim=-1)  # a1 @ [v_2g, v_2g+1]
         attn2 = torch.cat((out_b[:, :, 1], out_a[:, :, 1]), dim=-1)  # a2 @ [v_2g, v_2g+1]
+        return attn1.reshape(b, hq // 2, t, 2 * d), attn2.reshape(b, hq // 2, t, 2 * d), probs
+
+    def mix(self, q, k, v, x, mask, stats):
+        b, hq, t, d = q.shape
+        attn1, attn2, probs = self.two_maps(q, k, v, mask, stats)
         lam = self.lambda_full()
-        diff = _fp32(attn1) - lam * _fp32(attn2)  # (B, groups, rep, T, 2d)
+        diff = _fp32(attn1) - lam * _fp32(attn2)  # (B, h/2, T, 2d)
         normed = F.rms_norm(diff, (2 * d,), self.subln.weight.to(diff.dtype), self.subln.eps)
-        ctx = (normed * (1.0 - self.lambda_init)).to(q.dtype).reshape(b, hq // 2, t, 2 * d)
+        ctx = (normed * (1.0 - self.lambda_init)).to(q.dtype)
         if stats is not None:
-            p = probs.view(b, groups, 2, rep, t, -1)
+            p = probs.view(b, self.n_kv_heads // 2, 2, self.n_heads // self.n_kv_heads, t, -1)
             _record_sink(stats, (p[:, :, 0] - lam * p[:, :, 1]).reshape(b, hq // 2, t, -1))
             stats["lambda_mean"], stats["lambda_std"] = lam.item(), 0.0
         return ctx.transpose(1, 2)
