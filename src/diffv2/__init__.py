@@ -6,6 +6,16 @@ from .model import Transformer
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # diffv2.hf needs transformers (optional, slow to import): load it on first use only
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'diffv2' has no attribute {name!r}")
+
+
 __all__ = [
     "PRESETS",
     "CheckpointError",

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import DiffV2Error
-from . import data, generate, models, train
+from . import convert, data, evaluate, generate, models, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parser(sub)
     train.add_parser(sub)
     generate.add_parser(sub)
+    convert.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 

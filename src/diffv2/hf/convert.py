@@ -1,0 +1,242 @@
+"""Native ↔ Hugging Face conversion: configs, models, tokenizers and whole checkpoints.
+
+The HF model's state dict has exactly the native ``Transformer``'s keys, so weights move with one
+``load_state_dict`` and conversion is exact; the configs map field by field (see ``configuration_diffv2``).
+A native checkpoint is a trainer run dir or checkpoint dir (``diffv2.train.checkpoint`` layout); an HF folder
+is what ``save_pretrained`` writes: config.json (with ``auto_map``), model.safetensors, the two Python files
+that make it loadable with ``trust_remote_code=True``, generation_config.json and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from ..config import ModelConfig
+from ..data.tokenizer import EOT_CANDIDATES, Tokenizer
+from ..errors import CheckpointError, ConfigError, DataError
+from ..model import Transformer
+from ..train.checkpoint import load_model_weights, read_checkpoint_meta, read_tokenizer_json, save_checkpoint
+from .configuration_diffv2 import DiffV2Config
+from .modeling_diffv2 import DiffV2ForCausalLM
+
+PathLike = str | os.PathLike[str]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------- configs
+def to_hf_config(cfg: ModelConfig, **extra: Any) -> DiffV2Config:
+    """The ``DiffV2Config`` of a native config; ``extra`` sets HF-only fields (eos_token_id, ...).
+
+    ``cfg.backend`` becomes the attention implementation ("sdpa" or "eager"), a runtime choice HF does not save.
+    """
+    config = DiffV2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.ffn_hidden,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        attention=cfg.attention,
+        pairing=cfg.pairing,
+        lambda_mode=cfg.lambda_mode,
+        **extra,
+    )
+    config._attn_implementation = cfg.backend
+    return config
+
+
+def from_hf_config(config: Any) -> ModelConfig:
+    """The native ``ModelConfig`` of a ``DiffV2Config`` (or its dict); raises ``ConfigError`` naming a bad field."""
+    data = config if isinstance(config, dict) else config.to_dict()
+    if data.get("model_type") not in (None, DiffV2Config.model_type):
+        raise ConfigError(f"model_type={data.get('model_type')!r}: not a diffv2 model (expected 'diffv2')")
+    rope = data.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"rope_parameters.rope_type={rope_type!r}: only plain RoPE ('default') is supported")
+    impl = getattr(config, "_attn_implementation", None) if not isinstance(config, dict) else None
+    return ModelConfig(
+        vocab_size=data["vocab_size"],
+        d_model=data["hidden_size"],
+        n_layers=data["num_hidden_layers"],
+        n_heads=data["num_attention_heads"],
+        n_kv_heads=data.get("num_key_value_heads"),
+        head_dim=data.get("head_dim"),
+        ffn_hidden=data.get("intermediate_size"),
+        rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+        max_seq_len=data["max_position_embeddings"],
+        norm_eps=data["rms_norm_eps"],
+        tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+        attention=data.get("attention", "diff_v2"),
+        pairing=data.get("pairing", "interleaved"),
+        lambda_mode=data.get("lambda_mode", "sigmoid"),
+        backend="eager" if impl == "eager" else "sdpa",
+        init_std=data.get("initializer_range", 0.02),
+    )
+
+
+# ---------------------------------------------------------------------- models
+def to_hf(model: Transformer, **extra: Any) -> DiffV2ForCausalLM:
+    """A ``DiffV2ForCausalLM`` with a copy of ``model``'s weights (same dtype and device)."""
+    param = next(model.parameters())
+    hf = DiffV2ForCausalLM(to_hf_config(model.cfg, **extra)).to(device=param.device, dtype=param.dtype)
+    hf.load_state_dict(model.state_dict(), strict=True)  # same keys by construction: exact
+    return hf.train(model.training)
+
+
+def to_native(model: DiffV2ForCausalLM) -> Transformer:
+    """A native ``Transformer`` with a copy of an HF model's weights (same dtype and device)."""
+    param = next(model.parameters())
+    native = Transformer(from_hf_config(model.config)).to(device=param.device, dtype=param.dtype)
+    native.load_state_dict(model.state_dict(), strict=True)
+    return native.train(model.training)
+
+
+# ---------------------------------------------------------------------- tokenizers
+def hf_tokenizer(tokenizer: Tokenizer | str, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+    """A ``PreTrainedTokenizerFast`` from our tokenizer (or its JSON text); eos (and pad) = our end-of-text token.
+
+    ``split_special_tokens`` mirrors our encoder: a literal "<|endoftext|>" in a text is encoded as text, so it
+    can never fake a document boundary.
+    """
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer_from_json(tokenizer)
+    extra = {"model_max_length": model_max_length} if model_max_length else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok.hf_tokenizer,
+        eos_token=tok.eot_token,
+        pad_token=tok.eot_token,
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        **extra,
+    )
+
+
+def native_tokenizer_json(text: str) -> str:
+    """tokenizer.json text as our tokenizer wrote it: transformers adds a post-processor that adds nothing
+    (single = [A], pair = [A, B], no special tokens); dropping it restores the original sha256, which the
+    trainer compares with its dataset's tokenizer."""
+    data = json.loads(text)
+    post = data.get("post_processor") or {}
+    if (
+        post.get("type") == "TemplateProcessing"
+        and not post.get("special_tokens")
+        and [next(iter(p)) for p in post.get("single", [])] == ["Sequence"]
+        and [next(iter(p)) for p in post.get("pair", [])] == ["Sequence", "Sequence"]
+    ):
+        data["post_processor"] = None
+        return json.dumps(data, ensure_ascii=False)
+    return text
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    """Our ``Tokenizer`` from tokenizer.json text (it must define an end-of-text token)."""
+    import tokenizers
+
+    try:
+        tok = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # the Rust side raises a plain Exception for any parse problem
+        raise DataError(f"tokenizer.json: not a valid tokenizer ({str(e)[:200]})") from None
+    eot = next((t for t in EOT_CANDIDATES if tok.token_to_id(t) is not None), None)
+    if eot is None:
+        raise DataError(f"tokenizer.json: no end-of-text token (looked for {', '.join(EOT_CANDIDATES)})")
+    return Tokenizer(tok, "file", eot)
+
+
+# ---------------------------------------------------------------------- whole checkpoints
+def is_hf_folder(path: PathLike) -> bool:
+    """Whether ``path`` is an HF folder of a diffv2 model (config.json with model_type 'diffv2')."""
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get("model_type") == DiffV2Config.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_native(path: PathLike) -> tuple[Transformer, Tokenizer | None, Path]:
+    """A native checkpoint (run dir or checkpoint dir): the model (checksum-verified weights), its tokenizer
+    (or None) and the checkpoint dir used."""
+    _, config = read_checkpoint_meta(path)
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path}: config.json has no 'model' table; not a diffv2 checkpoint")
+    model = Transformer(ModelConfig.from_dict(config["model"]))
+    ckpt = load_model_weights(path, model)
+    text = read_tokenizer_json(ckpt)
+    return model.eval(), tokenizer_from_json(text) if text is not None else None, ckpt
+
+
+def load_hf(path: PathLike, **kwargs: Any) -> DiffV2ForCausalLM:
+    """``DiffV2ForCausalLM.from_pretrained`` with errors turned into one-line ``CheckpointError``s."""
+    if not is_hf_folder(path):
+        raise CheckpointError(f"{path}: not a Hugging Face diffv2 folder (no config.json with model_type 'diffv2')")
+    try:
+        return DiffV2ForCausalLM.from_pretrained(str(path), **kwargs).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def check_out_dir(out: PathLike, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"--out {out}: exists and is not empty; choose another folder or pass --force")
+    return out
+
+
+def save_hf(
+    model: DiffV2ForCausalLM, out: PathLike, tokenizer: PreTrainedTokenizerFast | None = None, dtype: str | None = None
+) -> Path:
+    """``save_pretrained`` (safetensors, plus the modeling/config files for ``trust_remote_code``) + tokenizer."""
+    out = Path(out)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+        model = model.to(DTYPES[dtype])
+    model.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def export_hf(src: PathLike, out: PathLike, *, dtype: str | None = None, force: bool = False) -> Path:
+    """Native checkpoint (run dir or checkpoint dir) → HF folder, tokenizer included; returns ``out``."""
+    out = check_out_dir(out, force)
+    native, tok, _ = load_native(src)
+    extra = {"eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id} if tok is not None else {}
+    hf = to_hf(native, **extra)
+    save_hf(hf, out, hf_tokenizer(tok, native.cfg.max_seq_len) if tok is not None else None, dtype)
+    return out
+
+
+def save_native(
+    model: Transformer, out: PathLike, *, tokenizer_json: str | None = None, source: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` as step 0 of a native run dir ``out`` (for ``diffv2 train --init-from``); returns the
+    checkpoint dir. Saved in fp32 without optimizer state; ``state.json`` records the tokenizer's sha256."""
+    model = model.float() if next(model.parameters()).dtype != torch.float32 else model
+    state: dict[str, Any] = {"step": 0}
+    if tokenizer_json is not None:
+        state["tokenizer_sha256"] = tokenizer_from_json(tokenizer_json).sha256()
+    config = {"model": model.cfg.to_dict(), "converted_from": source or {}}
+    return save_checkpoint(out, 0, model=model, state=state, config=config, tokenizer_json=tokenizer_json)
+
+
+def import_hf(src: PathLike, out: PathLike, *, force: bool = False) -> Path:
+    """HF diffv2 folder → native run dir (step 0 checkpoint); returns the checkpoint dir."""
+    out = check_out_dir(out, force)
+    hf = load_hf(src, dtype=torch.float32)
+    tok_file = Path(src) / "tokenizer.json"
+    text = native_tokenizer_json(tok_file.read_text(encoding="utf-8")) if tok_file.is_file() else None
+    if text is not None:
+        tokenizer_from_json(text)  # fail before writing anything when it lacks an end-of-text token
+    return save_native(to_native(hf), out, tokenizer_json=text, source={"format": "hf", "path": str(src)})

@@ -1,0 +1,204 @@
+"""Upcycling: a Llama / Mistral / Qwen2-style GQA checkpoint (HF format) → DIFF V2, starting at the same function.
+
+Each Llama query head i becomes both heads (2i, 2i+1) of DIFF V2 pair i; both read Llama's KV head
+i // (H/H_kv), because DIFF V2's query head j reads KV head j // (2H/H_kv). With ``lambda_proj`` = 0,
+σ(λ) = 0.5, so the pair gives o_i − 0.5·o_i = 0.5·o_i (exact in floating point), and W_O × 2 restores o_i:
+the converted model computes the original function, and training moves the two heads of a pair apart
+(their gradients differ: +1 against −σ(λ)). ``attention="baseline"`` copies the weights as they are.
+
+Anything the native model cannot express is refused with a one-line ``ConfigError`` (config field) or
+``CheckpointError`` (weight name): biases (Qwen2's q/k/v biases included: our projections are bias-free),
+RoPE scaling, partial rotary, sliding windows shorter than the context, non-SiLU MLPs, quantized weights,
+and any weight the Llama layout does not have (e.g. Qwen3's q_norm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from ..model import Transformer
+
+PathLike = str | os.PathLike[str]
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Llama names → native names, inside one layer
+_LAYER_KEYS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.o_proj.weight": "attn.o_proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+
+
+def read_hf_folder(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and the safetensors weights (single file or sharded with an index) of an HF folder."""
+    folder = Path(path)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: unreadable ({type(e).__name__})") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors (only safetensors weights can be upcycled)")
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+                weights.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+        except Exception as e:
+            raise CheckpointError(f"{folder / name}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    return config, weights
+
+
+def llama_model_config(
+    config: dict[str, Any], *, attention: str = "diff_v2", max_seq_len: int | None = None
+) -> ModelConfig:
+    """The native config of an upcycled Llama-style config (config.json as a dict); refuses what cannot map."""
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type={model_type!r}: upcycling reads Llama-style models ({', '.join(MODEL_TYPES)})")
+    if attention not in ("diff_v2", "baseline"):
+        raise ConfigError(
+            f"attention={attention!r}: upcycling makes 'diff_v2' (or a 'baseline' copy), not {attention!r}"
+        )
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act={act!r}: the native SwiGLU uses 'silu'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise ConfigError(
+                f"{flag}=True: the native projections are bias-free; biased checkpoints cannot be converted"
+            )
+    if config.get("quantization_config"):
+        raise ConfigError("quantization_config: quantized checkpoints cannot be converted; use a full-precision one")
+    theta = _rope_theta(config)
+    context = int(max_seq_len or config.get("max_position_embeddings") or 2048)
+    window = _sliding_window(config)
+    if window is not None and window < context:
+        raise ConfigError(
+            f"sliding_window={window}: the native model attends to the whole context ({context} tokens); pass "
+            f"--max-seq-len {window} (or less) to keep the conversion exact"
+        )
+    layer_types = set(config.get("layer_types") or ["full_attention"])
+    if layer_types - {"full_attention"} and window is None:
+        raise ConfigError(f"layer_types={sorted(layer_types)}: only 'full_attention' layers can be converted")
+    n_heads = config["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=config["vocab_size"],
+        d_model=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+        ffn_hidden=config["intermediate_size"],
+        rope_theta=theta,
+        max_seq_len=context,
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention=attention,
+        init_std=float(config.get("initializer_range", 0.02)),
+    )
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    # transformers 5 saves `rope_parameters`; 4.x saved `rope_theta` + `rope_scaling` at the top level
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ConfigError(f"rope_parameters={rope!r}: per-layer-type RoPE cannot be converted")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"rope_scaling.rope_type={rope_type!r}: only plain RoPE (none/'default') can be converted")
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"partial_rotary_factor={partial}: the native model rotates every channel")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def _sliding_window(config: dict[str, Any]) -> int | None:
+    """The window that is in effect, or None (Qwen2 stores one that applies only with use_sliding_window)."""
+    window = config.get("sliding_window")
+    if config.get("model_type") == "qwen2" and not config.get("use_sliding_window", False):
+        return None
+    return int(window) if window else None
+
+
+def upcycle_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Native state dict (fp32) from Llama-layout weights, with the DIFF V2 head duplication when asked."""
+    biases = sorted(k for k in weights if k.endswith(".bias"))
+    if biases:
+        more = f" (+{len(biases) - 1} more)" if len(biases) > 1 else ""
+        raise CheckpointError(
+            f"{biases[0]}{more}: the native projections are bias-free; biased checkpoints cannot be converted"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in weights.items():
+        if key.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints saved; RoPE is recomputed
+            continue
+        m = _LAYER.fullmatch(key)
+        if key == "model.embed_tokens.weight":
+            name = "tok_embeddings.weight"
+        elif key == "model.norm.weight":
+            name = "norm.weight"
+        elif key == "lm_head.weight":
+            name = "lm_head.weight"
+        elif m and m.group(2) in _LAYER_KEYS and int(m.group(1)) < cfg.n_layers:
+            name = f"layers.{m.group(1)}.{_LAYER_KEYS[m.group(2)]}"
+        else:
+            raise CheckpointError(f"{key}: not part of a Llama-style model; this checkpoint cannot be converted")
+        out[name] = tensor.detach().to(torch.float32)
+    if cfg.tie_embeddings or "lm_head.weight" not in out:
+        if not cfg.tie_embeddings:
+            raise CheckpointError("lm_head.weight: missing and tie_word_embeddings is false")
+        out["lm_head.weight"] = out["tok_embeddings.weight"]
+    if cfg.attention == "diff_v2":
+        d = cfg.head_dim
+        for i in range(cfg.n_layers):
+            q = out.get(f"layers.{i}.attn.q_proj.weight")
+            if q is None:
+                raise CheckpointError(f"model.layers.{i}.self_attn.q_proj.weight: missing")
+            # head i → heads (2i, 2i+1): both read KV head i // (H/H_kv), the same as Llama's head i
+            out[f"layers.{i}.attn.q_proj.weight"] = q.view(cfg.n_heads, d, -1).repeat_interleave(2, dim=0).flatten(0, 1)
+            out[f"layers.{i}.attn.o_proj.weight"] = out[f"layers.{i}.attn.o_proj.weight"] * 2  # undoes the 0.5
+            out[f"layers.{i}.attn.lambda_proj.weight"] = torch.zeros(cfg.n_heads, cfg.d_model)  # σ(0) = 0.5
+    return out
+
+
+def upcycle(
+    source: PathLike | Any, *, attention: str = "diff_v2", max_seq_len: int | None = None
+) -> tuple[Transformer, dict[str, Any]]:
+    """A native ``Transformer`` (fp32, eval mode) from an HF Llama-style folder or an in-memory HF model
+    (e.g. ``LlamaForCausalLM``); also returns the source config dict (its eos/bos ids, ...)."""
+    if isinstance(source, str | os.PathLike):
+        config, weights = read_hf_folder(source)
+    else:
+        config, weights = source.config.to_dict(), dict(source.state_dict())
+    cfg = llama_model_config(config, attention=attention, max_seq_len=max_seq_len)
+    state = upcycle_state_dict(weights, cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(f"{missing[0]}: missing from the checkpoint (needed by the converted model)")
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_embeddings.weight  # assign=True replaced the tied Parameter; tie again
+    return model.eval(), config
