@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import DiffV2Error
-from . import convert, data, evaluate, generate, models, train
+from . import compare, convert, data, evaluate, generate, inspect, models, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     convert.add_parser(sub)
     evaluate.add_parser(sub)
+    compare.add_parser(sub)  # registers `compare` and `report`
+    inspect.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,75 @@
+"""``diffv2 compare CONFIG``: train the variant × lr × seed grid of a config file, then write the report.
+``diffv2 report OUT_DIR``: (re)write the report of a grid from what its runs logged."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train DIFF V2, its ablations, DIFF V1 and matched baselines side by side",
+                       description="Runs every (variant, lr, seed) of CONFIG's [compare] table with identical data, "
+                       "budget and schedule under <out_dir>/<variant>/lr<lr>/seed<seed>, then writes "
+                       "<out_dir>/report/report.md. Finished runs are skipped, interrupted ones resumed.")  # fmt: skip
+    p.add_argument("config", help="a diffv2 train config (.toml/.yaml/.json) with a [compare] table")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, as subprocesses (default: 1, in-process)")
+    p.add_argument("--out-dir", default=None, help="override [compare] out_dir")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop every run after this step (with a checkpoint); a later call resumes them")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="print the grid and parameter counts; train nothing")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report of runs already made")
+    p.add_argument("--no-report", action="store_true", help="train only")
+    p.add_argument("--no-probe", action="store_true", help="report without the per-token σ(λ) pass over checkpoints")
+    p.add_argument("--progress", action="store_true", help="progress bars for in-process runs")
+    p.set_defaults(func=run_compare)
+
+    r = sub.add_parser("report", help="write report.md + figures for a grid made by `diffv2 compare`")
+    r.add_argument("out_dir", help="the grid's out_dir (holds grid.json)")
+    r.add_argument("--report-dir", default=None, help="where to write (default: OUT_DIR/report)")
+    r.add_argument("--no-probe", action="store_true", help="skip the per-token σ(λ) pass over checkpoints")
+    r.set_defaults(func=run_report)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from ..compare import expand_grid, load_compare_config, run_grid, write_report
+
+    cfg = load_compare_config(args.config)
+    if args.out_dir:
+        cfg.out_dir = args.out_dir
+    if args.dry_run:
+        _print_grid(cfg, expand_grid(cfg))
+        return 0
+    if not args.report_only:
+        outcomes = run_grid(cfg, jobs=args.jobs, stop_after=args.stop_after, progress=args.progress)
+        errors = [o for o in outcomes if o.after == "error"]
+        for o in errors:
+            print(f"run {o.key} crashed {o.message}")
+        if errors:
+            return 1
+    if not args.no_report:
+        print(f"report: {write_report(cfg.out_dir, probe=not args.no_probe)}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from ..compare import write_report
+
+    print(f"report: {write_report(Path(args.out_dir), report_dir=args.report_dir, probe=not args.no_probe)}")
+    return 0
+
+
+def _print_grid(cfg, specs) -> None:
+    from ..compare.grid import variant_model
+    from ..compare.results import accounting
+
+    vocab = {"byte": 257}.get(cfg.base.tokenizer, cfg.base.tokenizer_vocab)  # the real value comes from the data
+    print(f"{len(specs)} runs into {cfg.out_dir}; parameters at vocab ≈ {vocab}:")
+    print(f"{'variant':<18}{'attention':>10}{'heads':>7}{'ffn':>7}{'total params':>15}{'vs diff_v2':>12}")
+    ref = accounting(variant_model(cfg.base, "diff_v2", vocab).to_dict(), cfg.base.seq_len)["total"]
+    for variant in cfg.variants:
+        m = variant_model(cfg.base, variant, vocab)
+        total = accounting(m.to_dict(), cfg.base.seq_len)["total"]
+        print(f"{variant:<18}{m.attention:>10}{m.n_heads:>7}{m.ffn_hidden:>7}{total:>15,}{total - ref:>+12,}")
+    for spec in specs:
+        print(f"  {spec.key}")

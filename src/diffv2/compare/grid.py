@@ -1,0 +1,170 @@
+"""The comparison grid: which variants, learning rates and seeds, and where each run lives.
+
+Everything here is pure (no training, no files written): a :class:`CompareConfig` comes from a config file, and
+:func:`expand_grid` turns it into one :class:`RunSpec` per run. Every run of a grid shares the base training
+config (data, token budget, schedule, evaluation) and differs only in the model variant, ``lr`` and ``seed``, so
+the seed fixes both the initialisation and the batch order, identically across variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, attention_params, baseline_1p5h, baseline_ffn_matched
+from ..errors import ConfigError
+from ..train.config import TrainConfig, load_config_file
+
+
+def _diff_v1_matched(v2: ModelConfig) -> ModelConfig:
+    """DIFF V1 at DIFF V2's total size (spec §6 Q1): V1 has a same-h baseline's attention weights, so its SwiGLU
+    is widened by the same rule as ``baseline_ffn_matched`` (3·D weights per hidden unit, rounded)."""
+    v1 = v2.replace(attention="diff_v1")
+    extra = attention_params(v2) - attention_params(v1)
+    return v1.replace(ffn_hidden=v1.ffn_hidden + round(extra / (3 * v2.d_model)))
+
+
+# name -> (what it is, how to derive it from the DIFF V2 model). Order = the order of tables and legends.
+VARIANTS: dict[str, tuple[str, Callable[[ModelConfig], ModelConfig]]] = {
+    "baseline_matched": ("same-h baseline, SwiGLU widened to DIFF V2's total parameters", baseline_ffn_matched),
+    "baseline_1p5h": ("baseline with 1.5h heads (blog ablation 4): DIFF V2 minus lambda_proj", baseline_1p5h),
+    "diff_v1": ("DIFF V1, SwiGLU widened to DIFF V2's total parameters", _diff_v1_matched),
+    "diff_v2": ("DIFF V2", lambda v2: v2),
+    "v2_split": ("DIFF V2 pairing heads i and i+h (blog ablation 1)", lambda v2: v2.replace(pairing="split")),
+    "v2_no_lambda": ("DIFF V2 with weight 1, no σ(λ) (blog ablation 2)", lambda v2: v2.replace(lambda_mode="none")),
+    "v2_linear": ("DIFF V2 with λ, no sigmoid (blog ablation 3)", lambda v2: v2.replace(lambda_mode="linear")),
+}  # fmt: skip
+DEFAULT_BASELINE = "baseline_matched"
+_COMPARE_KEYS = ("variants", "seeds", "lrs", "out_dir", "baseline")
+
+
+@dataclass
+class CompareConfig:
+    """A base training config plus the grid to run over it (the ``[compare]`` table of a config file)."""
+
+    base: TrainConfig
+    variants: list[str] | None = None  # None = every variant the model shape allows (see ``skipped``)
+    seeds: list[int] = field(default_factory=list)  # empty = the base config's seed
+    lrs: list[float] = field(default_factory=list)  # empty = the base config's lr
+    out_dir: str = "runs/compare"
+    baseline: str | None = None  # the variant the report compares against (default: the FFN-matched baseline)
+
+    skipped: dict[str, str] = field(default_factory=dict, init=False)  # default variants left out, and why
+
+    def __post_init__(self) -> None:
+        if self.variants is None:
+            # e.g. 1.5·12 = 18 heads cannot share 4 KV heads: the default grid leaves such a variant out (and the
+            # report says so) instead of refusing the whole grid; a variant listed explicitly must build
+            self.variants = []
+            for name in VARIANTS:
+                try:
+                    variant_model(self.base, name, vocab_size=2)
+                    self.variants.append(name)
+                except ConfigError as err:
+                    self.skipped[name] = str(err)
+        if self.baseline is None:  # the matched baseline if present, else the first baseline, else the first variant
+            fallback = [v for v in self.variants if v.startswith("baseline")] + self.variants
+            self.baseline = DEFAULT_BASELINE if DEFAULT_BASELINE in self.variants else fallback[0] if fallback else ""
+        self.seeds = [int(s) for s in self.seeds] if self.seeds else [self.base.seed]
+        self.lrs = [float(x) for x in self.lrs] if self.lrs else [float(self.base.lr)]
+        self.validate()
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ConfigError(f"compare.variants={self.variants!r}: choose from {list(VARIANTS)}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"compare.variants={self.variants!r}: a variant is listed twice")
+        if self.baseline not in self.variants:
+            raise ConfigError(f"compare.baseline={self.baseline!r}: must be one of the variants {self.variants}")
+        for name, values in (("seeds", self.seeds), ("lrs", self.lrs)):
+            if len(set(values)) != len(values):
+                raise ConfigError(f"compare.{name}={values!r}: has duplicates")
+        if any(s < 0 for s in self.seeds):
+            raise ConfigError(f"compare.seeds={self.seeds!r}: seeds must be >= 0")
+        if any(not lr > 0 for lr in self.lrs):
+            raise ConfigError(f"compare.lrs={self.lrs!r}: learning rates must be positive")
+        for name in self.variants:  # fail now, not hours into the grid, on a shape a variant cannot take
+            variant_model(self.base, name, vocab_size=2)
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the shared, tokenized data lives: the base ``data`` if already prepared, else ``<out>/data``."""
+        given = Path(self.base.data)
+        return given if (given / "manifest.json").is_file() else Path(self.out_dir) / "data"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), **{k: getattr(self, k) for k in _COMPARE_KEYS}, "skipped": self.skipped}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompareConfig:
+        """Training fields at the top level, ``model`` for the model, ``compare`` for the grid."""
+        data = dict(data)
+        table = dict(data.pop("compare", None) or {})
+        if "out_dir" in data:  # a top-level out_dir (the train config's) holds the grid unless [compare] says
+            table.setdefault("out_dir", data["out_dir"])
+        if unknown := sorted(set(table) - set(_COMPARE_KEYS)):
+            raise ConfigError(f"unknown [compare] field(s) {unknown}; valid fields: {list(_COMPARE_KEYS)}")
+        for key in ("variants", "seeds", "lrs"):
+            if key in table and not isinstance(table[key], list):
+                raise ConfigError(f"compare.{key}={table[key]!r}: must be a list")
+        return cls(base=TrainConfig.from_dict(data), **table)
+
+
+def load_compare_config(path: str | Path) -> CompareConfig:
+    """Read a TOML/YAML/JSON file in ``diffv2 train --config`` format with an extra ``[compare]`` table."""
+    return CompareConfig.from_dict(load_config_file(path))
+
+
+def variant_model(base: TrainConfig, variant: str, vocab_size: int) -> ModelConfig:
+    """The model of ``variant``, derived from the base model turned into DIFF V2 (so the base ``attention``,
+    ``pairing`` and ``lambda_mode`` do not matter)."""
+    v2 = base.model_config(vocab_size).replace(attention="diff_v2", pairing="interleaved", lambda_mode="sigmoid")
+    try:
+        return VARIANTS[variant][1](v2)
+    except ConfigError as err:
+        raise ConfigError(f"variant {variant!r} cannot be built from this model: {err}; drop it from "
+                          "compare.variants or change the model shape") from None  # fmt: skip
+
+
+@dataclass
+class RunSpec:
+    """One training run of the grid."""
+
+    variant: str
+    lr: float
+    seed: int
+    run_dir: Path
+    train: TrainConfig  # the full config handed to ``train()``: base + variant model + lr + seed + out_dir
+
+    @property
+    def key(self) -> str:
+        """``<variant>/lr<lr>/seed<seed>``: the run's folder relative to the grid's out_dir."""
+        return run_key(self.variant, self.lr, self.seed)
+
+
+def run_key(variant: str, lr: float, seed: int) -> str:
+    # repr gives the shortest string that round-trips, so two different learning rates never share a folder
+    return f"{variant}/lr{float(lr)!r}/seed{int(seed)}"
+
+
+def expand_grid(cfg: CompareConfig, data_dir: str | Path | None = None) -> list[RunSpec]:
+    """Every (variant, lr, seed) of the grid, variant-major, with identical data, budget and schedule.
+
+    ``data_dir`` (default :attr:`CompareConfig.data_dir`) is the prepared data every run reads.
+    """
+    data = str(data_dir if data_dir is not None else cfg.data_dir)
+    out = Path(cfg.out_dir)
+    specs = []
+    for variant in cfg.variants:
+        # vocab_size is set by the tokenizer at train time; every other field is pinned here
+        model = {k: v for k, v in variant_model(cfg.base, variant, 2).to_dict().items() if k != "vocab_size"}
+        for lr in cfg.lrs:
+            for seed in cfg.seeds:
+                key = run_key(variant, lr, seed)
+                train = dataclasses.replace(cfg.base, data=data, out_dir=str(out / key), lr=lr, seed=seed, model=model)
+                specs.append(RunSpec(variant, lr, seed, out / key, train))
+    return specs

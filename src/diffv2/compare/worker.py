@@ -1,0 +1,29 @@
+"""One run of a comparison grid in its own process: ``python -m diffv2.compare.worker CONFIG_JSON``.
+
+Used by ``diffv2 compare --jobs N``; it runs exactly what the in-process path runs (:func:`runner.execute`) and
+prints the outcome as one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..train import TrainConfig, load_config_file
+from .runner import execute
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffv2.compare.worker")
+    parser.add_argument("config", help="the run's full training config (JSON)")
+    parser.add_argument("--stop-after", type=int, default=None)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.from_dict(load_config_file(args.config))
+    before, after = execute(cfg, stop_after=args.stop_after, progress=False)
+    print(json.dumps({"before": before, "after": after}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
