@@ -28,6 +28,7 @@ class KVCacheLayer(Protocol):
 
 
 class AttentionBase(nn.Module):
+    kind: str  # "baseline" | "diff_v1" | "diff_v2"
     n_query_heads: int
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, n_query_heads: int) -> None:
@@ -80,21 +81,29 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _record_sink(stats: dict[str, Any] | None, weights: torch.Tensor | None) -> None:
-    """Mean weight on key 0 over queries t >= 1 (query 0 can only see key 0), per output head."""
-    if stats is not None and weights is not None and weights.shape[-2] > 1:
-        stats["sink_mass"] = weights[..., 1:, 0].float().mean(dim=(0, 2)).tolist()
+def _record_maps(stats: dict[str, Any], a1: torch.Tensor, a2: torch.Tensor | None = None, weight=None) -> None:
+    """Diagnostics of the effective attention weights a1 − weight·a2 (a1 alone for the baseline), (B, h, T, S):
+    the sink mass = mean weight on key 0 over queries t >= 1 (query 0 can only see key 0), per output head.
+    With ``stats["keep_maps"]`` the maps themselves are kept too (for ``diffv2 inspect``)."""
+    effective = a1 if a2 is None else a1 - weight * a2
+    if effective.shape[-2] > 1:
+        stats["sink_mass"] = effective[..., 1:, 0].float().mean(dim=(0, 2)).tolist()
+    if stats.get("keep_maps"):
+        stats["maps"] = {"a1": a1, "a2": a2, "weight": weight, "effective": effective}
 
 
 class BaselineAttention(AttentionBase):
     """Standard GQA attention with h query heads."""
+
+    kind = "baseline"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx, n_query_heads=cfg.n_heads)
 
     def mix(self, q, k, v, x, mask, stats):
         out, probs = self.attend(q, k, v, mask, stats)
-        _record_sink(stats, probs)
+        if stats is not None:
+            _record_maps(stats, probs)
         return out.transpose(1, 2)
 
 
@@ -105,6 +114,8 @@ class DiffV2Attention(AttentionBase):
     implementation); ``lambda_mode="none"`` uses weight 1 and has no ``lambda_proj``; ``"linear"`` drops the
     sigmoid.
     """
+
+    kind = "diff_v2"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx, n_query_heads=2 * cfg.n_heads)
@@ -132,7 +143,7 @@ class DiffV2Attention(AttentionBase):
         ctx = (_fp32(o1) - s * _fp32(o2)).to(out.dtype)  # fp32 subtraction: both terms can be tiny
         if stats is not None:
             a1, a2 = self.split_pairs(probs)
-            _record_sink(stats, a1 - s * a2)
+            _record_maps(stats, a1, a2, s)
             stats["lambda_mean"], stats["lambda_std"] = s.mean().item(), s.std().item()
         return ctx.transpose(1, 2)
 
@@ -152,6 +163,8 @@ class DiffV1Attention(AttentionBase):
     step instead runs four calls on strided views (no copy of the cache). Either way V is read twice: the
     decode cost the V2 blog points at.
     """
+
+    kind = "diff_v1"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx, n_query_heads=cfg.n_heads)
@@ -204,7 +217,8 @@ class DiffV1Attention(AttentionBase):
         ctx = (normed * (1.0 - self.lambda_init)).to(q.dtype)
         if stats is not None:
             p = probs.view(b, self.n_kv_heads // 2, 2, self.n_heads // self.n_kv_heads, t, -1)
-            _record_sink(stats, (p[:, :, 0] - lam * p[:, :, 1]).reshape(b, hq // 2, t, -1))
+            a1, a2 = (p[:, :, m].reshape(b, hq // 2, t, -1) for m in (0, 1))
+            _record_maps(stats, a1, a2, lam)
             stats["lambda_mean"], stats["lambda_std"] = lam.item(), 0.0
         return ctx.transpose(1, 2)
 

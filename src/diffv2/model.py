@@ -115,9 +115,10 @@ class Transformer(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def diagnose(self, tokens: torch.Tensor) -> list[dict[str, Any]]:
-        """Per-layer diagnostics on one batch via the eager path (see :class:`~diffv2.attention.AttentionBase`)."""
-        stats: list[dict[str, Any]] = [{} for _ in self.layers]
+    def diagnose(self, tokens: torch.Tensor, keep_maps: bool = False) -> list[dict[str, Any]]:
+        """Per-layer diagnostics on one batch via the eager path (see :class:`~diffv2.attention.AttentionBase`);
+        with ``keep_maps`` each layer's dict also holds its attention maps under ``"maps"``."""
+        stats: list[dict[str, Any]] = [{"keep_maps": keep_maps} for _ in self.layers]
         self(tokens, stats=stats)
         return stats
 
