@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from diffv2 import CheckpointError, ModelConfig, Transformer
+from diffv2.train import checkpoint as checkpoint_module
 from diffv2.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -147,6 +148,43 @@ def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):
     with pytest.raises(CheckpointError, match="tied") as excinfo:
         load_model_weights(tmp_path / "untied", other)
     assert "model config" in one_line_error(excinfo)
+
+
+def test_optimizer_state_is_keyed_by_parameter_name_and_index_keyed_files_still_load(tmp_path, monkeypatch):
+    model, opt = make(tie_embeddings=True)
+    train(model, opt)
+    path = save(tmp_path, 1, model, opt)
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    names = [n for n, _ in model.named_parameters()]  # the tied matrix once, under its first name
+    assert saved["param_groups"][0]["params"] == names and set(saved["state"]) == set(names)
+    # Checkpoints of format 1 held torch's own index-keyed optimizer state dict.
+    monkeypatch.setattr(checkpoint_module, "gather_optimizer", lambda _, optimizer: optimizer.state_dict())
+    legacy = save(tmp_path / "legacy", 1, model, opt)
+    assert isinstance(torch.load(legacy / "optimizer.pt", weights_only=True)["param_groups"][0]["params"][0], int)
+    other, other_opt = make(tie_embeddings=True)
+    load_checkpoint(legacy, model=other, optimizer=other_opt)
+    assert_same_optimizer(other_opt, opt.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports (torch.jit) warn
+def test_wrapped_blocks_save_plain_names(tmp_path):
+    """Activation-checkpointing and compile wrappers (as under FSDP) add no prefixes to a checkpoint."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model, opt = make()
+    train(model, opt)
+    model.layers[0] = checkpoint_wrapper(model.layers[0])
+    model.layers[1] = torch.compile(model.layers[1])  # compiles lazily: never called here
+    path = save(tmp_path, 1, model, opt)
+    plain, plain_opt = make()
+    load_checkpoint(path, model=plain, optimizer=plain_opt)
+    assert_same_weights(plain, {k.replace("_orig_mod.", ""): v for k, v in params(model).items()})
+    assert_same_optimizer(plain_opt, opt.state_dict())
+    torch.manual_seed(5)
+    again, again_opt = make()
+    again.layers[1] = torch.compile(again.layers[1])
+    load_checkpoint(path, model=again, optimizer=again_opt)
+    assert torch.equal(again.layers[1].mlp.up_proj.weight, plain.layers[1].mlp.up_proj.weight)
 
 
 # ---------------------------------------------------------------------- layout and pruning

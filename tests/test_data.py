@@ -13,14 +13,11 @@ import warnings
 import numpy as np
 import pytest
 import tokenizers
-import torch
 from tokenizers import models, pre_tokenizers
 
 from diffv2.cli import data as data_cli
 from diffv2.data import (
-    EvalBatches,
     Tokenizer,
-    TokenLoader,
     default_corpus_documents,
     default_corpus_info,
     iter_documents,
@@ -363,100 +360,6 @@ def test_load_manifest_without_prepare(tmp_path):
     (tmp_path / "train_000000.bin").write_bytes(b"")
     with pytest.raises(DataError, match="run `diffv2 data prepare"):
         load_manifest(tmp_path)
-
-
-# ---- loader -----------------------------------------------------------------------------------------
-@pytest.fixture
-def counting_data(tmp_path):
-    """A bare folder of shards (no manifest, like modded-nanogpt's) whose token at position i is i."""
-    n = 10_000 + random.randrange(50)
-    cuts = [0, 3001, 7777, n]
-    for k in range(3):
-        write_shard(tmp_path / f"train_{k:06d}.bin", np.arange(cuts[k], cuts[k + 1]))
-    write_shard(tmp_path / "val_000000.bin", np.arange(40))
-    return tmp_path, n
-
-
-def take(loader, k):
-    return [next(loader) for _ in range(k)]
-
-
-def test_loader_shapes_shift_and_epoch_coverage(counting_data):
-    data, n = counting_data
-    loader = TokenLoader(data, "train", batch_size=4, seq_len=32, seed=1)
-    x, y = next(loader)
-    assert x.shape == y.shape == (4, 32) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(y, x + 1), "tokens are positions, so y must be x + 1 (also across shard cuts)"
-    assert loader.windows_per_epoch == (n - 1) // 32
-
-    starts = loader.epoch_starts(0)
-    assert len(set(starts.tolist())) == len(starts) == (n - 1) // 32
-    assert len({int(s) % 32 for s in starts}) == 1 and starts.max() + 33 <= n
-
-
-def test_loader_is_deterministic_and_resumes_exactly(counting_data):
-    data, _ = counting_data
-    make = lambda: TokenLoader(data, "train", batch_size=5, seq_len=64, seed=3)  # noqa: E731
-    per_epoch = make().windows_per_epoch  # 156 windows: 31.2 batches per epoch
-    full = take(make(), 70)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, take(make(), 70), strict=True))
-    other = next(TokenLoader(data, "train", batch_size=5, seq_len=64, seed=4))[0]
-    assert not torch.equal(full[0][0], other)
-
-    for k in (1, 30, 31, 62):  # 31 -> 32 crosses the end of epoch 0
-        first = make()
-        take(first, k)
-        state = json.loads(json.dumps(first.state_dict()))
-        resumed = make()
-        resumed.load_state_dict(state)
-        for want, got in zip(full[k : k + 8], take(resumed, 8), strict=True):
-            assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
-    assert state["epoch"] == 62 * 5 // per_epoch
-
-    wrong = TokenLoader(data, "train", batch_size=5, seq_len=32, seed=3)
-    with pytest.raises(DataError, match="seq_len"):
-        wrong.load_state_dict(state)
-
-
-def test_loader_ranks_get_disjoint_windows(counting_data):
-    data, _ = counting_data
-    r0 = TokenLoader(data, "train", batch_size=2, seq_len=50, seed=7, rank=0, world_size=2)
-    r1 = TokenLoader(data, "train", batch_size=2, seq_len=50, seed=7, rank=1, world_size=2)
-    s0, s1 = set(r0.epoch_starts(0).tolist()), set(r1.epoch_starts(0).tolist())
-    assert len(s0) == len(s1) == r0.n_windows // 2 and not s0 & s1
-    x0, x1 = next(r0)[0], next(r1)[0]
-    assert not set(x0[:, 0].tolist()) & set(x1[:, 0].tolist())
-
-
-def test_loader_too_small_split(counting_data):
-    data, _ = counting_data
-    with pytest.raises(DataError, match="has 40 tokens, but seq_len=64 needs at least 65"):
-        TokenLoader(data, "val", batch_size=1, seq_len=64)
-    with pytest.raises(DataError, match="run `diffv2 data prepare"):
-        TokenLoader(data / "missing", "train", batch_size=1, seq_len=8)
-
-
-def test_eval_batches_are_fixed_and_sequential(counting_data):
-    data, n = counting_data
-    ev = EvalBatches(data, "train", batch_size=3, seq_len=100, max_batches=4)
-    batches = list(ev)
-    assert len(ev) == len(batches) == 4
-    assert [b[0][:, 0].tolist() for b in batches] == [[300 * i, 300 * i + 100, 300 * i + 200] for i in range(4)]
-    assert all(torch.equal(y, x + 1) for x, y in batches)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, list(ev), strict=True))
-    assert len(EvalBatches(data, "train", batch_size=3, seq_len=100)) == ((n - 1) // 100) // 3
-    small = list(EvalBatches(data, "val", batch_size=8, seq_len=10))
-    assert len(small) == 1 and small[0][0].shape == (3, 10)
-
-
-def test_loader_on_a_prepared_dataset(tmp_path, rng):
-    src = write_docs(tmp_path / "src", [random_text(rng, 200) for _ in range(10)])
-    prepare_dataset(src, tmp_path / "out", tokenizer="byte", val_fraction=0.2, progress=False)
-    loader = TokenLoader(tmp_path / "out", "train", batch_size=2, seq_len=16)
-    x, y = next(loader)
-    assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) <= 256
-    assert loader.manifest is not None and loader.manifest["eot_id"] == 256
-    assert len(list(EvalBatches(tmp_path / "out", batch_size=2, seq_len=16, max_batches=2))) >= 1
 
 
 # ---- CLI glue ---------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""``diffv2 train``: every TrainConfig and ModelConfig field is a flag (``--lr``, ``--attention``...)."""
+"""``diffv2 train``: every TrainConfig and ModelConfig field is a flag (``--lr``, ``--attention``...).
+
+Data-parallel: ``torchrun --nproc_per_node=N -m diffv2 train --parallel ddp|fsdp ...`` runs this on every rank.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from typing import Any
 
@@ -63,10 +67,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:  # not launched by torchrun
+        return _run(args)
+    # Recorded, the first failing rank's error heads torchrun's failure report instead of a bare exit code.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_run)(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..train.trainer import train  # heavy imports only when training
 
     cfg = config_from_args(args)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports for all
+        return 0
     print(f"\nstep {summary['step']}: train loss {summary['train_loss']}, val loss {summary['val_loss']}, "
           f"loss spikes {summary['loss_spikes']}, grad spikes {summary['grad_spikes']}, "
           f"non-finite steps {summary['nonfinite']}")  # fmt: skip

@@ -78,12 +78,17 @@ def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 class TokenLoader:
     """An endless, deterministic, resumable stream of ``(x, y)`` batches of shape (batch_size, seq_len).
 
-    The split's tokens are cut into ``W = (n_tokens - 1) // seq_len`` windows of ``seq_len + 1`` tokens
-    that overlap by one token (y is x shifted by one, so every token is a target exactly once). Each
-    epoch draws, from a generator seeded with (seed, epoch), a grid offset within the leftover tokens and
-    a permutation of the W windows; rank r takes windows r, r + world_size, ... of that permutation,
-    truncated so every rank has the same count. An epoch thus covers the data once without repeats, ranks
-    never share a window, and batches simply continue into the next epoch when one ends.
+    The split's tokens are cut into ``n_windows = (n_tokens - 1) // seq_len`` windows of ``seq_len + 1``
+    tokens that overlap by one token (y is x shifted by one, so every token is a target exactly once). Each
+    epoch draws, from a generator seeded with (seed, epoch), a grid offset within the leftover tokens and a
+    permutation of all windows; the *global* stream is these permutations one after another, so an epoch
+    covers the data once without repeats and batches simply continue into the next epoch.
+
+    The global stream is read in chunks of ``batch_size`` windows. With ``world_size`` W, rank r serves
+    chunks r, r + W, r + 2W, ...: every ``next()`` moves a window counter shared by all ranks by W chunks.
+    So ranks never share a window, W ranks taking k batches each read exactly the k·W chunks one rank reads
+    in k·W calls, and the state (that counter) is the same on every rank whatever W is: a run saved with N
+    ranks resumes with M.
     """
 
     def __init__(
@@ -106,72 +111,68 @@ class TokenLoader:
         self.rank, self.world_size = rank, world_size
         self._stream, self.manifest = _open_split(data_dir, split, seq_len)
         self.n_windows = (self._stream.n_tokens - 1) // seq_len
+        self.windows_per_epoch = self.n_windows
         self._slack = self._stream.n_tokens - 1 - self.n_windows * seq_len
-        self.windows_per_epoch = self.n_windows // world_size
-        if self.windows_per_epoch == 0:
-            raise DataError(
-                f"split {split!r} of {data_dir} has {self.n_windows} windows of {seq_len + 1} tokens, "
-                f"fewer than world_size={world_size}; use a shorter seq_len or more data"
-            )
-        self.epoch, self.position = 0, 0
-        self._cached_epoch = -1
-        self._starts = np.empty(0, dtype=np.int64)
+        self.window = 0  # global index of the first window of the next round of W chunks
+        self._epochs: dict[int, np.ndarray] = {}
 
     @property
     def n_tokens(self) -> int:
         """Tokens in the split (all ranks together)."""
         return self._stream.n_tokens
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next round starts in."""
+        return self.window // self.n_windows
+
     def epoch_starts(self, epoch: int) -> np.ndarray:
-        """Token positions where this rank's windows of ``epoch`` start, in the order they are served."""
-        if epoch != self._cached_epoch:
+        """Token positions where the windows of ``epoch`` start, in global stream order."""
+        if epoch not in self._epochs:
             rng = np.random.default_rng([self.seed, epoch])
             offset = int(rng.integers(0, self._slack + 1))
-            order = rng.permutation(self.n_windows)[: self.windows_per_epoch * self.world_size]
-            self._starts = offset + order[self.rank :: self.world_size].astype(np.int64) * self.seq_len
-            self._cached_epoch = epoch
-        return self._starts
+            if len(self._epochs) >= 2:  # a chunk spans at most two epochs; keep memory flat
+                del self._epochs[min(self._epochs)]
+            self._epochs[epoch] = offset + rng.permutation(self.n_windows).astype(np.int64) * self.seq_len
+        return self._epochs[epoch]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.window + self.rank * self.batch_size
         windows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
         for row in range(self.batch_size):
-            start = int(self.epoch_starts(self.epoch)[self.position])
-            windows[row] = self._stream.read(start, self.seq_len + 1)
-            self.position += 1
-            if self.position == self.windows_per_epoch:
-                self.epoch, self.position = self.epoch + 1, 0
+            epoch, position = divmod(first + row, self.n_windows)
+            windows[row] = self._stream.read(int(self.epoch_starts(epoch)[position]), self.seq_len + 1)
+        self.window += self.world_size * self.batch_size
         return _to_xy(windows)
 
     def state_dict(self) -> dict:
-        """Where the stream is (plain ints); ``load_state_dict`` on a loader of the same data resumes here."""
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "world_size": self.world_size,
-            "n_tokens": self.n_tokens,
-        }
+        """Where the stream is (plain ints, identical on every rank); ``load_state_dict`` resumes there."""
+        return {"window": self.window, "seed": self.seed, "seq_len": self.seq_len, "n_tokens": self.n_tokens}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the loader that produced ``state`` stopped (any rank's state will do)."""
+        """Continue exactly where the loader(s) that produced ``state`` stopped, with any rank count."""
         mine = self.state_dict()
-        for key in ("seed", "seq_len", "world_size", "n_tokens"):
+        for key in ("seed", "seq_len", "n_tokens"):
             if key in state and int(state[key]) != mine[key]:
                 raise DataError(
                     f"loader state has {key}={state[key]} but this loader has {key}={mine[key]}; "
-                    "an exact resume needs the same data, seq_len, seed and world_size"
+                    "an exact resume needs the same data, seq_len and seed"
                 )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < self.windows_per_epoch:
+        if "window" in state:
+            window = int(state["window"])
+        elif int(state.get("world_size", 1)) == 1:  # older single-process format: same stream, (epoch, position)
+            window = int(state["epoch"]) * self.n_windows + int(state["position"])
+        else:
             raise DataError(
-                f"loader state epoch={epoch}, position={position} is out of range "
-                f"(this split has {self.windows_per_epoch} windows per epoch and rank)"
+                f"loader state was written by an older diffv2 with world_size={state['world_size']}, whose "
+                "per-rank streams cannot be continued exactly; start a new run"
             )
-        self.epoch, self.position = epoch, position
+        if window < 0:
+            raise DataError(f"loader state window={window} is out of range (must be >= 0)")
+        self.window = window
 
 
 class EvalBatches:
@@ -179,7 +180,7 @@ class EvalBatches:
 
     Windows start at 0, seq_len, 2 * seq_len, ...; only full batches are kept (but a split too small for
     one full batch gives one smaller batch), the first ``max_batches`` of them (all when None). With
-    ``world_size > 1`` rank r gets batches r, r + world_size, ...; sum losses across ranks.
+    ``world_size > 1`` rank r gets batches r, r + world_size, ...; sum losses and counts across ranks.
     """
 
     def __init__(
@@ -198,18 +199,23 @@ class EvalBatches:
             _check_positive(max_batches=max_batches)
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.seq_len = seq_len
+        self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self._stream, self.manifest = _open_split(data_dir, split, seq_len)
         n_windows = (self._stream.n_tokens - 1) // seq_len
         per_batch = min(batch_size, n_windows)
         n_batches = n_windows // per_batch
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
-        starts = np.arange(n_batches * per_batch, dtype=np.int64).reshape(n_batches, per_batch) * seq_len
-        self._batches = starts[rank::world_size]
+        self._all = np.arange(n_batches * per_batch, dtype=np.int64).reshape(n_batches, per_batch) * seq_len
+        self._batches = self._all[rank::world_size]
 
     def __len__(self) -> int:
         return len(self._batches)
+
+    @property
+    def n_batches(self) -> int:
+        """Batches over all ranks together."""
+        return len(self._all)
 
     @property
     def n_target_tokens(self) -> int:
@@ -218,4 +224,17 @@ class EvalBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for starts in self._batches:
-            yield _to_xy(np.stack([self._stream.read(int(s), self.seq_len + 1) for s in starts]))
+            yield self._read(starts)
+
+    def padded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """``(x, y, real)``: this rank's batches, then repeats (``real`` False) up to ceil(n_batches / W).
+
+        Every rank yields the same number of batches, because a sharded (FSDP) model needs every rank in
+        each forward; leave the repeats out of the loss.
+        """
+        for k in range(-(-self.n_batches // self.world_size)):
+            index = self.rank + k * self.world_size
+            yield (*self._read(self._all[index % self.n_batches]), index < self.n_batches)
+
+    def _read(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return _to_xy(np.stack([self._stream.read(int(s), self.seq_len + 1) for s in starts]))

@@ -4,6 +4,10 @@ A checkpoint holds ``model.safetensors``, ``optimizer.pt`` (optional), ``rng.pt`
 ``tokenizer.json`` (optional) and, written last, ``checksums.json`` (sha256 + size of the others). It is built in
 ``.tmp-step_XXXXXXXX-<pid>``, renamed into place, then ``latest`` is replaced atomically, so a crash at any point
 leaves the previous checkpoint loadable. One writer per run dir is assumed.
+
+The weights and optimizer state are full (unsharded) and keyed by parameter name whatever the run's parallelism
+(see :mod:`.checkpoint_state`): under torch.distributed every rank calls :func:`save_checkpoint` and
+:func:`load_checkpoint` (an FSDP model is gathered and re-sharded collectively), and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -11,26 +15,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from .checkpoint_state import (
+    ALIASES,
+    apply_optimizer,
+    apply_weights,
+    check_optimizer,
+    check_weights,
+    gather_optimizer,
+    gather_weights,
+    get_rng,
+    parse_rng,
+    write_weights,
+)
 
-FORMAT = 1
+FORMAT = 2  # 2: optimizer.pt keyed by parameter name (1: by index; still loaded)
 _STEP_RE = re.compile(r"step_(\d{8,})")
 _ASIDE_RE = re.compile(r"\.old-(step_\d{8,})-\d+")  # a replaced checkpoint, deleted once its successor is in place
-_ALIASES = "diffv2.aliases"  # safetensors metadata key: {alias key: stored key} for tied weights
 _REQUIRED = ("model.safetensors", "rng.pt", "state.json", "config.json")
 PathLike = str | os.PathLike[str]
 
@@ -47,7 +59,11 @@ def save_checkpoint(
     tokenizer_json: str | None = None,
     keep_last: int | None = 3,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, then prune; returns its directory."""
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, then prune; returns its directory.
+
+    Under torch.distributed every rank must call it (the state of a sharded model is gathered collectively);
+    rank 0 writes, the other ranks return at once (wait on a barrier if they need the files).
+    """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step={step!r}: must be a non-negative integer")
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
@@ -57,18 +73,22 @@ def save_checkpoint(
     # Serialise the small parts first so a value JSON cannot hold fails before anything touches the disk.
     texts = {"state.json": _dumps(state, "state"), "config.json": _dumps(config, "config")}
     texts.update({"tokenizer.json": tokenizer_json} if tokenizer_json is not None else {})
-    root = Path(run_dir) / "checkpoints"
+    weights = gather_weights(model)
+    optimizer_state = gather_optimizer(model, optimizer) if optimizer is not None else None
+    root, name, pid = Path(run_dir) / "checkpoints", f"step_{step:08d}", os.getpid()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return root / name
     root.mkdir(parents=True, exist_ok=True)
     _recover_asides(root)
-    name, pid = f"step_{step:08d}", os.getpid()
     tmp, final, aside = root / f".tmp-{name}-{pid}", root / name, root / f".old-{name}-{pid}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_weights(tmp / "model.safetensors", model)
-        if optimizer is not None:
-            _write(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
-        _write(tmp / "rng.pt", lambda f: torch.save(_get_rng(), f))
+        write_weights(tmp / "model.safetensors", model, weights)
+        _fsync(tmp / "model.safetensors")
+        if optimizer_state is not None:
+            _write(tmp / "optimizer.pt", lambda f: torch.save(optimizer_state, f))
+        _write(tmp / "rng.pt", lambda f: torch.save(get_rng(), f))
         for fname, text in texts.items():
             _write(tmp / fname, lambda f, text=text: f.write(text.encode("utf-8")))
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -91,42 +111,6 @@ def save_checkpoint(
     _fsync(root)
     _prune(root, final, keep_last)
     return final
-
-
-def _write_weights(path: Path, model: nn.Module) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in model.state_dict().items():
-        ident = _identity(t)
-        if ident in seen:  # a tied weight: safetensors refuses shared storage, so store it once
-            aliases[key] = seen[ident]
-            continue
-        seen[ident] = key
-        tensors[key] = t.detach()
-    # Other views of one storage (not exact aliases) cannot be written either; give each its own copy.
-    ptrs = Counter(t.untyped_storage().data_ptr() for t in tensors.values() if t.numel())
-    for key, t in tensors.items():
-        shared = t.numel() and ptrs[t.untyped_storage().data_ptr()] > 1
-        tensors[key] = t.clone() if shared else t.contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt", _ALIASES: json.dumps(aliases)})
-    _fsync(path)
-
-
-def _identity(t: torch.Tensor) -> tuple:
-    if not t.numel():  # empty tensors have no storage worth sharing; never treat them as aliases
-        return (id(t),)
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
-
-
-def _get_rng() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    # torch.load(weights_only=True) refuses numpy arrays, so the MT19937 keys travel as a tensor.
-    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
-    rng = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
 
 
 def _prune(root: Path, keep: Path, keep_last: int | None) -> None:
@@ -272,14 +256,14 @@ def load_checkpoint(
         opt_file = ckpt / "optimizer.pt"
         # Read to CPU: the optimizer then puts each slot where its own policy wants it (moments next to their
         # parameter, a non-fused Adam's step count on CPU), which is exactly where it was when saved.
-        opt_state = _read(opt_file, lambda f: torch.load(f, map_location="cpu", weights_only=True))
-        _check_optimizer(opt_file, opt_state, optimizer)
-    set_rng = _read_rng(ckpt / "rng.pt") if restore_rng else None
+        opt_state = _read(opt_file, _load_cpu)
+        opt_state = check_optimizer(opt_file, opt_state, model, optimizer)
+    # Generator states must be CPU tensors whatever map_location says.
+    set_rng = parse_rng(ckpt / "rng.pt", _read(ckpt / "rng.pt", _load_cpu)) if restore_rng else None
     state = _read_json(ckpt / "state.json")
     if optimizer is not None:  # first: it validates before changing anything, the model load cannot fail now
-        _read(opt_file, lambda _: optimizer.load_state_dict(opt_state), "does not fit the optimizer")
-    with torch.no_grad():
-        model.load_state_dict(weights, strict=strict)  # copies in place, so tied weights stay tied
+        _read(opt_file, lambda _: apply_optimizer(model, optimizer, opt_state), "does not fit the optimizer")
+    apply_weights(model, weights, strict)
     if set_rng is not None:
         set_rng()
     return state
@@ -289,9 +273,7 @@ def load_model_weights(path: PathLike, model: nn.Module, map_location: Any = "cp
     """Load only the weights (for inference), checksum verified; returns the checkpoint dir used."""
     ckpt = _resolve(path)
     _verify(ckpt, only=("model.safetensors",))
-    weights = _read_weights(ckpt / "model.safetensors", model, map_location, strict)
-    with torch.no_grad():
-        model.load_state_dict(weights, strict=strict)
+    apply_weights(model, _read_weights(ckpt / "model.safetensors", model, map_location, strict), strict)
     return ckpt
 
 
@@ -301,69 +283,16 @@ def _read_weights(file: Path, model: nn.Module, map_location: Any, strict: bool)
     def read(f: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(f), framework="pt", device=device) as st:
             tensors = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118 (safe_open is not a dict)
-            aliases = json.loads((st.metadata() or {}).get(_ALIASES, "{}"))
+            aliases = json.loads((st.metadata() or {}).get(ALIASES, "{}"))
         return tensors | {alias: tensors[stored] for alias, stored in aliases.items()}
 
     tensors = _read(file, read)
-    expected = model.state_dict()
-    shapes = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if k in tensors]
-    problems = {
-        "missing": [k for k in expected if k not in tensors] if strict else [],
-        "unexpected": [k for k in tensors if k not in expected] if strict else [],
-        "shape mismatch": [f"{k} {old} vs model {new}" for k, old, new in shapes if old != new],
-        "tied in the model but different here": [],
-    }
-    groups: dict[tuple, list[str]] = {}
-    for k, v in expected.items():
-        groups.setdefault(_identity(v), []).append(k)
-    for keys in (ks for ks in groups.values() if len(ks) > 1 and all(k in tensors for k in ks)):
-        # Loading differing values into one tied tensor would silently keep whichever came last.
-        if any(not torch.equal(tensors[keys[0]], tensors[k]) for k in keys[1:]):
-            problems["tied in the model but different here"].append(" = ".join(keys))
-    if found := [f"{what}: {_few(keys)}" for what, keys in problems.items() if keys]:
-        raise CheckpointError(
-            f"{file}: weights do not fit the model ({'; '.join(found)}); the checkpoint was made with a different "
-            f"model config (see its config.json)"
-        )
+    check_weights(file, tensors, model, strict)
     return tensors
 
 
-def _check_optimizer(file: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
-    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) or "state" not in saved:
-        raise CheckpointError(f"{file}: corrupted (not an optimizer state dict)")
-    why = "the checkpoint was made with a different model config or optimizer setup"
-    sizes = [len(g["params"]) for g in saved["param_groups"]], [len(g["params"]) for g in optimizer.param_groups]
-    if sizes[0] != sizes[1]:
-        raise CheckpointError(f"{file}: parameters per group {sizes[0]}, the optimizer has {sizes[1]}; {why}")
-    for old, new in zip(saved["param_groups"], optimizer.param_groups, strict=True):
-        for pid, param in zip(old["params"], new["params"], strict=True):
-            for name, v in saved["state"].get(pid, {}).items():
-                if torch.is_tensor(v) and v.dim() and v.shape != param.shape:
-                    shapes = f"{tuple(v.shape)} for a parameter of shape {tuple(param.shape)}"
-                    raise CheckpointError(f"{file}: optimizer state {name!r} has shape {shapes}; {why}")
-
-
-def _read_rng(file: Path) -> Callable[[], None]:
-    """Parse ``rng.pt`` now (so bad content fails before anything changes); the returned call applies it."""
-    # Generator states must be CPU tensors whatever map_location says.
-    rng = _read(file, lambda f: torch.load(f, map_location="cpu", weights_only=True))
-    try:
-        version, internal, gauss = rng["python"]
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        np_state = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
-        torch_state, cuda_states = rng["torch"], list(rng.get("cuda", []))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise CheckpointError(f"{file}: corrupted (not a diffv2 RNG state)") from None
-
-    def apply() -> None:
-        random.setstate((version, tuple(internal), gauss))
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if torch.cuda.is_available():
-            for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, i)
-
-    return apply
+def _load_cpu(file: Path) -> Any:
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -413,7 +342,3 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _few(keys: list[str], n: int = 4) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")

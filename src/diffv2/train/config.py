@@ -26,6 +26,7 @@ from ..errors import ConfigError
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("none", "ddp", "fsdp")
 
 
 @dataclass
@@ -38,10 +39,10 @@ class TrainConfig:
     # model: a preset plus field overrides (vocab_size always follows the tokenizer)
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
-    # optimisation
+    # optimisation; one optimizer step sees batch_size x grad_accum sequences whatever the number of ranks
     steps: int = 600
-    batch_size: int = 16
-    grad_accum: int = 1
+    batch_size: int = 16  # rows per micro-step (one forward) on each rank
+    grad_accum: int = 1  # micro-steps per optimizer step in total across ranks; each rank runs grad_accum / world
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -56,8 +57,12 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool = False  # the whole model; each transformer block under fsdp
     seed: int = 0
+    # parallelism: "ddp" / "fsdp" (FSDP2) need torchrun (torchrun --nproc_per_node=N -m diffv2 train ...)
+    parallel: str = "none"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    dist_timeout_s: float = 600.0  # a collective waiting this long fails the job (a rank died or hangs)
     # evaluation, logging, diagnostics, checkpoints
     eval_every: int = 100
     eval_batches: int = 8
@@ -85,7 +90,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 disables)")
-        for name in ("lr", "grad_clip", "spike_k", "adam_eps"):
+        for name in ("lr", "grad_clip", "spike_k", "adam_eps", "dist_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive number")
@@ -98,6 +103,7 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
+        check_choice("parallel", self.parallel, PARALLEL)
         if self.preset not in PRESETS:
             raise ConfigError(f"preset={self.preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
         if not isinstance(self.model, dict):
@@ -111,6 +117,16 @@ class TrainConfig:
         if cfg.max_seq_len < self.seq_len:
             cfg = cfg.replace(max_seq_len=self.seq_len)
         return cfg
+
+    def micro_steps_per_rank(self, world_size: int) -> int:
+        """Micro-steps each of ``world_size`` ranks runs per optimizer step (``grad_accum`` is the total)."""
+        if self.grad_accum % world_size:
+            raise ConfigError(
+                f"grad_accum={self.grad_accum} is not divisible by the world size {world_size}: grad_accum counts "
+                f"micro-steps (of batch_size={self.batch_size} rows) per optimizer step across all ranks, and each "
+                f"rank runs grad_accum / world_size of them; use a multiple of {world_size}"
+            )
+        return self.grad_accum // world_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,144 @@
+"""Building a run: process group, data, model, parallel wrapping, optimizer, and the state to resume from."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset
+from ..errors import CheckpointError, DataError, DiffV2Error
+from ..model import Transformer
+from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta
+from .config import TrainConfig
+from .distributed import DistEnv, Parallel, init_distributed, parallelize
+from .monitor import environment
+
+
+class TrainingError(DiffV2Error):
+    """Training cannot go on (e.g. too many non-finite steps in a row, or another rank died)."""
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; built by :func:`setup`, driven by :class:`~.trainer.Trainer`."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    run_dir: Path
+    data_dir: Path
+    tokenizer: Tokenizer
+    par: Parallel  # the model and the forwards used to train and evaluate it
+    optimizer: torch.optim.Optimizer
+    loader: TokenLoader
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    env: DistEnv
+    micro_steps: int  # micro-steps per optimizer step on this rank: grad_accum / world_size
+
+    @property
+    def model(self) -> nn.Module:
+        """The model owning the parameters (plain, or sharded in place by FSDP2)."""
+        return self.par.model
+
+
+def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool = True) -> Path:
+    """A prepared data dir as given, or the text source prepared (once, if ``prepare``) into ``<out_dir>/data``."""
+    given = Path(cfg.data)
+    if (given / "manifest.json").is_file():
+        return given
+    data_dir = run_dir / "data"
+    if not (data_dir / "manifest.json").is_file():
+        if not prepare:
+            raise DataError(f"{data_dir}: rank 0 prepared the data there but this rank cannot see it; across nodes "
+                            "put --out_dir on a shared filesystem, or give every node a prepared --data")  # fmt: skip
+        print(f"preparing {cfg.data!r} with a {cfg.tokenizer} tokenizer into {data_dir} ...")
+        prepare_dataset(cfg.data, data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.tokenizer_vocab,
+                        seed=cfg.seed, progress=progress)  # fmt: skip
+    return data_dir
+
+
+def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> tuple[Run, dict[str, Any]]:
+    """Join the job (if distributed), build everything, and load the latest checkpoint when resuming.
+
+    Every rank builds the same full model from ``cfg.seed`` before it is wrapped or sharded. Rank 0 alone
+    prepares data and writes the run's metadata files.
+    """
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device='cuda' but no CUDA device is available; use --device cpu")
+    device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    env, device = init_distributed(cfg.parallel, device_type, cfg.dist_timeout_s)
+    micro_steps = cfg.micro_steps_per_rank(env.world_size)
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    existing = latest_checkpoint(run_dir)
+    if existing is not None and not resume:
+        raise CheckpointError(
+            f"{run_dir}: holds checkpoints already (latest {existing.name}); pass --resume to continue that run "
+            "or choose another --out_dir"
+        )
+    if resume and existing is None:
+        raise CheckpointError(f"{run_dir}: --resume given but there is no checkpoint to resume from")
+    if env.is_main:
+        resolve_data(cfg, run_dir, progress)  # prepares once; the other ranks wait, then find it
+    env.barrier()
+    data_dir = resolve_data(cfg, run_dir, progress, prepare=False)
+    manifest = load_manifest(data_dir)
+    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
+    model_cfg = cfg.model_config(tokenizer.vocab_size)
+
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).to(device)
+    par = parallelize(model, env, device, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
+                      bf16=use_bf16)  # fmt: skip
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=device.type == "cuda",
+    )  # fmt: skip
+    loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=env.rank,
+                         world_size=env.world_size)  # fmt: skip
+    # FSDP casts the parameters themselves (MixedPrecisionPolicy); autocast serves the other modes.
+    autocast = torch.bfloat16 if use_bf16 and cfg.parallel != "fsdp" else None
+    run = Run(cfg, model_cfg, run_dir, data_dir, tokenizer, par, optimizer, loader, device, autocast, env,
+              micro_steps)  # fmt: skip
+    state: dict[str, Any] = {"step": 0}
+    if resume:
+        state = _resume(run, existing)
+    if env.is_main:
+        write_json(run_dir / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict(),
+                                             "data": {"dir": str(data_dir), "manifest": manifest}})  # fmt: skip
+        write_json(run_dir / "environment.json", {**environment(), "world_size": env.world_size})
+    return run, state
+
+
+def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
+    saved_state, saved_cfg = read_checkpoint_meta(ckpt)
+    saved_model = saved_cfg.get("model", {})
+    if saved_model != run.model_cfg.to_dict():
+        diff = sorted(k for k in set(saved_model) | set(run.model_cfg.to_dict())
+                      if saved_model.get(k) != run.model_cfg.to_dict().get(k))  # fmt: skip
+        raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}; resume with the same model")
+    if saved_state.get("tokenizer_sha256") != run.tokenizer.sha256():
+        raise CheckpointError(f"{ckpt}: was trained with another tokenizer than {run.data_dir / 'tokenizer.json'}")
+    for name in ("batch_size", "seq_len", "seed"):
+        if saved_cfg["train"].get(name) != getattr(run.cfg, name):
+            raise CheckpointError(f"{ckpt}: {name}={saved_cfg['train'].get(name)} there but "
+                                  f"{getattr(run.cfg, name)} now; an exact resume needs the same value")  # fmt: skip
+    state = load_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, map_location=run.device)
+    run.loader.load_state_dict(state["loader"])  # a global position: any world size continues the same stream
+    return state
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
