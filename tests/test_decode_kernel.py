@@ -1,0 +1,274 @@
+"""The split-KV decode kernel (``diffv2.kernels.decode_triton``) against eager attention with an explicit mask.
+
+Three tiers, so that CI without a GPU stays green and fast:
+- always: the PyTorch fallback path (what runs off CUDA) and the window ↔ mask equivalence with the KV cache;
+- ``TRITON_INTERPRET=1`` with triton installed: the Triton kernels themselves on CPU tensors (fp32, fp16;
+  the 3.6 interpreter computes bf16 dots on the raw uint16 bits, so bf16 is checked on the GPU only);
+- CUDA: bf16/fp16/fp32 at larger shapes, torch.compile(fullgraph=True) and CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from diffv2 import ModelConfig
+from diffv2.generate import KVCache
+from diffv2.kernels import decode_triton as dt
+from diffv2.kernels import eager_attention
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and dt.HAS_TRITON
+CUDA = torch.cuda.is_available() and dt.HAS_TRITON
+interpreter_only = pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1")
+requires_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Triton 3.6's interpreter turns a loop bound into ``int(array of shape (1,))``, which NumPy >= 2.4
+    rejects; loops whose bounds come from loaded data (our key windows) need ``.item()`` instead."""
+    from triton.runtime import interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+
+
+TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (5e-4, 5e-3), torch.bfloat16: (4e-3, 2e-2)}  # (atol, rtol)
+
+
+def explicit_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    """(B, 1, T, S), written element by element from the rule, independently of ``dt.window_mask``."""
+    b = kv_start.shape[0]
+    mask = torch.zeros(b, 1, t, s, dtype=torch.bool)
+    for row in range(b):
+        for query in range(t):
+            last = int(kv_end[row]) - (t - 1) + query  # exclusive
+            mask[row, 0, query, int(kv_start[row]) : max(last, int(kv_start[row]))] = True
+    return mask.to(kv_end.device)
+
+
+def reference(q, k, v, kv_start, kv_end, pair_weight=None, scale=None):
+    """fp64 eager attention with the explicit mask; the DIFF V2 heads in two steps, as DiffV2Attention does."""
+    q64 = q.double() * (1.0 if scale is None else scale * q.shape[-1] ** 0.5)
+    mask = explicit_mask(kv_start.cpu(), kv_end.cpu(), q.shape[-2], k.shape[-2]).to(q.device)
+    out = eager_attention(q64, k.double(), v.double(), mask=mask)[0]
+    if pair_weight is None:
+        return out
+    return out[:, 0::2] - pair_weight[..., None].double() * out[:, 1::2]
+
+
+def windows(b: int, s: int, t: int, gen: torch.Generator, dtype=torch.int64, device="cpu"):
+    """Ragged per-row windows: row 0 the whole cache, row 1 shorter than T (some queries see nothing, so
+    zeros), the rest random (left padding and an unwritten tail)."""
+    start = torch.randint(0, s // 3, (b,), generator=gen)
+    end = torch.randint(s // 2, s + 1, (b,), generator=gen)
+    start[0], end[0] = 0, s
+    if b > 1:
+        start[1], end[1] = 5, 5 + max(t - 2, 0)
+    return start.to(device, dtype), end.to(device, dtype)
+
+
+def make_inputs(b, hq, hkv, d, t, s, dtype, device="cpu", seed=0):
+    """q in the model's layout (a transposed view), k/v as strided head views of a wider cache buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, hq, d, generator=gen).to(device, dtype).transpose(1, 2)
+    cache_k = torch.randn(b, 2 * hkv, s + 7, d, generator=gen).to(device, dtype)
+    cache_v = torch.randn(b, 2 * hkv, s + 7, d, generator=gen).to(device, dtype)
+    k, v = cache_k[:, 0::2, :s], cache_v[:, 1::2, :s]
+    pair_weight = torch.rand(b, hq // 2, t, generator=gen).to(device)
+    return q, k, v, *windows(b, s, t, gen, device=device), pair_weight
+
+
+def check(out, ref, dtype, *, pair=False):
+    """|out − ref| <= atol + rtol·|ref| with the rounding of the input dtype (probabilities enter the second
+    product in it, the result is cast to it); a DIFF V2 difference can cancel, so there rtol applies to the
+    largest |ref| instead."""
+    atol, rtol = TOL[dtype]
+    assert out.shape == ref.shape and out.dtype == dtype
+    err = (out.double() - ref).abs()
+    bound = atol + rtol * (ref.abs().max() if pair else ref.abs())
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), f"error {err.flatten()[worst]:.3e} > bound {bound.flatten()[worst]:.3e}"
+
+
+# ---------------------------------------------------------------- always (CPU fallback path)
+
+
+@pytest.mark.skipif(INTERPRET, reason="with TRITON_INTERPRET=1 CPU tensors take the kernel path")
+@pytest.mark.parametrize(("hq", "hkv", "t"), [(4, 4, 1), (8, 2, 1), (16, 2, 4)])
+def test_fallback_matches_eager(hq, hkv, t):
+    q, k, v, start, end, w = make_inputs(3, hq, hkv, 32, t, 40, torch.float32)
+    check(dt.decode_attention_triton(q, k, v, start, end), reference(q, k, v, start, end), q.dtype)
+    if (hq // hkv) % 2 == 0:
+        out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w)
+        check(out, reference(q, k, v, start, end, w), q.dtype, pair=True)
+    check(
+        dt.decode_attention_triton(q, k, v, start, end, scale=0.3), reference(q, k, v, start, end, scale=0.3), q.dtype
+    )
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_window_mask_equals_static_cache_mask(t):
+    """A static cache's mask is exactly the window [start, slots[-1] + 1): what wiring the kernel relies on."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=64)
+    cache = KVCache(cfg, 3, 20, dtype=torch.float32, device=torch.device("cpu"), static=True)
+    cache.advance(torch.arange(9, 9 + t), 9 + t)
+    start = torch.tensor([0, 4, 7])
+    expected = cache.mask(start)
+    assert torch.equal(dt.window_mask(start, (cache.slots[-1] + 1).expand(3), t, 20), expected)
+    assert torch.equal(explicit_mask(start, torch.full((3,), 9 + t), t, 20), expected)
+
+
+def test_rejects_bad_shapes():
+    q, k, v, start, end, w = make_inputs(2, 8, 2, 32, 1, 16, torch.float32)
+    with pytest.raises(ValueError):
+        dt.decode_attention_triton(q, k, v, start, end, pair_weight=w[:, :2])
+    with pytest.raises(ValueError):
+        dt.decode_attention_triton(q, k, v, start[:1], end)
+
+
+# ---------------------------------------------------------------- Triton interpreter (CPU)
+
+CASES = [  # (B, Hq, Hkv, d, T, S): group sizes 1, 2, 4, 8; S never a multiple of the key block
+    (1, 4, 4, 64, 1, 37),
+    (2, 8, 4, 64, 1, 100),
+    (3, 8, 2, 128, 1, 77),
+    (2, 16, 2, 64, 4, 150),
+    (2, 8, 1, 128, 4, 70),
+    (3, 4, 2, 64, 4, 33),
+]
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_interpreter_matches_eager(case, dtype, num_splits):
+    b, hq, hkv, d, t, s = case
+    q, k, v, start, end, _ = make_inputs(b, hq, hkv, d, t, s, dtype)
+    out = dt.decode_attention_triton(q, k, v, start, end, num_splits=num_splits)
+    check(out, reference(q, k, v, start, end), dtype)
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] // c[2] % 2 == 0])
+def test_interpreter_diff_v2_epilogue(case, dtype, num_splits):
+    b, hq, hkv, d, t, s = case
+    q, k, v, start, end, w = make_inputs(b, hq, hkv, d, t, s, dtype, seed=1)
+    out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w, num_splits=num_splits)
+    assert out.shape == (b, hq // 2, t, d)
+    check(out, reference(q, k, v, start, end, w), dtype, pair=True)
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+def test_interpreter_index_dtypes_scale_and_empty_splits():
+    q, k, v, start, end, _ = make_inputs(2, 8, 2, 64, 1, 90, torch.float32, seed=2)
+    ref = reference(q, k, v, start, end, scale=0.05)
+    end32 = end.to(torch.int32)
+    # int32 windows, a custom scale, and more splits than key blocks (most splits empty)
+    check(dt.decode_attention_triton(q, k, v, start.int(), end32, scale=0.05, num_splits=16), ref, q.dtype)
+    # a broadcast (stride-0) window end, as a cache would build it from slots[-1] + 1
+    same_end = torch.tensor(90).expand(2)
+    ref_full = reference(q, k, v, start, same_end.contiguous())
+    check(dt.decode_attention_triton(q, k, v, start, same_end, num_splits=2), ref_full, q.dtype)
+    # defaults: the whole cache
+    full = dt.decode_attention_triton(q, k, v)
+    check(full, reference(q, k, v, torch.zeros(2, dtype=torch.long), torch.full((2,), 90)), q.dtype)
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+def test_interpreter_dynamo_fullgraph():
+    """The custom op's fake impl lets dynamo trace through without a graph break."""
+    q, k, v, start, end, w = make_inputs(2, 8, 2, 64, 1, 50, torch.float32, seed=3)
+
+    def fn(q, k, v, start, end, w):
+        return dt.decode_attention_triton(q, k, v, start, end, pair_weight=w, num_splits=2) * 2
+
+    out = torch.compile(fn, backend="eager", fullgraph=True)(q, k, v, start, end, w)
+    check(out, 2 * reference(q, k, v, start, end, w), q.dtype, pair=True)
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_splits", [1, 5, None])
+@pytest.mark.parametrize(("hq", "hkv", "d", "t"), [(8, 8, 128, 1), (16, 8, 64, 1), (16, 4, 128, 4), (32, 4, 128, 1),
+                                                   (32, 4, 128, 16), (16, 2, 64, 16), (32, 4, 64, 4)])  # fmt: skip
+@pytest.mark.parametrize("b", [1, 5])
+def test_gpu_matches_eager(b, hq, hkv, d, t, num_splits, dtype):
+    q, k, v, start, end, w = make_inputs(b, hq, hkv, d, t, 1000, dtype, device="cuda", seed=b + t)
+    out = dt.decode_attention_triton(q, k, v, start, end, num_splits=num_splits)
+    check(out, reference(q, k, v, start, end), dtype)
+    if (hq // hkv) % 2 == 0:
+        out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w, num_splits=num_splits)
+        check(out, reference(q, k, v, start, end, w), dtype, pair=True)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_long_cache_auto_splits():
+    q, k, v, start, end, w = make_inputs(2, 32, 4, 128, 1, 20_003, torch.bfloat16, device="cuda")
+    check(dt.decode_attention_triton(q, k, v, start, end), reference(q, k, v, start, end), q.dtype)
+    check(
+        dt.decode_attention_triton(q, k, v, start, end, pair_weight=w),
+        reference(q, k, v, start, end, w),
+        q.dtype,
+        pair=True,
+    )
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("pair", [False, True])
+def test_gpu_compile_fullgraph(pair):
+    q, k, v, start, end, w = make_inputs(4, 32, 4, 128, 1, 3000, torch.bfloat16, device="cuda")
+    w = w if pair else None
+
+    def step(q, k, v, start, end, w):
+        return dt.decode_attention_triton(q, k, v, start, end, pair_weight=w).float().square().sum(-1)
+
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, start, end, w), step(q, k, v, start, end, w), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("pair", [False, True])
+def test_gpu_cuda_graph_follows_window_updates(pair):
+    """Capture once, then move the window in place (as a growing cache does) and replay: no re-capture."""
+    q, k, v, start, end, w = make_inputs(3, 32, 4, 128, 1, 4096, torch.bfloat16, device="cuda")
+    w = w if pair else None
+    start, end = start.clone(), end.clone()
+
+    def run():
+        return dt.decode_attention_triton(q, k, v, start, end, pair_weight=w)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for new_end in (100, 2049, 4096):
+        end.fill_(new_end)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, reference(q, k, v, start, end, w), q.dtype, pair=pair)
