@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
-from ..data import Tokenizer
 from ..errors import CheckpointError
 from ..generate import stream_batch
-from ..model import Transformer
-from ..train.checkpoint import latest_checkpoint, load_model_weights, read_checkpoint_meta, read_tokenizer_json
+from ..train.pretrained import load_pretrained
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,27 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_model(path: str | Path, device: str = "auto") -> tuple[Transformer, Tokenizer]:
-    """Model (eval mode; bf16 on CUDA) and tokenizer from a run dir or checkpoint dir."""
-    path = Path(path)
-    ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
-    if ckpt is None:
-        raise CheckpointError(f"{path}: no checkpoint found")
-    _, config = read_checkpoint_meta(ckpt)
-    if "model" not in config:
-        raise CheckpointError(f"{ckpt / 'config.json'}: has no 'model' section; not a diffv2 training checkpoint")
-    tok_json = read_tokenizer_json(ckpt)
-    if tok_json is None:
-        raise CheckpointError(f"{ckpt}: holds no tokenizer.json")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
-    model = Transformer(ModelConfig.from_dict(config["model"]))
-    load_model_weights(ckpt, model)
-    model = model.to(dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
-    return model, Tokenizer.from_json_str(tok_json)
-
-
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.checkpoint, args.device)
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    )
+    loaded = load_pretrained(args.checkpoint, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise CheckpointError(f"{loaded.checkpoint}: holds no tokenizer.json")
     prompts = [tokenizer.encode(p) for p in args.prompt]
     if any(not p for p in prompts):
         raise CheckpointError("--prompt: an empty prompt encodes to no tokens; give some text")

@@ -23,14 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare.loading import load_trained
     from ..compare.maps import capture_maps
+    from ..train.pretrained import load_pretrained
 
     try:
         from ..compare import inspect_plots as plots
     except ImportError:
         raise ConfigError("diffv2 inspect draws with matplotlib: pip install 'diffv2[plots]'") from None
-    trained = load_trained(args.checkpoint, backend="eager")
+    trained = load_pretrained(args.checkpoint, backend="eager")
     if trained.tokenizer is None:
         raise DataError(f"{trained.checkpoint}: holds no tokenizer.json, so a text prompt cannot be encoded")
     prompt = args.prompt if args.prompt is not None else trained.config["train"].get("sample_prompt", "")

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ..data import EvalBatches
-from .loading import checkpoint_dir, load_trained
+from ..train.pretrained import load_pretrained
+from .loading import checkpoint_dir
 from .maps import sigma_lambda
 
 PROBE_FILE = "lambda_probe.json"
@@ -39,7 +40,7 @@ def probe_run(run_dir: str | Path, *, batches: int = 4, batch_size: int = 4) -> 
     if config["model"]["attention"] != "diff_v2":
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    trained = load_trained(ckpt, backend="sdpa", device=device)
+    trained = load_pretrained(ckpt, backend="sdpa", device=device)
     evals = EvalBatches(config["data"]["dir"], "val", batch_size=batch_size, seq_len=config["train"]["seq_len"],
                         max_batches=batches)  # fmt: skip
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(trained.model.cfg.n_layers)]

@@ -18,10 +18,11 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from ..config import ModelConfig
-from ..data.tokenizer import EOT_CANDIDATES, Tokenizer
-from ..errors import CheckpointError, ConfigError, DataError
+from ..data.tokenizer import Tokenizer
+from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
-from ..train.checkpoint import load_model_weights, read_checkpoint_meta, read_tokenizer_json, save_checkpoint
+from ..train.checkpoint import save_checkpoint
+from ..train.pretrained import load_pretrained
 from .configuration_diffv2 import DiffV2Config
 from .modeling_diffv2 import DiffV2ForCausalLM
 
@@ -111,7 +112,7 @@ def hf_tokenizer(tokenizer: Tokenizer | str, model_max_length: int | None = None
     ``split_special_tokens`` mirrors our encoder: a literal "<|endoftext|>" in a text is encoded as text, so it
     can never fake a document boundary.
     """
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer_from_json(tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_json_str(tokenizer)
     extra = {"model_max_length": model_max_length} if model_max_length else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok.hf_tokenizer,
@@ -140,20 +141,6 @@ def native_tokenizer_json(text: str) -> str:
     return text
 
 
-def tokenizer_from_json(text: str) -> Tokenizer:
-    """Our ``Tokenizer`` from tokenizer.json text (it must define an end-of-text token)."""
-    import tokenizers
-
-    try:
-        tok = tokenizers.Tokenizer.from_str(text)
-    except Exception as e:  # the Rust side raises a plain Exception for any parse problem
-        raise DataError(f"tokenizer.json: not a valid tokenizer ({str(e)[:200]})") from None
-    eot = next((t for t in EOT_CANDIDATES if tok.token_to_id(t) is not None), None)
-    if eot is None:
-        raise DataError(f"tokenizer.json: no end-of-text token (looked for {', '.join(EOT_CANDIDATES)})")
-    return Tokenizer(tok, "file", eot)
-
-
 # ---------------------------------------------------------------------- whole checkpoints
 def is_hf_folder(path: PathLike) -> bool:
     """Whether ``path`` is an HF folder of a diffv2 model (config.json with model_type 'diffv2')."""
@@ -167,13 +154,8 @@ def is_hf_folder(path: PathLike) -> bool:
 def load_native(path: PathLike) -> tuple[Transformer, Tokenizer | None, Path]:
     """A native checkpoint (run dir or checkpoint dir): the model (checksum-verified weights), its tokenizer
     (or None) and the checkpoint dir used."""
-    _, config = read_checkpoint_meta(path)
-    if not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{path}: config.json has no 'model' table; not a diffv2 checkpoint")
-    model = Transformer(ModelConfig.from_dict(config["model"]))
-    ckpt = load_model_weights(path, model)
-    text = read_tokenizer_json(ckpt)
-    return model.eval(), tokenizer_from_json(text) if text is not None else None, ckpt
+    loaded = load_pretrained(path)
+    return loaded.model, loaded.tokenizer, loaded.checkpoint
 
 
 def load_hf(path: PathLike, **kwargs: Any) -> DiffV2ForCausalLM:
@@ -226,7 +208,7 @@ def save_native(
     model = model.float() if next(model.parameters()).dtype != torch.float32 else model
     state: dict[str, Any] = {"step": 0}
     if tokenizer_json is not None:
-        state["tokenizer_sha256"] = tokenizer_from_json(tokenizer_json).sha256()
+        state["tokenizer_sha256"] = Tokenizer.from_json_str(tokenizer_json).sha256()
     config = {"model": model.cfg.to_dict(), "converted_from": source or {}}
     return save_checkpoint(out, 0, model=model, state=state, config=config, tokenizer_json=tokenizer_json)
 
@@ -238,5 +220,5 @@ def import_hf(src: PathLike, out: PathLike, *, force: bool = False) -> Path:
     tok_file = Path(src) / "tokenizer.json"
     text = native_tokenizer_json(tok_file.read_text(encoding="utf-8")) if tok_file.is_file() else None
     if text is not None:
-        tokenizer_from_json(text)  # fail before writing anything when it lacks an end-of-text token
+        Tokenizer.from_json_str(text)  # fail before writing anything when it lacks an end-of-text token
     return save_native(to_native(hf), out, tokenizer_json=text, source={"format": "hf", "path": str(src)})
