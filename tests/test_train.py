@@ -185,3 +185,22 @@ def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
     conf = tmp_path / "c.toml"
     conf.write_text("stepz = 3\n")
     assert "stepz" in _error_line(capsys, ["train", "--config", str(conf)])
+
+
+def test_init_from_continues_a_trained_model_with_its_tokenizer(data_dir, tmp_path):
+    first = train(small_cfg(data_dir, tmp_path / "first", steps=40, eval_every=0, diag_every=0), progress=False)
+    # a fresh run from that model: its weights and architecture; the data is a text source prepared with the
+    # checkpoint's tokenizer (byte-level here), and the optimizer and schedule start over
+    text = tmp_path / "more.txt"
+    text.write_text("\n".join(default_corpus_documents()[3:5]), encoding="utf-8")
+    cfg = small_cfg(
+        text, tmp_path / "second", model={}, steps=4, eval_every=0, diag_every=0, init_from=str(tmp_path / "first")
+    )
+    train(cfg, progress=False)
+    starts = [read_metrics(tmp_path / run)[0]["loss"] for run in ("first", "second")]
+    assert starts[1] < starts[0] - 1.0 and starts[1] < first["train_loss"] + 0.5
+    saved = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert saved["train"]["init_from"] == str(tmp_path / "first") and saved["model"]["d_model"] == 32
+    # the architecture is the checkpoint's: overriding it is refused, naming the field
+    with pytest.raises(ValueError, match="n_layers"):
+        train(small_cfg(data_dir, tmp_path / "third", init_from=str(tmp_path / "first")), progress=False)

@@ -36,6 +36,9 @@ class TrainConfig:
     tokenizer: str = "bpe"  # for preparing a text source: "bpe", "byte" or a tokenizer.json path
     tokenizer_vocab: int = 4096
     out_dir: str = "runs/default"
+    # start from a trained or converted model (run dir or checkpoint dir; e.g. `diffv2 convert --from-llama
+    # ... --to native`): its architecture and tokenizer, fresh optimizer and schedule
+    init_from: str = ""
     # model: a preset plus field overrides (vocab_size always follows the tokenizer)
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +120,16 @@ class TrainConfig:
         if cfg.max_seq_len < self.seq_len:
             cfg = cfg.replace(max_seq_len=self.seq_len)
         return cfg
+
+    def init_model_config(self, saved: ModelConfig) -> ModelConfig:
+        """With ``init_from`` the architecture is the checkpoint's; only the backend may change, and
+        ``max_seq_len`` grows to ``seq_len`` (RoPE extends; say so rather than refuse)."""
+        fixed = sorted(k for k in self.model if k not in ("backend", "max_seq_len", "preset"))
+        if fixed:
+            raise ConfigError(f"init_from={self.init_from!r}: the model comes from that checkpoint; drop the model "
+                              f"field(s) {fixed} (only backend and max_seq_len may be set)")  # fmt: skip
+        cfg = saved.replace(**{k: v for k, v in self.model.items() if k in ("backend", "max_seq_len")})
+        return cfg if cfg.max_seq_len >= self.seq_len else cfg.replace(max_seq_len=self.seq_len)
 
     def micro_steps_per_rank(self, world_size: int) -> int:
         """Micro-steps each of ``world_size`` ranks runs per optimizer step (``grad_accum`` is the total)."""

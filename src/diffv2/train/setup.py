@@ -19,6 +19,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta
 from .config import TrainConfig
 from .distributed import DistEnv, Parallel, init_distributed, parallelize
 from .monitor import environment
+from .pretrained import load_pretrained
 
 
 class TrainingError(DiffV2Error):
@@ -48,8 +49,10 @@ class Run:
         return self.par.model
 
 
-def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool = True) -> Path:
-    """A prepared data dir as given, or the text source prepared (once, if ``prepare``) into ``<out_dir>/data``."""
+def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool = True,
+                 tokenizer: str | None = None) -> Path:  # fmt: skip
+    """A prepared data dir as given, or the text source prepared (once, if ``prepare``) into ``<out_dir>/data``
+    with ``cfg.tokenizer`` (or ``tokenizer``, a tokenizer.json path, when starting from a checkpoint)."""
     given = Path(cfg.data)
     if (given / "manifest.json").is_file():
         return given
@@ -58,8 +61,9 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
         if not prepare:
             raise DataError(f"{data_dir}: rank 0 prepared the data there but this rank cannot see it; across nodes "
                             "put --out_dir on a shared filesystem, or give every node a prepared --data")  # fmt: skip
-        print(f"preparing {cfg.data!r} with a {cfg.tokenizer} tokenizer into {data_dir} ...")
-        prepare_dataset(cfg.data, data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.tokenizer_vocab,
+        tokenizer = tokenizer or cfg.tokenizer
+        print(f"preparing {cfg.data!r} with the tokenizer {tokenizer} into {data_dir} ...")
+        prepare_dataset(cfg.data, data_dir, tokenizer=tokenizer, vocab_size=cfg.tokenizer_vocab,
                         seed=cfg.seed, progress=progress)  # fmt: skip
     return data_dir
 
@@ -85,17 +89,31 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
         )
     if resume and existing is None:
         raise CheckpointError(f"{run_dir}: --resume given but there is no checkpoint to resume from")
+    init = load_pretrained(cfg.init_from) if cfg.init_from and not resume else None  # resume: the run's own
+    init_tokenizer = str(init.checkpoint / "tokenizer.json") if init is not None else None
     if env.is_main:
-        resolve_data(cfg, run_dir, progress)  # prepares once; the other ranks wait, then find it
+        resolve_data(cfg, run_dir, progress, tokenizer=init_tokenizer)  # once; the other ranks wait, then find it
     env.barrier()
     data_dir = resolve_data(cfg, run_dir, progress, prepare=False)
     manifest = load_manifest(data_dir)
     tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
-    model_cfg = cfg.model_config(tokenizer.vocab_size)
+    if init is None:
+        model_cfg = cfg.model_config(tokenizer.vocab_size)
+    else:
+        if init.tokenizer is None or init.tokenizer.sha256() != tokenizer.sha256():
+            raise CheckpointError(
+                f"{init.checkpoint}: its tokenizer differs from {data_dir / 'tokenizer.json'}; prepare the data "
+                "with the checkpoint's tokenizer.json (or give a text source)"
+            )
+        model_cfg = cfg.init_model_config(init.model.cfg)
 
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg).to(device)
+    model = Transformer(model_cfg)
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
+        del init
+    model = model.to(device)
     par = parallelize(model, env, device, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
                       bf16=use_bf16)  # fmt: skip
     decay = [p for p in model.parameters() if p.dim() >= 2]
