@@ -156,6 +156,16 @@ def test_iter_documents_hf_dataset_folder_needs_datasets(tmp_path):
         list(iter_documents(tmp_path / "ds"))
 
 
+def test_hf_datasets_folder_saved_with_save_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    docs = ["In the beginning was the word.", "And the word was with God.", "A longer third document. " * 5]
+    ds = datasets.Dataset.from_dict({"body": docs})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert list(iter_documents(tmp_path / "ds", text_field="body")) == docs
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    assert sorted(iter_documents(tmp_path / "dd", text_field="body")) == sorted([*docs, docs[0]])
+
+
 # ---- tokenizer --------------------------------------------------------------------------------------
 def test_byte_table_matches_tokenizers_alphabet():
     table = _bytes_to_unicode()
