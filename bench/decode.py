@@ -19,31 +19,12 @@ import os
 
 import torch
 import torch.nn.functional as F
+from common import copy_bandwidth_gbs, cuda_time_ms, graph_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffv2 import ModelConfig, Transformer
 from diffv2.generate import KVCache
 from diffv2.kernels import decode_attention
-
-
-def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def copy_bandwidth_gbs(n_bytes: int = 4 << 30) -> float:
-    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), iters=10)
-    return 2 * n_bytes / ms / 1e6  # read + write
 
 
 def decode_step_ms(model: Transformer, batch: int, context: int) -> tuple[float, int]:
@@ -60,16 +41,7 @@ def decode_step_ms(model: Transformer, batch: int, context: int) -> tuple[float,
         return model(tokens, positions=positions, caches=cache.layers)
 
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        ms = cuda_time_ms(graph.replay)
+        ms = graph_ms([step], reps=20)
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
     kv = cache.nbytes()  # every cached K/V byte, read once
     return ms, weights + kv

@@ -26,57 +26,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import copy_bandwidth_gbs, cuda_time_ms, graph_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffv2.kernels.decode_triton import choose_num_splits, decode_attention_triton
 
 L2_BYTES = 256 << 20  # well above the H200's L2 (~50 MB): rotate cache copies until this much is touched
 SPLIT_SWEEP = [1, 2, 4, 8, 16, 32, 64, 128]
-
-
-def graph_ms(calls: list[Callable[[], torch.Tensor]], reps: int = 5) -> float:
-    """Mean time of one call when ``calls`` (one per cache copy) are replayed back to back from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in calls:  # compile / autotune outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (reps * len(calls))
-
-
-def eager_ms(calls: list[Callable[[], torch.Tensor]], reps: int = 5) -> float:
-    """The same without a CUDA graph: what an eager decode loop pays, launch overhead included."""
-    for fn in calls:
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        for fn in calls:
-            fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (reps * len(calls))
-
-
-def copy_bandwidth_gbs(n_bytes: int = 4 << 30) -> float:
-    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = graph_ms([lambda: dst.copy_(src)] * 5)
-    return 2 * n_bytes / ms / 1e6  # read + write
 
 
 def _sdpa(backend: SDPBackend, q, k, v) -> torch.Tensor:
@@ -129,7 +85,11 @@ def bench_point(batch: int, context: int, args, copy_gbs: float) -> list[dict]:
                 calls = [lambda i=i, fn=fn: fn(i) for i in range(copies)]
                 ms = graph_ms(calls)
                 if name in ("ours", "sdpa cudnn"):
-                    point_eager = dict(point, kernel=f"{name} (no graph)", ms=eager_ms(calls))
+                    point_eager = dict(
+                        point,
+                        kernel=f"{name} (no graph)",
+                        ms=cuda_time_ms(lambda calls=calls: [fn() for fn in calls], iters=5) / len(calls),
+                    )
                     rows.append(dict(point_eager, gbs=kv_bytes / point_eager["ms"] / 1e6))
             except RuntimeError as err:  # e.g. a backend that rejects the shape
                 rows.append(dict(point, kernel=name, error=str(err).splitlines()[0][:100]))

@@ -10,6 +10,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from common import cuda_time_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = {
@@ -17,19 +18,6 @@ BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-
-
-def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:
@@ -57,7 +45,7 @@ def main() -> None:
                     fwd().sum().backward()
 
                 try:
-                    t_f, t_fb = time_ms(fwd), time_ms(fwd_bwd)
+                    t_f, t_fb = cuda_time_ms(fwd, iters=10), cuda_time_ms(fwd_bwd, iters=10)
                     rows.append((seq, hq, hkv, d, b, name, gqa, t_f, flops_fwd / t_f / 1e9, t_fb,
                                  3.5 * flops_fwd / t_fb / 1e9))  # fmt: skip
                 except RuntimeError as err:
