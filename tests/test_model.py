@@ -242,3 +242,28 @@ def test_diagnose_reports_per_layer_stats():
         }
         assert 0 < layer["lambda_mean"] < 1 and len(layer["context_rms"]) == 4
         assert layer["hidden_topk"][0] == layer["hidden_max"]
+
+
+def test_pair_subtract_gradients_match_autograd():
+    from diffv2.attention import PairSubtract
+
+    torch.manual_seed(11)
+    out = torch.randn(2, 8, 5, 4, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(2, 4, 5, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda o, w: PairSubtract.apply(o[:, 0::2], o[:, 1::2], w), (out, s))
+
+
+def test_diff_v2_keeps_no_fp32_copy_of_the_attention_output_for_backward():
+    """Saved activations: the 2h-head output in bf16 (SDPA's own), never an fp32 copy of half of it."""
+    from diffv2.kernels import rope_cos_sin
+
+    cfg = tiny(d_model=64, n_heads=4, head_dim=16)
+    attn = build_attention(cfg, 0)
+    x = torch.randn(2, 32, cfg.d_model, requires_grad=True)
+    rope = rope_cos_sin(torch.arange(32)[None], cfg.head_dim, cfg.rope_theta)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attn(x, rope).float().sum().backward()
+    big_fp32 = [t.shape for t in saved if t.dtype == torch.float32 and t.numel() >= 2 * 32 * cfg.head_dim]
+    assert not big_fp32, big_fp32

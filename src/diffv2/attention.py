@@ -81,6 +81,26 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+class PairSubtract(torch.autograd.Function):
+    """o1 − s·o2 in fp32 (both terms can be tiny for diffuse heads), cast back to the inputs' dtype.
+
+    Autograd would keep an fp32 copy of o2 for the backward (as large as the whole 2h-head attention output
+    in bf16); this keeps only o2 itself, a view of the attention output that SDPA's backward holds anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(o2, s)
+        return (_fp32(o1) - s * _fp32(o2)).to(o1.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        o2, s = ctx.saved_tensors
+        g = _fp32(grad)
+        grad_s = -(g * _fp32(o2)).sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad, (-s * g).to(o2.dtype), grad_s
+
+
 def _record_maps(stats: dict[str, Any], a1: torch.Tensor, a2: torch.Tensor | None = None, weight=None) -> None:
     """Diagnostics of the effective attention weights a1 − weight·a2 (a1 alone for the baseline), (B, h, T, S):
     the sink mass = mean weight on key 0 over queries t >= 1 (query 0 can only see key 0), per output head.
@@ -140,7 +160,7 @@ class DiffV2Attention(AttentionBase):
         out, probs = self.attend(q, k, v, mask, stats)
         o1, o2 = self.split_pairs(out)
         s = self.subtraction_weight(x).transpose(1, 2)[..., None]  # (B, h, T, 1)
-        ctx = (_fp32(o1) - s * _fp32(o2)).to(out.dtype)  # fp32 subtraction: both terms can be tiny
+        ctx = PairSubtract.apply(o1, o2, s)
         if stats is not None:
             a1, a2 = self.split_pairs(probs)
             _record_maps(stats, a1, a2, s)
