@@ -262,8 +262,8 @@ def test_diff_v2_keeps_no_fp32_copy_of_the_attention_output_for_backward():
     x = torch.randn(2, 32, cfg.d_model, requires_grad=True)
     rope = rope_cos_sin(torch.arange(32)[None], cfg.head_dim, cfg.rope_theta)
     saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            attn(x, rope).float().sum().backward()
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, rope).float().sum().backward()
     big_fp32 = [t.shape for t in saved if t.dtype == torch.float32 and t.numel() >= 2 * 32 * cfg.head_dim]
     assert not big_fp32, big_fp32
