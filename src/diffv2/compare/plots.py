@@ -8,6 +8,7 @@ in every figure; baselines are dashed.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,12 @@ def _legend(fig: Figure, axes: list, **kw: Any) -> None:
             ncols = max(1, min(len(labels), int(width_pt // (7 * max(map(len, labels)) + 40))))
             fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=9, **kw)
             return
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    """A figure title wrapped to the figure's width (~7 pt per character), so narrow figures do not clip it."""
+    width_chars = max(30, int(fig.get_figwidth() * 72 // 7))
+    fig.suptitle(textwrap.fill(text, width_chars))
 
 
 def _lr_title(lr: float) -> str:
@@ -101,8 +108,12 @@ def curve_figure(grid: Grid, path: Path, *, source: str, name: str, ylabel: str,
         if delta:
             _delta_panel(axes[1][col], grid, bands, ylabel)
     kind = "geometric mean over seeds, band: ×/÷ 1 geometric std" if log_y else "mean over seeds, band: ± 1 std"
-    fig.suptitle(f"{title} (line: {kind})")
-    _legend(fig, axes[0])
+    _suptitle(fig, f"{title} (line: {kind})")
+    if label:  # the labels carry per-lr numbers (e.g. spike counts): one legend per panel, not a shared one
+        for ax in axes[0]:
+            ax.legend(fontsize=7, loc="upper right")
+    else:
+        _legend(fig, axes[0])
     return _save(fig, path)
 
 
@@ -177,7 +188,7 @@ def layer_figure(grid: Grid, path: Path, panels: list[tuple[str, str, bool]], ti
             if log_y:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-    fig.suptitle(f"{title} (last diagnostics of each finished run, mean over seeds)")
+    _suptitle(fig, f"{title} (last diagnostics of each finished run, mean over seeds)")
     _legend(fig, [ax for row in axes for ax in row])
     return _save(fig, path)
 
@@ -209,7 +220,7 @@ def context_rms_figure(grid: Grid, path: Path) -> Path:
                     ylabel="heads (count)")  # fmt: skip
         for ax in (line_ax, hist_ax):
             ax.grid(alpha=0.3)
-    fig.suptitle("Context RMS per layer and head (blog: softmax ∈ [1/√n, 1), DIFF V2 ∈ (0, √2) for unit-RMS values)")
+    _suptitle(fig, "Context RMS per layer and head (blog: softmax ∈ [1/√n, 1), DIFF V2 ∈ (0, √2) for unit-RMS values)")
     _legend(fig, [axes[0][0]])
     return _save(fig, path)
 
@@ -243,7 +254,7 @@ def lambda_figure(grid: Grid, path: Path, probes: dict[str, list[dict[str, Any]]
             )
         for ax in (layer_ax, hist_ax):
             ax.grid(alpha=0.3)
-    fig.suptitle("DIFF subtraction weight (v2_linear: λ itself; one histogram line per seed)")
+    _suptitle(fig, "DIFF subtraction weight (v2_linear: λ itself; one histogram line per seed)")
     _legend(fig, [ax for row in axes for ax in row])
     return _save(fig, path)
 
