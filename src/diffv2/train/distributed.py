@@ -142,6 +142,8 @@ class Parallel:
             return self.ddp.no_sync()
         if isinstance(self.model, FSDPModule):
             self.model.set_requires_gradient_sync(enabled)
+            # between micro-steps keep the gathered parameters: the next forward need not all-gather them again
+            self.model.set_reshard_after_backward(enabled)
         return nullcontext()
 
 
