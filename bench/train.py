@@ -1,0 +1,167 @@
+"""Training-step throughput of baseline vs DIFF V2 vs DIFF V1 at equal d_model, n_layers, h and h_kv.
+
+    python bench/train.py                  # GPU: small, 350m and 1b shapes, seq 2048/4096, eager and compiled
+    python bench/train.py --shapes small --seqs 1024 --modes eager      # a quick look
+    python bench/train.py --device cpu --shapes tiny --seqs 128 --batch-tokens 2048 --steps 3   # CPU smoke test
+
+One step = forward + backward + fused AdamW on random tokens (the data pipeline is not what is measured), in
+bf16 autocast on CUDA. Reported per (shape, seq, mode, variant): tokens/s, MFU against the bf16 matmul peak
+measured in the same run (an 8192³ GEMM) and against 989 TFLOP/s (H100/H200 dense bf16), peak memory, and the
+share of GPU time in attention kernels, GEMMs and everything else (torch.profiler over two steps). FLOPs per
+token come from ``Transformer.flops_per_token`` (2h query heads counted for DIFF V2, V1's second value pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from common import cuda_time_ms
+
+from diffv2 import ModelConfig, Transformer
+
+SHAPES = {
+    "tiny": dict(preset="tiny"),
+    "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, ffn_hidden=1408),
+    "350m": dict(preset="350m"),
+    "1b": dict(preset="1b"),
+}
+ATTENTION_KERNELS = ("attention", "fmha", "flash", "cudnn", "sdpa", "softmax")
+GEMM_KERNELS = ("gemm", "xmma", "nvjet", "cutlass", "matmul", "mm_")
+
+
+def model_config(shape: str, attention: str, seq: int, vocab: int) -> ModelConfig:
+    spec = dict(SHAPES[shape])
+    preset = spec.pop("preset", None)
+    fields = dict(attention=attention, vocab_size=vocab, max_seq_len=seq, **spec)
+    return ModelConfig.preset(preset, **fields) if preset else ModelConfig(**fields)
+
+
+def matmul_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = cuda_time_ms(lambda: a @ b, iters=20)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def kernel_split(step, device: torch.device) -> dict[str, float]:
+    """Share of GPU kernel time in attention, GEMMs and the rest, over two profiled steps."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    totals = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if device_us <= 0:
+            continue
+        name = event.key.lower()
+        kind = ("attention" if any(k in name for k in ATTENTION_KERNELS)
+                else "gemm" if any(k in name for k in GEMM_KERNELS) else "other")  # fmt: skip
+        totals[kind] += device_us
+    total = sum(totals.values()) or 1.0
+    return {k: v / total for k, v in totals.items()}
+
+
+def measure(cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    forward = torch.compile(model) if compile else model
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            _, loss = forward(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # compile, autotune, allocator warm-up
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        ms = cuda_time_ms(step, iters=steps, warmup=0)
+        peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        ms, peak_gb = statistics.median(times) * 1e3, None
+    out = {"tokens_per_s": batch * seq / ms * 1e3, "ms": ms, "peak_gb": peak_gb,
+           "flops_per_token": model.flops_per_token(seq), "params": model.num_params()["total"]}  # fmt: skip
+    out["split"] = kernel_split(step, device)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="small,350m,1b")
+    p.add_argument("--seqs", default="2048,4096")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--variants", default="baseline,diff_v2,diff_v1")
+    p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step (batch = this / seq)")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    device = torch.device(args.device)
+    peak = matmul_peak_tflops(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"device: {name}, torch {torch.__version__}, bf16 GEMM peak measured: {peak and round(peak)} TFLOP/s")
+    rows = []
+    for shape in args.shapes.split(","):
+        for seq in map(int, args.seqs.split(",")):
+            batch = max(1, args.batch_tokens // seq)
+            for mode in args.modes.split(","):
+                for variant in args.variants.split(","):
+                    cfg = model_config(shape, variant, seq, args.vocab_size)
+                    try:
+                        r = measure(cfg, seq, batch, mode == "compile", args.steps, device)
+                    except torch.OutOfMemoryError:
+                        r = {"error": "out of memory"}
+                        torch.cuda.empty_cache()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()  # the last model's memory, before the next is built
+                    rows.append(dict(shape=shape, seq=seq, batch=batch, mode=mode, variant=variant, **r))
+                    print(json.dumps(rows[-1]), flush=True)
+    with open(os.path.join(args.out, "train_bench.json"), "w") as f:
+        json.dump({"device": name, "gemm_peak_tflops": peak, "rows": rows}, f, indent=1)
+
+    print(f"\n{'shape':<6}{'seq':>6}{'mode':>8}{'variant':>10}{'tok/s':>11}{'vs base':>8}{'MFU meas':>9}"
+          f"{'MFU 989':>8}{'peak GB':>8}{'mem/base':>9}{'attn%':>7}{'gemm%':>7}")  # fmt: skip
+    base = {(r["shape"], r["seq"], r["mode"]): r for r in rows if r["variant"] == "baseline" and "ms" in r}
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>10}  {r['error']}")
+            continue
+        b = base.get((r["shape"], r["seq"], r["mode"]))
+        flops = r["tokens_per_s"] * r["flops_per_token"]
+        mfu_meas = f"{flops / (peak * 1e12):.1%}" if peak else "-"
+        mem = f"{r['peak_gb']:.1f}" if r["peak_gb"] else "-"
+        mem_ratio = f"{r['peak_gb'] / b['peak_gb']:.3f}" if b and r["peak_gb"] else "-"
+        split = r["split"] or {}
+        print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>10}{r['tokens_per_s']:>11.0f}"
+              f"{r['tokens_per_s'] / b['tokens_per_s'] if b else float('nan'):>8.3f}{mfu_meas:>9}"
+              f"{flops / 989e12:>8.1%}{mem:>8}{mem_ratio:>9}{split.get('attention', 0):>7.0%}"
+              f"{split.get('gemm', 0):>7.0%}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
