@@ -125,3 +125,7 @@ def test_generate_cli_streams_from_a_checkpoint(tmp_path, capsys):
     assert out.startswith("In the") and len(out) > len("In the")
     assert main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    for flags, field in ((["--max-new-tokens", "100000"], "max_new_tokens"), (["--top-p", "1.5"], "top_p")):
+        assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "In", *flags]) == 2
+        err = capsys.readouterr().err
+        assert field in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

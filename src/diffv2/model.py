@@ -19,6 +19,7 @@ from torch import nn
 
 from .attention import AttentionBase, DiffV1Attention, KVCacheLayer, build_attention
 from .config import ModelConfig
+from .errors import ConfigError
 from .kernels import rope_cos_sin
 
 
@@ -97,7 +98,7 @@ class Transformer(nn.Module):
         t = tokens.shape[1]
         if positions is None:
             if t > self.cfg.max_seq_len:
-                raise ValueError(f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}")
+                raise ConfigError(f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}")
             positions = torch.arange(t, device=tokens.device)[None]
         h = self.tok_embeddings(tokens)
         rope_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32

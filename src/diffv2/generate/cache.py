@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 
 
 class KVCache:
@@ -34,7 +35,7 @@ class KVCache:
     def advance(self, slots: torch.Tensor, length: int) -> None:
         """This step writes ``slots`` (T,) and, in prefix mode, attends to the first ``length`` slots."""
         if length > self.max_len:
-            raise ValueError(f"KV cache full: {length} slots needed, {self.max_len} allocated")
+            raise ConfigError(f"KV cache full: {length} slots needed, {self.max_len} allocated")
         self.slots, self.length = slots, length
 
     def mask(self, start: torch.Tensor | None) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import ConfigError
 from ..model import Transformer
 from .cache import KVCache
 
@@ -54,11 +55,19 @@ def stream_batch(
     token) and a mask that hides the padding, so a padded row computes exactly what it would alone.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: give at least one prompt, each with at least one token")
+        raise ConfigError("prompts: give at least one prompt, each with at least one token")
     cfg, device = model.cfg, next(model.parameters()).device
     width = max(map(len, prompts))
     if width + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={cfg.max_seq_len}")
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens}: the prompt ({width} tokens) plus the new tokens exceed the model's "
+            f"max_seq_len={cfg.max_seq_len}; ask for fewer new tokens or shorten the prompt"
+        )
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ConfigError(
+            f"temperature={temperature}, top_k={top_k}, top_p={top_p}: need temperature >= 0 (0 = greedy), "
+            "top_k >= 1 and 0 < top_p <= 1"
+        )
     batch = len(prompts)
     start = torch.tensor([width - len(p) for p in prompts], device=device)  # first real slot per row
     tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
