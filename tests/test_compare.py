@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from diffv2.cli import compare as compare_cli
 from diffv2.cli import inspect as inspect_cli
 from diffv2.compare import VARIANTS, CompareConfig, capture_maps, expand_grid, run_grid, run_state, write_report
 from diffv2.compare import runner as runner_module
+from diffv2.compare.loading import checkpoint_dir
+from diffv2.compare.probe import probe_run
 from diffv2.compare.results import load_grid
 from diffv2.compare.stats import betainc, t_sf, welch
 from diffv2.data import default_corpus_documents
@@ -181,6 +184,7 @@ def test_report_has_every_variant_and_readable_figures(grid):
         rows = [line for line in text.splitlines() if line.startswith(f"| {variant} |")]
         assert len(rows) == 1 + len(grid.lrs), variant  # parameter table + one final-loss table per lr
     assert "## The blog's claims, measured" in text and "p = " in text
+    assert re.search(r"each run reads \d+\.\d\d epochs of the train split", text)
     figures = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", text, flags=re.M)
     assert len(figures) >= 8
     for name in figures:
@@ -193,6 +197,18 @@ def test_report_has_every_variant_and_readable_figures(grid):
     assert len(raw["runs"]) == 28 and raw["runs"][0]["curves"]["val_loss"]["step"] == [3, 6]
     probes = list(Path(grid.out_dir).glob("*/lr*/seed*/lambda_probe.json"))
     assert {p.parts[-4] for p in probes} == {"diff_v2", "v2_split", "v2_linear"}  # the variants with a σ(λ)
+
+
+def test_a_probe_survives_copying_a_run_without_its_weights(grid, tmp_path):
+    """Runs trained on a GPU machine come back without checkpoints; the report must still show their σ(λ)."""
+    run = next(s.run_dir for s in expand_grid(grid) if s.variant == "diff_v2")
+    made = probe_run(run)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    with pytest.raises(ValueError):
+        checkpoint_dir(copy)
+    assert made is not None and probe_run(copy) == made
+    assert probe_run(copy, batches=2) is None  # a different probe cannot be made without the weights
 
 
 def test_a_diverged_run_is_recorded_not_retried(text_dir, tmp_path, monkeypatch):
@@ -241,6 +257,12 @@ def test_compare_cli_dry_run_and_report_only(text_dir, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert cli("compare", str(config), "--report-only", "--no-probe") == 0
     assert (tmp_path / "out" / "report" / "report.md").is_file()
+    # a second grid over some of the same runs reports exactly its own runs, wherever it is told to
+    subset = tmp_path / "subset.toml"
+    subset.write_text(config.read_text().replace('["baseline_1p5h", "diff_v2"]', '["diff_v2"]'))
+    assert cli("compare", str(subset), "--report-only", "--no-probe", "--report-dir", str(tmp_path / "r2")) == 0
+    text = (tmp_path / "r2" / "report.md").read_text(encoding="utf-8")
+    assert "1 variants × 1 learning rates × 1 seeds = 1 runs; 1 finished" in text and "| baseline_1p5h |" not in text
 
 
 # ---------------------------------------------------------------------- attention maps and inspect

@@ -18,7 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="stop every run after this step (with a checkpoint); a later call resumes them")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the grid and parameter counts; train nothing")
-    p.add_argument("--report-only", action="store_true", help="only (re)write the report of runs already made")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only (re)write the report of CONFIG's runs already made (grids may share an out_dir)",
+    )
+    p.add_argument("--report-dir", default=None, help="where to write the report (default: <out_dir>/report)")
     p.add_argument("--no-report", action="store_true", help="train only")
     p.add_argument("--no-probe", action="store_true", help="report without the per-token σ(λ) pass over checkpoints")
     p.add_argument("--progress", action="store_true", help="progress bars for in-process runs")
@@ -40,7 +45,13 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_grid(cfg, expand_grid(cfg))
         return 0
-    if not args.report_only:
+    if args.report_only:
+        # several configs may share an out_dir (e.g. an lr sweep and an ablation grid reusing its runs):
+        # grid.json is rewritten so the report covers exactly this config's runs
+        from ..compare.runner import write_grid_file
+
+        write_grid_file(cfg, expand_grid(cfg, cfg.data_dir), cfg.data_dir)
+    else:
         outcomes = run_grid(cfg, jobs=args.jobs, stop_after=args.stop_after, progress=args.progress)
         errors = [o for o in outcomes if o.after == "error"]
         for o in errors:
@@ -48,7 +59,8 @@ def run_compare(args: argparse.Namespace) -> int:
         if errors:
             return 1
     if not args.no_report:
-        print(f"report: {write_report(cfg.out_dir, probe=not args.no_probe)}")
+        report = write_report(cfg.out_dir, report_dir=args.report_dir, probe=not args.no_probe)
+        print(f"report: {report}")
     return 0
 
 

@@ -152,19 +152,22 @@ def run_key(variant: str, lr: float, seed: int) -> str:
 
 
 def expand_grid(cfg: CompareConfig, data_dir: str | Path | None = None) -> list[RunSpec]:
-    """Every (variant, lr, seed) of the grid, variant-major, with identical data, budget and schedule.
+    """Every (variant, lr, seed) of the grid, with identical data, budget and schedule.
 
-    ``data_dir`` (default :attr:`CompareConfig.data_dir`) is the prepared data every run reads.
+    Seed-major, then lr, then variant: a grid cut short holds every variant at the same seeds and lrs, which is
+    what a fair comparison needs. ``data_dir`` (default :attr:`CompareConfig.data_dir`) is the data every run reads.
     """
     data = str(data_dir if data_dir is not None else cfg.data_dir)
     out = Path(cfg.out_dir)
+    # vocab_size is set by the tokenizer at train time; every other field is pinned here
+    models = {v: {k: x for k, x in variant_model(cfg.base, v, 2).to_dict().items() if k != "vocab_size"}
+              for v in cfg.variants}  # fmt: skip
     specs = []
-    for variant in cfg.variants:
-        # vocab_size is set by the tokenizer at train time; every other field is pinned here
-        model = {k: v for k, v in variant_model(cfg.base, variant, 2).to_dict().items() if k != "vocab_size"}
+    for seed in cfg.seeds:
         for lr in cfg.lrs:
-            for seed in cfg.seeds:
+            for variant in cfg.variants:
                 key = run_key(variant, lr, seed)
-                train = dataclasses.replace(cfg.base, data=data, out_dir=str(out / key), lr=lr, seed=seed, model=model)
+                train = dataclasses.replace(cfg.base, data=data, out_dir=str(out / key), lr=lr, seed=seed,
+                                            model=models[variant])  # fmt: skip
                 specs.append(RunSpec(variant, lr, seed, out / key, train))
     return specs

@@ -3,7 +3,8 @@
 The trainer logs σ(λ)'s mean and std per layer; whether σ(λ) is bimodal, saturates at 0/1 or stays near its
 init value of 0.5 needs the values themselves. :func:`probe_run` loads the run's final checkpoint, feeds it a
 few validation batches and keeps per-layer quantiles plus a histogram pooled over layers, heads and tokens. The
-result is cached in ``<run>/lambda_probe.json`` and redone only when the checkpoint changes.
+result is cached in ``<run>/lambda_probe.json``, redone only when the checkpoint changes and kept when the
+checkpoint is gone (a run copied back without its weights).
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ BINS = 50
 def probe_run(run_dir: str | Path, *, batches: int = 4, batch_size: int = 4) -> dict[str, Any] | None:
     """σ(λ) statistics of a finished DIFF V2 run (None for a variant without σ(λ) or a run without checkpoint)."""
     run_dir = Path(run_dir)
+    cache = run_dir / PROBE_FILE
+    cached = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else None
     try:
         ckpt = checkpoint_dir(run_dir)
     except ValueError:
-        return None
-    cache = run_dir / PROBE_FILE
-    if cache.is_file():
-        cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("checkpoint") == ckpt.name and cached.get("batches") == batches:
-            return cached
+        # a run copied without its weights (e.g. back from a GPU machine) keeps the probe made where it trained
+        return cached if cached is not None and cached.get("batches") == batches else None
+    if cached is not None and cached.get("checkpoint") == ckpt.name and cached.get("batches") == batches:
+        return cached
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     if config["model"]["attention"] != "diff_v2":
         return None

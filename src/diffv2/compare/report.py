@@ -126,7 +126,12 @@ def _data_line(grid: Grid) -> str:
     split = man["splits"]
     return (f"{man['source'].get('resolved', man['source'].get('given'))}; {man['tokenizer_kind']} tokenizer, "
             f"{split['train']['n_tokens']:,} train / {split['val']['n_tokens']:,} val tokens "
-            f"({split['train']['n_documents']} / {split['val']['n_documents']} documents).")  # fmt: skip
+            f"({split['train']['n_documents']} / {split['val']['n_documents']} documents); each run reads "
+            f"{_epochs(grid, split['train']['n_tokens']):.2f} epochs of the train split.")  # fmt: skip
+
+
+def _epochs(grid: Grid, train_tokens: int) -> float:
+    return grid.tokens_per_step * int(grid.base["steps"]) / max(1, train_tokens)
 
 
 def _environment_line(grid: Grid) -> str:
