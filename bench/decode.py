@@ -4,11 +4,15 @@
     python bench/decode.py --batches 1 --contexts 1024 --preset small   # a quick look
 
 Each point times one-token decode steps at a fixed context length: the KV cache is filled with random
-values (a real prefill of 64 x 32k tokens would only cost time), the step (model forward with the cache,
-stock SDPA attention) is captured in a CUDA graph and replayed. Bytes per step = weights read (all but the
+values (a real prefill of 64 x 32k tokens would only cost time), the step is captured in a CUDA graph and
+replayed. Two paths (``--paths``): ``static`` is what ``diffv2 generate`` runs on CUDA (the
+``DecodeStep`` over the whole pre-allocated cache with per-row windows: the Triton split-KV kernel, DIFF V2's
+pair subtraction in its epilogue); ``prefix`` is the model forward over exactly the filled prefix with stock
+SDPA (no mask, so no padding support: the best stock SDPA can do). Bytes per step = weights read (all but the
 embedding table) + the K/V cache read once; GB/s = bytes / step time; the device's copy bandwidth is measured
 in the same run. A second table times the attention op alone at the same shapes: SDPA (default choice, flash,
-cuDNN) and our ``decode_attention`` (compiled) against reading K and V once.
+cuDNN), the Triton kernel (with and without the pair epilogue) and the compiled masked fallback
+``decode_attention``, against reading K and V once.
 """
 
 from __future__ import annotations
@@ -24,24 +28,30 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffv2 import ModelConfig, Transformer
 from diffv2.generate import KVCache
-from diffv2.kernels import decode_attention
+from diffv2.generate.step import DecodeStep
+from diffv2.kernels import decode_attention, decode_attention_triton
 
 
-def decode_step_ms(model: Transformer, batch: int, context: int) -> tuple[float, int]:
+def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> tuple[float, int]:
     """Step time at ``context`` cached tokens (CUDA graph replay) and the bytes it must read."""
     cfg = model.cfg
     cache = KVCache(cfg, batch, context, dtype=torch.bfloat16, device=torch.device("cuda"))
     cache.k.normal_()
     cache.v.normal_()
-    cache.advance(torch.tensor([context - 1], device="cuda"), context)  # rewrite the last slot every step
-    tokens = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
-    positions = torch.full((batch, 1), context - 1, device="cuda")
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
+    if path == "static":
+        step = DecodeStep(model, cache, torch.zeros(batch, dtype=torch.long, device="cuda"))
+        step(tokens, context - 1)  # sets the input buffers; the graph below replays step.forward on them
+        fn = step.forward
+    else:
+        cache.advance(torch.tensor([context - 1], device="cuda"), context)  # rewrite the last slot every step
+        positions = torch.full((batch, 1), context - 1, device="cuda")
 
-    def step():
-        return model(tokens, positions=positions, caches=cache.layers)
+        def fn():
+            return model(tokens[:, None], positions=positions, caches=cache.layers)
 
     with torch.no_grad():
-        ms = graph_ms([step], reps=20)
+        ms = graph_ms([fn], reps=20)
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
     kv = cache.nbytes()  # every cached K/V byte, read once
     return ms, weights + kv
@@ -54,7 +64,10 @@ def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: floa
     v = torch.randn_like(k)
     mask = torch.ones(1, 1, 1, context, dtype=torch.bool, device="cuda")
     compiled = torch.compile(decode_attention, dynamic=True)
+    w = torch.rand(batch, cfg.n_heads, 1, device="cuda")
     candidates = {
+        "triton window": lambda: decode_attention_triton(q, k, v),
+        "triton window +pair": lambda: decode_attention_triton(q, k, v, pair_weight=w),
         "sdpa (default)": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "sdpa flash": lambda: _with(SDPBackend.FLASH_ATTENTION, q, k, v),
         "sdpa cudnn": lambda: _with(SDPBackend.CUDNN_ATTENTION, q, k, v),
@@ -84,30 +97,34 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--contexts", default="1024,8192,32768")
     p.add_argument("--variants", default="baseline,diff_v1,diff_v2")
+    p.add_argument("--paths", default="static,prefix", help="static (generate's CUDA path), prefix (stock SDPA)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     copy_gbs = copy_bandwidth_gbs()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {copy_gbs:.0f} GB/s")
+    paths, variants = args.paths.split(","), args.variants.split(",")
     rows = []
-    for variant in args.variants.split(","):
+    for variant in variants:
         cfg = ModelConfig.preset(args.preset, attention=variant, vocab_size=args.vocab_size,
                                  max_seq_len=max(contexts))  # fmt: skip
         torch.manual_seed(0)
         model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
-        for batch in batches:
-            for context in contexts:
-                try:
-                    ms, nbytes = decode_step_ms(model, batch, context)
-                except torch.OutOfMemoryError:
+        for path in paths:
+            for batch in batches:
+                for context in contexts:
+                    point = dict(variant=variant, path=path, batch=batch, context=context)
+                    try:
+                        ms, nbytes = decode_step_ms(model, batch, context, path)
+                    except torch.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        rows.append({**point, "error": "out of memory"})
+                        continue
                     torch.cuda.empty_cache()
-                    rows.append(dict(variant=variant, batch=batch, context=context, error="out of memory"))
-                    continue
-                torch.cuda.empty_cache()
-                gbs = nbytes / ms / 1e6
-                rows.append(dict(variant=variant, batch=batch, context=context, ms=ms, tok_s=batch * 1e3 / ms,
-                                 gb=nbytes / 1e9, gbs=gbs, pct_copy=gbs / copy_gbs))  # fmt: skip
+                    gbs = nbytes / ms / 1e6
+                    rows.append({**point, "ms": ms, "tok_s": batch * 1e3 / ms, "gb": nbytes / 1e9, "gbs": gbs,
+                                 "pct_copy": gbs / copy_gbs})  # fmt: skip
         del model
         torch.cuda.empty_cache()
     op_rows = []
@@ -118,28 +135,28 @@ def main() -> None:
     with open(os.path.join(args.out, "decode.json"), "w") as f:
         json.dump({"copy_gbs": copy_gbs, "model": rows, "attention": op_rows}, f, indent=1)
 
-    by = {(r["variant"], r["batch"], r["context"]): r for r in rows if "ms" in r}
-    print(f"\nmodel decode ({args.preset}, bf16, CUDA graph, stock SDPA)")
-    print(f"{'B':>3} {'ctx':>6} | " + " | ".join(f"{v:>8} tok/s  GB/s  %copy" for v in args.variants.split(","))
-          + " | V2/base  V2/V1  bytes V2/base")  # fmt: skip
-    for batch in batches:
-        for context in contexts:
-            line = f"{batch:>3} {context:>6} | "
-            cells = []
-            for v in args.variants.split(","):
-                r = by.get((v, batch, context))
-                cells.append(f"{r['tok_s']:>14.0f} {r['gbs']:>5.0f} {r['pct_copy']:>6.1%}" if r else f"{'n/a':>27}")
-            line += " | ".join(cells)
-            v2, b, v1 = (
-                by.get(("diff_v2", batch, context)),
-                by.get(("baseline", batch, context)),
-                by.get(("diff_v1", batch, context)),
-            )
-            if v2 and b and v1:
-                line += (
-                    f" | {v2['tok_s'] / b['tok_s']:>7.3f} {v2['tok_s'] / v1['tok_s']:>6.3f} {v2['gb'] / b['gb']:>13.3f}"
-                )
-            print(line)
+    by = {(r["variant"], r["path"], r["batch"], r["context"]): r for r in rows if "ms" in r}
+    for path in paths:
+        print(f"\nmodel decode ({args.preset}, bf16, CUDA graph, {path} path)")
+        print(f"{'B':>3} {'ctx':>6} | " + " | ".join(f"{v:>8} tok/s  GB/s  %copy" for v in variants)
+              + " | V2/base  V2/V1  bytes V2/base")  # fmt: skip
+        for batch in batches:
+            for context in contexts:
+                got = {v: by.get((v, path, batch, context)) for v in variants}
+                cells = [f"{r['tok_s']:>14.0f} {r['gbs']:>5.0f} {r['pct_copy']:>6.1%}" if r else f"{'n/a':>27}"
+                         for r in got.values()]  # fmt: skip
+                line = f"{batch:>3} {context:>6} | " + " | ".join(cells)
+                v2, b, v1 = got.get("diff_v2"), got.get("baseline"), got.get("diff_v1")
+                if v2 and b and v1:
+                    ratios = (v2["tok_s"] / b["tok_s"], v2["tok_s"] / v1["tok_s"], v2["gb"] / b["gb"])
+                    line += f" | {ratios[0]:>7.3f} {ratios[1]:>6.3f} {ratios[2]:>13.3f}"
+                print(line)
+    if "static" in paths and "prefix" in paths:
+        print("\nstatic path / prefix path tokens/s (>1: generate's path beats stock SDPA over the exact prefix)")
+        for (variant, path, batch, context), r in by.items():
+            other = by.get((variant, "prefix", batch, context))
+            if path == "static" and other:
+                print(f"{variant:<9} B={batch:<3} ctx={context:<6} {r['tok_s'] / other['tok_s']:.3f}")
     print("\nattention op alone (2h=query heads of DIFF V2 over h_kv heads, one query token)")
     print(f"{'B':>3} {'ctx':>6} {'kernel':<28} {'ms':>8} {'GB/s':>7} {'%copy':>7}")
     for r in op_rows:

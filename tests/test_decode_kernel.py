@@ -201,6 +201,41 @@ def test_interpreter_dynamo_fullgraph():
     check(out, 2 * reference(q, k, v, start, end, w), q.dtype, pair=True)
 
 
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("attention", ["baseline", "diff_v1", "diff_v2"])
+def test_interpreter_model_decode_through_the_kernel(attention, monkeypatch):
+    """Wired in: a model's static-cache decode steps reach the kernel (DIFF V2 with the pair epilogue; DIFF V1
+    on strided head views) and give the full forward's logits."""
+    from diffv2 import Transformer
+    from diffv2.generate.step import DecodeStep
+
+    calls = []
+    original = dt.decode_attention_triton
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("pair_weight") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("diffv2.kernels.attention.decode_attention_triton", spy)
+    monkeypatch.setattr("diffv2.attention.decode_attention_triton", spy)
+    cfg = ModelConfig(vocab_size=50, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=64,
+                      max_seq_len=32, attention=attention)  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    seq = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        full = model(seq)
+        cache = KVCache(cfg, 2, 12, dtype=torch.float32, device=torch.device("cpu"))
+        cache.advance(torch.arange(5), 5)
+        model(seq[:, :5], caches=cache.layers)
+        step = DecodeStep(model, cache, torch.tensor([0, 0]))
+        for slot in range(5, 9):
+            torch.testing.assert_close(step(seq[:, slot], slot), full[:, slot], rtol=1e-4, atol=1e-4)
+    per_step = {"baseline": [False], "diff_v1": [False] * 4, "diff_v2": [True]}[attention] * cfg.n_layers
+    assert calls == per_step * 4
+
+
 # ---------------------------------------------------------------- CUDA
 
 

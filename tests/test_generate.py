@@ -7,7 +7,9 @@ import torch
 
 from diffv2 import ModelConfig, Transformer
 from diffv2.cli import main
+from diffv2.errors import ConfigError
 from diffv2.generate import KVCache, generate, generate_batch, sample_next, stream_batch
+from diffv2.generate.step import DecodeStep
 from diffv2.kernels import decode_attention, eager_attention
 
 VARIANTS = {
@@ -26,10 +28,11 @@ def model_for(variant: str, ratio: int, seed: int = 0) -> Transformer:
     return Transformer(cfg).eval()
 
 
+@pytest.mark.parametrize("form", ["mask", "window"])
 @pytest.mark.parametrize("static", [False, True], ids=["prefix", "static"])
 @pytest.mark.parametrize("ratio", [1, 2, 4])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_cached_decode_equals_full_forward(variant, ratio, static):
+def test_cached_decode_equals_full_forward(variant, ratio, static, form):
     model = model_for(variant, ratio)
     seq = torch.randint(0, 61, (2, 14))
     with torch.no_grad():
@@ -39,7 +42,8 @@ def test_cached_decode_equals_full_forward(variant, ratio, static):
         slots = torch.arange(5)  # prefill 5 tokens, then one at a time
         while slots[0] < 14:
             cache.advance(slots, int(slots[-1]) + 1)
-            got.append(model(seq[:, slots], positions=slots[None], mask=cache.mask(None), caches=cache.layers))
+            mask = cache.mask(None) if form == "mask" else cache.window(None)
+            got.append(model(seq[:, slots], positions=slots[None], mask=mask, caches=cache.layers))
             slots = slots[-1:] + 1
     torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-4, atol=1e-5)
 
@@ -54,6 +58,63 @@ def test_padded_batch_equals_each_prompt_alone(variant):
     # and the logits, not just the argmax: the first decode step's distribution matches
     steps = list(stream_batch(model, prompts, 1, temperature=0))
     assert steps[0] == [a[0] for a in alone]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_static_decode_step_equals_growing_cache(variant):
+    """The fixed-shape step (whole buffer, per-row windows: what the CUDA graph replays) generates exactly what
+    the growing cache does, padding and seeded sampling included."""
+    model = model_for(variant, 2, seed=5)
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=3)):
+        growing = generate_batch(model, prompts, 9, static=False, **kwargs)
+        assert generate_batch(model, prompts, 9, static=True, **kwargs) == growing, kwargs
+
+
+def test_decode_step_logits_equal_full_forward():
+    model = model_for("diff_v2", 2, seed=6)
+    seq = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        full = model(seq)
+        cache = KVCache(model.cfg, 2, 16, dtype=torch.float32, device=torch.device("cpu"))
+        cache.advance(torch.arange(5), 5)
+        model(seq[:, :5], caches=cache.layers)
+        step = DecodeStep(model, cache, torch.zeros(2, dtype=torch.long))
+        for slot in range(5, 12):
+            torch.testing.assert_close(step(seq[:, slot], slot), full[:, slot], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        DecodeStep(model, cache, torch.zeros(2, dtype=torch.long), cuda_graph=True)
+    with pytest.raises(ValueError, match="past the cache"):
+        step(seq[:, 0], 16)
+
+
+def test_generation_options_are_checked():
+    model = model_for("diff_v2", 2)
+    with pytest.raises(ConfigError, match="max_new_tokens=0"):
+        generate_batch(model, [[1, 2]], 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cuda_graph=True"):
+            generate_batch(model, [[1, 2]], 3, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("variant", ["baseline", "diff_v1", "diff_v2"])
+def test_gpu_graphed_generation_equals_eager(variant, compile):
+    """CUDA graph (+ compile) decode through the Triton window kernel == the growing-cache loop, in fp32 (where
+    greedy ties cannot flip) with head_dim 64 so the kernel applies."""
+    n_heads = 4
+    cfg = ModelConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=n_heads, n_kv_heads=2, head_dim=64,
+                      ffn_hidden=128, max_seq_len=128, **VARIANTS[variant])  # fmt: skip
+    torch.manual_seed(7)
+    model = Transformer(cfg).cuda().eval()
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 1, 2], [10, 11], [12, 13, 14, 15]]
+    growing = generate_batch(model, prompts, 20, temperature=0, static=False, cuda_graph=False)
+    graphed = generate_batch(model, prompts, 20, temperature=0, static=True, cuda_graph=True, compile=compile)
+    assert graphed == growing
+    sampled = [generate_batch(model, prompts, 20, temperature=1.0, seed=1, cuda_graph=g) for g in (False, True)]
+    assert sampled[0] == sampled[1]
 
 
 def test_decode_attention_matches_eager_with_padding_mask():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import apply_rope, attend, eager_attention
+from .kernels import Mask, apply_rope, as_mask, attend, decode_attention_triton, eager_attention, fused_decode_applies
 
 
 class KVCacheLayer(Protocol):
@@ -48,7 +48,7 @@ class AttentionBase(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         *,
-        mask: torch.Tensor | None = None,
+        mask: Mask = None,
         cache: KVCacheLayer | None = None,
         stats: dict[str, Any] | None = None,
     ) -> torch.Tensor:
@@ -68,7 +68,7 @@ class AttentionBase(nn.Module):
         """(B, Hq, T, d) outputs and, in diagnostic mode, the probabilities (B, Hq, T, S)."""
         if stats is None:
             return attend(q, k, v, backend=self.backend, mask=mask), None
-        out, probs, logits = eager_attention(q, k, v, mask=mask)
+        out, probs, logits = eager_attention(q, k, v, mask=as_mask(mask, q.shape[-2], k.shape[-2]))
         stats["max_logit"] = logits.masked_fill(logits.isinf(), 0.0).abs().amax().item()
         return out, probs
 
@@ -157,9 +157,13 @@ class DiffV2Attention(AttentionBase):
         return torch.sigmoid(lam) if self.lambda_mode == "sigmoid" else lam
 
     def mix(self, q, k, v, x, mask, stats):
+        s = self.subtraction_weight(x).transpose(1, 2)  # (B, h, T)
+        if stats is None and self.pairing == "interleaved" and fused_decode_applies(q, k, v, mask, self.backend):
+            # decode: the kernel subtracts each pair in its epilogue; the 2h head outputs are never written
+            return decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=s).transpose(1, 2)
         out, probs = self.attend(q, k, v, mask, stats)
         o1, o2 = self.split_pairs(out)
-        s = self.subtraction_weight(x).transpose(1, 2)[..., None]  # (B, h, T, 1)
+        s = s[..., None]  # (B, h, T, 1)
         ctx = PairSubtract.apply(o1, o2, s)
         if stats is not None:
             a1, a2 = self.split_pairs(probs)

@@ -20,7 +20,7 @@ from torch import nn
 from .attention import AttentionBase, DiffV1Attention, KVCacheLayer, build_attention
 from .config import ModelConfig
 from .errors import ConfigError
-from .kernels import rope_cos_sin
+from .kernels import Mask, rope_cos_sin
 
 
 class SwiGLU(nn.Module):
@@ -85,15 +85,16 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         positions: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        mask: Mask = None,
         caches: list[KVCacheLayer] | None = None,
         stats: list[dict[str, Any]] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab); with ``targets`` (B, T, -100 = ignore) also the mean cross-entropy.
 
-        ``positions`` (B or 1, T) default to 0..T-1; ``mask`` (bool, broadcastable to (B, 1, T, S)) replaces
-        the causal rule; ``caches`` holds one KV cache per layer; ``stats`` (one dict per layer) switches on
-        the eager diagnostic path and receives per-layer measurements.
+        ``positions`` (B or 1, T) default to 0..T-1; ``mask`` (bool, broadcastable to (B, 1, T, S), or a
+        :class:`~diffv2.kernels.KVWindow` of valid cache slots per row) replaces the causal rule; ``caches``
+        holds one KV cache per layer; ``stats`` (one dict per layer) switches on the eager diagnostic path and
+        receives per-layer measurements.
         """
         t = tokens.shape[1]
         if positions is None:

@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; slow to start)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="CUDA: run each decode step eagerly instead of replaying one captured CUDA graph")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         print(args.prompt[0], end="", flush=True)
     shown = ""
     for step in stream_batch(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, eos_id=eos, seed=args.seed):  # fmt: skip
+                             top_p=args.top_p, eos_id=eos, seed=args.seed, compile=args.compile,
+                             cuda_graph=False if args.no_cuda_graph else None):  # fmt: skip
         for row, tok in zip(new, step, strict=True):
             if tok is not None and tok != eos:
                 row.append(tok)

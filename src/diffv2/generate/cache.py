@@ -7,6 +7,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..kernels import KVWindow
 
 
 class KVCache:
@@ -15,7 +16,7 @@ class KVCache:
     The generator calls :meth:`advance` before each forward with the buffer slots this step writes. In prefix
     mode (default) attention sees the filled prefix ``[:length]`` (shapes grow: CPU, eager). In static mode it
     sees the whole buffer and unwritten slots are masked, so every decode step has the same shapes (CUDA
-    graphs).
+    graphs). The slots must be consecutive (they always are for a generator).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device,
@@ -38,15 +39,23 @@ class KVCache:
             raise ConfigError(f"KV cache full: {length} slots needed, {self.max_len} allocated")
         self.slots, self.length = slots, length
 
-    def mask(self, start: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, 1, T, S) boolean mask for the current step: causal over the slots, hiding each row's left
-        padding (slots before ``start[b]``) and, in static mode, the slots not written yet. ``None`` when the
-        default causal rule is already exact (prefix mode, no padding)."""
+    def window(self, start: torch.Tensor | None) -> KVWindow | None:
+        """The valid slots of each row for the current step: ``[start[b], slots[-1] + 1)``, hiding each row's
+        left padding (slots before ``start[b]``) and, in static mode, the slots not written yet; the step's
+        queries see their own slots causally. ``None`` when the default causal rule is already exact (prefix
+        mode, no padding). Built from tensors only (no host sync), so a CUDA graph can capture it."""
         if not self.static and start is None:
             return None
-        keys = torch.arange(self.max_len if self.static else self.length, device=self.k.device)
-        mask = keys[None, None, None, :] <= self.slots[None, None, :, None]
-        return mask if start is None else mask & (keys >= start[:, None, None, None])
+        batch = self.k.shape[1]
+        begin = start if start is not None else torch.zeros(batch, dtype=torch.long, device=self.k.device)
+        return KVWindow(begin, (self.slots[-1:] + 1).expand(batch))
+
+    def mask(self, start: torch.Tensor | None) -> torch.Tensor | None:
+        """:meth:`window` as a boolean (B, 1, T, S) mask."""
+        window = self.window(start)
+        return (
+            None if window is None else window.to_mask(len(self.slots), self.k.shape[3] if self.static else self.length)
+        )
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2

@@ -10,6 +10,7 @@ import torch
 from ..errors import ConfigError
 from ..model import Transformer
 from .cache import KVCache
+from .step import DecodeStep
 
 
 def sample_next(
@@ -48,16 +49,26 @@ def stream_batch(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    static: bool | None = None,
+    cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, the new token of every prompt (``None`` once that prompt has hit ``eos_id``).
 
     Prompts are left-padded to a common length: each row gets its own RoPE positions (0 at its first real
-    token) and a mask that hides the padding, so a padded row computes exactly what it would alone.
+    token) and a key window that hides the padding, so a padded row computes exactly what it would alone.
+
+    ``static`` (default: on CUDA) decodes against the cache's whole pre-allocated buffer so every step has the
+    same shapes; ``cuda_graph`` (default: ``static`` on CUDA) then replays each step from one CUDA graph, and
+    ``compile`` runs it through ``torch.compile``. Without ``static`` the cache grows (the CPU default). The
+    loop never waits for the GPU except to read tokens: step i+1 is queued before step i's tokens are read.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompts: give at least one prompt, each with at least one token")
     cfg, device = model.cfg, next(model.parameters()).device
     width = max(map(len, prompts))
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     if width + max_new_tokens > cfg.max_seq_len:
         raise ConfigError(
             f"max_new_tokens={max_new_tokens}: the prompt ({width} tokens) plus the new tokens exceed the model's "
@@ -68,26 +79,76 @@ def stream_batch(
             f"temperature={temperature}, top_k={top_k}, top_p={top_p}: need temperature >= 0 (0 = greedy), "
             "top_k >= 1 and 0 < top_p <= 1"
         )
+    static = device.type == "cuda" if static is None else static
+    cuda_graph = static and device.type == "cuda" if cuda_graph is None else cuda_graph
+    if cuda_graph and not (static and device.type == "cuda"):
+        raise ConfigError(f"cuda_graph=True: needs static=True and a model on a CUDA device (it is on {device})")
     batch = len(prompts)
     start = torch.tensor([width - len(p) for p in prompts], device=device)  # first real slot per row
     tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
-    padding = start if bool((start > 0).any()) else None
+    padding = start if any(len(p) < width for p in prompts) else None
     cache = KVCache(cfg, batch, width + max_new_tokens, dtype=next(model.parameters()).dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+    # prefill: the prompt in one forward over the cache's filled prefix
     slots = torch.arange(width, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        cache.advance(slots, int(slots[-1]) + 1)
-        mask = cache.mask(padding)
-        positions = (slots[None, :] - start[:, None]).clamp(min=0)
-        logits = model(tokens, positions=positions, mask=mask, caches=cache.layers)[:, -1]
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        yield [None if done else tok for tok, done in zip(nxt.tolist(), finished.tolist(), strict=True)]
+    cache.advance(slots, width)
+    positions = (slots[None, :] - start[:, None]).clamp(min=0)
+    nxt = sample(model(tokens, positions=positions, mask=cache.window(padding), caches=cache.layers)[:, -1])
+    if static:
+        step = DecodeStep(model, cache, start, cuda_graph=cuda_graph, compile=compile)
+    else:
+        step = _GrowingStep(model, cache, start, padding)
+    finished = [False] * batch
+    for i in range(max_new_tokens):
+        host = _HostCopy(nxt)
+        if i + 1 < max_new_tokens:
+            following = sample(step(nxt, width + i))  # queued before this step's tokens are read
+        values = host.get()
+        yield [None if done else tok for tok, done in zip(values, finished, strict=True)]
         if eos_id is not None:
-            finished |= nxt == eos_id
-            if bool(finished.all()):
+            finished = [done or tok == eos_id for tok, done in zip(values, finished, strict=True)]
+            if all(finished):
                 return
-        tokens, slots = nxt[:, None], slots[-1:] + 1
+        if i + 1 < max_new_tokens:
+            nxt = following
+
+
+class _GrowingStep:
+    """The dynamic (CPU) decode step: the cache's filled prefix grows by one slot per step."""
+
+    def __init__(self, model: Transformer, cache: KVCache, start: torch.Tensor, padding: torch.Tensor | None):
+        self.model, self.cache, self.start, self.padding = model, cache, start, padding
+
+    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        slots = torch.full((1,), slot, device=tokens.device)
+        self.cache.advance(slots, slot + 1)
+        positions = (slots[None, :] - self.start[:, None]).clamp(min=0)
+        window = self.cache.window(self.padding)
+        return self.model(tokens[:, None], positions=positions, mask=window, caches=self.cache.layers)[:, -1]
+
+
+class _HostCopy:
+    """A step's tokens on their way to the host: an async copy into pinned memory, so reading them waits for
+    that step only, not for the work queued after it."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.event = None
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tokens
+
+    def get(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:

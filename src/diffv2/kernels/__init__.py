@@ -1,6 +1,29 @@
-"""Low-level ops shared by every attention variant: RoPE and the attention primitive (SDPA or eager)."""
+"""Low-level ops shared by every attention variant: RoPE and the attention primitive (SDPA, eager, or the
+Triton split-KV decode kernel)."""
 
-from .attention import attend, decode_attention, eager_attention, fused_sdpa_backends
+from .attention import (
+    Mask,
+    as_mask,
+    attend,
+    decode_attention,
+    eager_attention,
+    fused_decode_applies,
+    fused_sdpa_backends,
+)
+from .decode_triton import KVWindow, decode_attention_triton, triton_supported
 from .rope import apply_rope, rope_cos_sin
 
-__all__ = ["apply_rope", "attend", "decode_attention", "eager_attention", "fused_sdpa_backends", "rope_cos_sin"]
+__all__ = [
+    "KVWindow",
+    "Mask",
+    "apply_rope",
+    "as_mask",
+    "attend",
+    "decode_attention",
+    "decode_attention_triton",
+    "eager_attention",
+    "fused_decode_applies",
+    "fused_sdpa_backends",
+    "rope_cos_sin",
+    "triton_supported",
+]

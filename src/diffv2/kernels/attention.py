@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .decode_triton import KVWindow, decode_attention_triton, triton_supported
+
 # cuDNN first: on the H200 it ran causal prefill at ~590 TFLOP/s against ~320 for flash (DEVELOPERS.md).
 _FUSED = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 _fused_order: list[SDPBackend] = list(_FUSED)
@@ -40,24 +42,42 @@ def _causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.arange(s, device=device)[None, :] <= q_pos
 
 
+Mask = torch.Tensor | KVWindow | None
+
+
+def as_mask(mask: Mask, t: int, s: int) -> torch.Tensor | None:
+    """A boolean (B, 1, T, S) mask (or None) for any mask form, for the paths that need one."""
+    return mask.to_mask(t, s) if isinstance(mask, KVWindow) else mask
+
+
+def fused_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, backend: str) -> bool:
+    """Whether a call goes to the Triton split-KV decode kernel: a key window, few queries, a CUDA tensor."""
+    return isinstance(mask, KVWindow) and backend != "eager" and q.shape[-2] <= 16 and triton_supported(q, k, v)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     backend: str = "sdpa",
-    mask: torch.Tensor | None = None,
+    mask: Mask = None,
 ) -> torch.Tensor:
     """Causal attention. q: (B, Hq, T, d); k, v: (B, Hkv, S, d) with S >= T; returns (B, Hq, T, d).
 
-    ``mask`` (boolean, broadcastable to (B, 1, T, S), True = may attend) replaces the causal rule; without it
-    queries are aligned to the last T key positions (the KV-cache convention), unlike SDPA's top-left
-    ``is_causal`` when T != S. On CUDA a masked call runs :func:`decode_attention` (few queries) or the eager
-    path (long prompts with padding), since SDPA's fused kernels do not combine GQA with a mask.
+    ``mask`` replaces the causal rule: a boolean tensor broadcastable to (B, 1, T, S) (True = may attend) or a
+    :class:`KVWindow` (each row's valid key range, as a KV cache gives it). Without it queries are aligned to
+    the last T key positions (the KV-cache convention), unlike SDPA's top-left ``is_causal`` when T != S.
+    On CUDA a window with few queries runs the Triton split-KV kernel (each K/V head read once per GQA group);
+    other masked calls run :func:`decode_attention` (few queries) or the eager path (long prompts with
+    padding), since SDPA's fused kernels do not combine GQA with a mask.
     """
+    t, s = q.shape[-2], k.shape[-2]
+    if fused_decode_applies(q, k, v, mask, backend):
+        return decode_attention_triton(q, k, v, mask.start, mask.end)
+    mask = as_mask(mask, t, s)
     if backend == "eager":
         return eager_attention(q, k, v, mask=mask)[0]
-    t, s = q.shape[-2], k.shape[-2]
     causal = mask is None
     if causal and t != s:
         causal = False  # a single query sees the whole cache; otherwise align bottom-right explicitly

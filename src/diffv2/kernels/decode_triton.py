@@ -39,6 +39,7 @@ except ImportError:  # CPU-only installs: the reference path below still works
 HAS_TRITON = triton is not None
 MAX_SPLITS = 128  # beyond this the merge costs more than the extra parallelism buys
 MIN_KEYS_PER_SPLIT = 256  # below this a split's partial output (fp32) costs a sizeable share of its K/V bytes
+SHORT_SPLITS = 16  # a short cache at tiny batch is latency-bound: spread it anyway
 MAX_ROWS = 128  # G·T rows per tile: keeps the fp32 accumulator (rows × d) in registers
 
 
@@ -117,12 +118,16 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.device) -> int:
-    """Enough programs for ~2 resident per SM (132 SMs on an H200), each over >= MIN_KEYS_PER_SPLIT keys.
+    """Enough programs for ~2 resident per SM (132 SMs on an H200), each over >= MIN_KEYS_PER_SPLIT keys, but
+    at least SHORT_SPLITS splits (of >= 64 keys) when that cap leaves a short cache on a few programs.
 
-    Depends on shapes only (never on kv_end), so a captured CUDA graph stays valid as the cache fills.
+    Depends on shapes only (never on kv_end), so a captured CUDA graph stays valid as the cache fills. Tuned
+    on the H200 sweep of ``bench/decode_kernel.py --sweep`` (docs/benchmarks.md): at B=1, 1k keys, 16 splits
+    ran 1.4x faster than 4; at 8k keys 32 splits beat 66 by 1.1x.
     """
     want = max(1, 2 * _sm_count(device) // (batch * n_kv_heads))
-    return max(1, min(want, -(-seq_len // MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    by_keys = max(-(-seq_len // MIN_KEYS_PER_SPLIT), min(SHORT_SPLITS, -(-seq_len // 64)))
+    return max(1, min(want, by_keys, MAX_SPLITS))
 
 
 def _config(d: int, rows: int, elem_bytes: int) -> dict[str, int]:

@@ -1,0 +1,78 @@
+"""The one-token decode step against a static KV cache, optionally compiled and captured in a CUDA graph.
+
+The gpt-fast recipe: every step has the same shapes (the cache's whole buffer, a per-row window of valid
+slots), its inputs live in fixed buffers that each call overwrites in place, and the forward, which is a few
+hundred small kernels at batch 1, is replayed from one CUDA graph, so launch overhead and host syncs leave
+the loop. Attention reads the window through the Triton split-KV kernel (DIFF V2's pair subtraction is in its
+epilogue) where it applies, else through the masked fallback (CPU, unsupported shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import Transformer
+from .cache import KVCache
+
+
+class DecodeStep:
+    """``step(tokens, slot)`` → last-position logits (B, V) for one new token per row written at ``slot``.
+
+    ``start`` (B,) is each row's first real slot (left padding before it). ``cuda_graph`` captures the step
+    once (CUDA only) and replays it; ``compile`` runs it through ``torch.compile`` first. The returned logits
+    of a graphed step are a buffer the next call overwrites: consume them (sample) before calling again.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        cache: KVCache,
+        start: torch.Tensor,
+        *,
+        cuda_graph: bool = False,
+        compile: bool = False,
+    ) -> None:
+        device = cache.k.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model and cache on a CUDA device, not {device}")
+        batch = cache.k.shape[1]
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache reads this buffer in place
+        self.start = start.to(device=device, dtype=torch.long).clone()
+        cache.static = True  # from now on attention sees the whole buffer, windowed per row
+        cache.advance(self.slot, cache.max_len)
+        self.forward = torch.compile(self._forward, fullgraph=True, dynamic=False) if compile else self._forward
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        if cuda_graph:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        positions = (self.slot[None, :] - self.start[:, None]).clamp(min=0)  # (B, 1): RoPE from each row's start
+        window = self.cache.window(self.start)
+        return self.model(self.tokens, positions=positions, mask=window, caches=self.cache.layers)[:, -1]
+
+    def _capture(self) -> None:
+        # warm-up runs (compilation, autotuning, allocator growth) must happen outside the capture; they write
+        # K/V at the current slot, which the first real step overwrites before anything reads it
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self.forward()
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        if slot >= self.cache.max_len:
+            raise ValueError(f"slot {slot} is past the cache's {self.cache.max_len} slots")
+        self.tokens.copy_(tokens.view(-1, 1), non_blocking=True)
+        self.slot.fill_(slot)  # a kernel argument, not a host sync
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
