@@ -1,0 +1,262 @@
+"""The fused DIFF V2 training kernel (``diffv2.kernels.diff_attn_triton``) against a float64 head-by-head reference.
+
+Three tiers, so that CI without a GPU stays green and fast:
+- always: the PyTorch fallback (what runs off CUDA), forward and gradients, and the argument checks;
+- ``TRITON_INTERPRET=1`` with triton installed: the Triton kernels themselves on CPU tensors (fp32, fp16, bf16;
+  the fixture below makes the 3.6 interpreter compute bf16 dots on values rather than on the raw uint16 bits);
+- CUDA: bf16 at training shapes, fp32, and torch.compile(fullgraph=True) with the backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from diffv2.kernels import diff_attn_triton as da
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and da.HAS_TRITON
+CUDA = torch.cuda.is_available() and da.HAS_TRITON
+interpreter_only = pytest.mark.skipif(not INTERPRET, reason="needs triton and TRITON_INTERPRET=1")
+requires_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Two fixes to Triton 3.6's interpreter: loop bounds computed from program ids become ``int(array of shape
+    (1,))``, which NumPy >= 2.4 rejects (use ``.item()``); and ``tl.dot`` multiplies bf16 tiles as the uint16
+    arrays that store them (convert to fp32 first: a bf16 product is exact in fp32, as on tensor cores)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    create_dot = interp.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return interp.TensorHandle(interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32),
+                                   tl.float32)  # fmt: skip
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", dot)
+
+
+# |err| <= atol + rtol·max|ref| per tensor: a DIFF V2 difference and the gradients can cancel, so rtol is taken
+# against the largest reference value. bf16/fp16 are limited by the probabilities and dS entering the
+# products in that dtype and by the final rounding.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-5), torch.float16: (1e-3, 4e-3),
+       torch.bfloat16: (1e-2, 3e-2)}  # fmt: skip
+
+
+def reference(q, k, v, w, scale=None):
+    """float64, one head at a time: explicit causal mask and softmax, query head j reads KV head j // G."""
+    b, hq, t, d = q.shape
+    group = hq // k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    heads = []
+    for j in range(hq):
+        logits = q[:, j].double() @ k[:, j // group].double().transpose(-1, -2) * scale
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        heads.append(probs @ v[:, j // group].double())
+    return torch.stack([heads[2 * i] - w[:, i, :, None].double() * heads[2 * i + 1] for i in range(hq // 2)], 1)
+
+
+def make_leaves(b, hq, hkv, t, d, dtype, device="cpu", seed=0):
+    """Leaf tensors in the model's layouts: q/k/v (B, T, H, d), λ (B, T, h); fp32 σ(λ) weights."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, hq, d, generator=gen)
+    k = torch.randn(b, t, hkv, d, generator=gen)
+    v = torch.randn(b, t, hkv, d, generator=gen)
+    lam = torch.randn(b, t, hq // 2, generator=gen)
+    return [x.to(device, dtype if x is not lam else torch.float32).requires_grad_() for x in (q, k, v, lam)]
+
+
+def run(fn, leaves, seed=1, **kwargs):
+    """Output and gradients w.r.t. the leaves of ``fn`` on head-major views (strided, as in the model)."""
+    q, k, v, lam = leaves
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), torch.sigmoid(lam).transpose(1, 2), **kwargs)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
+    return out, torch.autograd.grad(out, leaves, dout)
+
+
+def check(got, ref, dtype, what="out"):
+    atol, rtol = TOL[dtype]
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = (got.double() - ref.double()).abs().max().item()
+    bound = atol + rtol * ref.abs().max().item()
+    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e} ({dtype})"
+
+
+def check_all(fn, leaves, dtype, scale=None):
+    out, grads = run(fn, leaves, scale=scale)
+    ref, ref_grads = run(reference, leaves, scale=scale)
+    assert out.dtype == leaves[0].dtype
+    check(out, ref, dtype)
+    for name, g, r in zip(("dq", "dk", "dv", "dλ"), grads, ref_grads, strict=True):
+        check(g, r, dtype, name)
+
+
+# ---------------------------------------------------------------- always (CPU fallback path)
+
+
+@pytest.mark.skipif(INTERPRET, reason="with TRITON_INTERPRET=1 CPU tensors take the kernel path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("b", "hq", "hkv", "t", "d"), [(2, 4, 2, 17, 16), (1, 8, 2, 33, 32), (2, 8, 4, 1, 8)])
+def test_fallback_matches_reference(b, hq, hkv, t, d, dtype):
+    leaves = make_leaves(b, hq, hkv, t, d, dtype)
+    check_all(da.diff_attention, leaves, dtype)
+    check_all(da.diff_attention, leaves, dtype, scale=0.3)
+
+
+def test_reference_path_is_exact_in_float64():
+    check_all(da.diff_attention_reference, make_leaves(2, 8, 2, 20, 16, torch.float64), torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "match"),
+    [
+        ({"q": (2, 5, 8, 16)}, "q must be"),  # odd head count
+        ({"q": (2, 8, 16)}, "q must be"),
+        ({"k": (2, 3, 8, 16), "v": (2, 3, 8, 16)}, "k must be"),  # 8 heads over 3 KV heads
+        ({"k": (2, 8, 8, 16), "v": (2, 8, 8, 16)}, "k must be"),  # odd group size: a pair would straddle groups
+        ({"k": (2, 2, 9, 16), "v": (2, 2, 9, 16)}, "k must be"),  # S != T
+        ({"v": (2, 2, 8, 32)}, "v must"),
+        ({"w": (2, 8, 8)}, "w must be"),
+        ({"w": (2, 8, 4)}, "w must be"),
+    ],
+)
+def test_rejects_bad_shapes(shapes, match):
+    sizes = {"q": (2, 8, 8, 16), "k": (2, 2, 8, 16), "v": (2, 2, 8, 16), "w": (2, 4, 8)} | shapes
+    args = [torch.zeros(sizes[name]) for name in ("q", "k", "v", "w")]
+    with pytest.raises(ValueError, match=match):
+        da.diff_attention(*args)
+    with pytest.raises(ValueError, match=match):
+        da.diff_attention_reference(*args)
+
+
+def test_supported():
+    q, k, v = torch.zeros(1, 4, 8, 32), torch.zeros(1, 2, 8, 32), torch.zeros(1, 2, 8, 32)
+    assert da.diff_attention_supported(q, k, v) == INTERPRET  # plain CPU: never the kernel
+    assert not da.diff_attention_supported(q.double(), k.double(), v.double())
+    assert not da.diff_attention_supported(q[..., :24], k[..., :24], v[..., :24])  # not a power of two
+    q256, kv256 = torch.zeros(1, 4, 8, 256), torch.zeros(1, 2, 8, 256)
+    assert not da.diff_attention_supported(q256, kv256, kv256)
+
+
+# ---------------------------------------------------------------- Triton interpreter (CPU)
+
+CASES = [  # (B, 2h, h_kv, T, d): 1 and 2 pairs per group; T = 1, below, across and on the 16-token blocks
+    (2, 4, 2, 17, 16),
+    (1, 8, 2, 64, 32),
+    (2, 8, 4, 1, 16),
+    (1, 8, 1, 23, 16),
+]
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_interpreter_matches_reference(case, dtype):
+    b, hq, hkv, t, d = case
+    leaves = make_leaves(b, hq, hkv, t, d, dtype, seed=t)
+    assert da.diff_attention_supported(*(x.transpose(1, 2) for x in leaves[:3]))
+    check_all(da.diff_attention, leaves, dtype)
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize(("fwd", "dkdv", "dq"), [((32, 16), (16, 32), (32, 16)), ((16, 32), (32, 16), (16, 32))])
+def test_interpreter_unequal_blocks_and_scale(monkeypatch, fwd, dkdv, dq):
+    """Query and key blocks of different sizes: the masked diagonal spans several blocks of one kind."""
+    monkeypatch.setattr(da, "INTERPRET_BLOCKS", {"fwd": fwd, "dkdv": dkdv, "dq": dq})
+    check_all(da.diff_attention, make_leaves(2, 8, 2, 50, 16, torch.float32, seed=5), torch.float32, scale=0.3)
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+def test_interpreter_layouts_and_determinism():
+    """out is a transposed (B, T, h, d) buffer; gradients keep their inputs' layouts; reruns are bitwise equal."""
+    leaves = make_leaves(2, 8, 2, 40, 16, torch.float32, seed=6)
+    out, grads = run(da.diff_attention, leaves)
+    assert out.transpose(1, 2).is_contiguous()
+    for g, leaf in zip(grads, leaves, strict=True):
+        assert g.stride() == leaf.stride()
+    out2, grads2 = run(da.diff_attention, leaves)
+    assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+def test_interpreter_opcheck():
+    """Schema, fake impls, autograd registration and AOT dispatch of both custom ops."""
+    q, k, v, lam = (x.detach() for x in make_leaves(1, 4, 2, 9, 16, torch.float32, seed=7))
+    q, k, v, w = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), torch.sigmoid(lam).transpose(1, 2)
+    args = [x.requires_grad_() for x in (q, k, v, w)]
+    torch.library.opcheck(torch.ops.diffv2.diff_attn_fwd.default, (*args, 0.25))
+    out, o2, lse = torch.ops.diffv2.diff_attn_fwd(q.detach(), k.detach(), v.detach(), w.detach(), 0.25)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), w.detach(), out, o2, lse, 0.25)
+    torch.library.opcheck(torch.ops.diffv2.diff_attn_bwd.default, bwd_args)
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+def test_interpreter_dynamo_fullgraph():
+    """The custom ops trace without a graph break, forward and backward (AOT autograd)."""
+    leaves = make_leaves(2, 8, 2, 20, 16, torch.float32, seed=8)
+
+    def fn(q, k, v, w):
+        return da.diff_attention(q, k, v, w) * 2
+
+    out, grads = run(torch.compile(fn, backend="aot_eager", fullgraph=True), leaves)
+    ref, ref_grads = run(fn, leaves)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("t", [128, 1000, 2048])
+def test_gpu_bf16_matches_reference(t, d):
+    leaves = make_leaves(2, 16, 4, t, d, torch.bfloat16, device="cuda", seed=t + d)
+    check_all(da.diff_attention, leaves, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize(("hq", "hkv", "t", "d"), [(8, 2, 300, 64), (4, 2, 77, 128), (32, 8, 65, 64)])
+def test_gpu_fp32_and_fp16_match_reference(hq, hkv, t, d):
+    for dtype in (torch.float32, torch.float16):
+        check_all(da.diff_attention, make_leaves(2, hq, hkv, t, d, dtype, device="cuda", seed=t), dtype, scale=0.1)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_compile_fullgraph():
+    leaves = make_leaves(2, 16, 4, 1000, 128, torch.bfloat16, device="cuda", seed=3)
+
+    def fn(q, k, v, w):
+        return da.diff_attention(q, k, v, w).float().square()
+
+    out, grads = run(torch.compile(fn, fullgraph=True), leaves)
+    ref, ref_grads = run(lambda q, k, v, w: reference(q, k, v, w).square(), leaves)
+    check(out, ref, torch.bfloat16)
+    for name, g, r in zip(("dq", "dk", "dv", "dλ"), grads, ref_grads, strict=True):
+        check(g, r, torch.bfloat16, name)
