@@ -56,9 +56,19 @@ def test_training_lowers_the_loss_and_writes_a_run(data_dir, tmp_path):
     assert isinstance(summary["sample"], str) and len(summary["sample"]) > len("And God said")
     for name in ("config.json", "environment.json", "summary.json"):
         assert (tmp_path / "run" / name).is_file()
+    assert not (tmp_path / "run" / "profile").exists()  # profile_steps defaults to 0
     diag = read_metrics(tmp_path / "run", "diag")
     assert diag and len(diag[-1]["sink_mass"]) == 2 and all(0 < m < 1 for m in diag[-1]["lambda_mean"])
     assert all("tokens_per_s" in r for r in read_metrics(tmp_path / "run") if r["step"] % 2 == 0)
+
+
+def test_profiled_steps_write_a_kernel_table_and_a_trace(data_dir, tmp_path):
+    train(small_cfg(data_dir, tmp_path / "run", steps=4, profile_start=1, profile_steps=2), progress=False)
+    table = (tmp_path / "run" / "profile" / "rank0.txt").read_text(encoding="utf-8")
+    assert "aten::" in table and "Self CPU" in table
+    trace = json.loads((tmp_path / "run" / "profile" / "rank0.trace.json").read_text(encoding="utf-8"))
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::mm") or n.startswith("aten::addmm") for n in names)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

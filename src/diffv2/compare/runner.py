@@ -182,7 +182,7 @@ def _child_env(slot: int, jobs: int) -> dict[str, str]:
 # it would splice two schedules, and calling it "done" would put another experiment into the report.
 _IGNORED_FIELDS = {"data", "out_dir", "device", "tensorboard", "sample_tokens", "sample_prompt", "keep_last",
                    "save_every", "peak_flops", "log_every", "compile", "activation_checkpointing",
-                   "dist_timeout_s"}  # fmt: skip
+                   "dist_timeout_s", "profile_steps", "profile_start"}  # fmt: skip
 
 
 def check_run_config(spec: RunSpec) -> None:

@@ -79,6 +79,8 @@ class TrainConfig:
     max_nonfinite: int = 5
     tensorboard: bool = True
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up (known GPUs) or skip
+    profile_steps: int = 0  # > 0: torch.profiler over that many steps from profile_start, into RUN/profile/
+    profile_start: int = 5  # steps done before the trace starts (compilation and warm-up stay out of it)
     sample_tokens: int = 120
     sample_prompt: str = "And God said"
 
@@ -89,7 +91,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every", "diag_batch",
                      "spike_window", "keep_last", "max_nonfinite", "tokenizer_vocab"):  # fmt: skip
             check_positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "diag_every", "save_every", "sample_tokens", "seed"):
+        for name in ("warmup_steps", "eval_every", "diag_every", "save_every", "sample_tokens", "seed",
+                     "profile_steps", "profile_start"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 disables)")

@@ -3,9 +3,9 @@ the few collectives the loop needs. The model code knows nothing of it; ``parall
 
 Launch: ``torchrun --nproc_per_node=N -m diffv2 train --parallel ddp|fsdp ...``. torchrun sets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT; each process drives one device: ``cuda:LOCAL_RANK`` with NCCL, or the
-CPU with gloo. FSDP2 follows torchtitan: activation checkpointing, then ``torch.compile`` per transformer block,
-then ``fully_shard`` per block and on the root, with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``
-when training in bf16.
+CPU with gloo. As in torchtitan: activation checkpointing, then ``torch.compile`` per transformer block (DDP and
+FSDP2), then for FSDP2 ``fully_shard`` per block and on the root, with
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` when training in bf16.
 """
 
 from __future__ import annotations
@@ -158,18 +158,21 @@ def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile
         # The wrapper's state-dict hooks keep the parameter names, so checkpoints stay interchangeable.
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block)
+    if env.parallel != "none" and compile:
+        # per block, as torchtitan does: one graph serves every layer, the data-parallel hooks (FSDP's gathers,
+        # DDP's bucketed all-reduce as each block's gradients become ready) stay outside the graphs
+        for i, block in enumerate(model.layers):
+            model.layers[i] = torch.compile(block)
     if env.parallel == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for i, block in enumerate(model.layers):
-            if compile:  # per block: one graph serves every layer, and FSDP's hooks stay outside it
-                block = model.layers[i] = torch.compile(block)
+        for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)  # embedding, final norm and LM head (tied or not) form the root group
         return Parallel(model, model, model)
-    compiled = torch.compile(model) if compile else model
     if env.parallel == "ddp":
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return Parallel(model, torch.compile(ddp) if compile else ddp, compiled, ddp)
+        return Parallel(model, ddp, model, ddp)
+    compiled = torch.compile(model) if compile else model  # one process: the whole model in one graph
     return Parallel(model, compiled, compiled)
 
 

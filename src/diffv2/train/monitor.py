@@ -111,3 +111,39 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env
+
+
+class StepProfiler:
+    """``torch.profiler`` around training steps ``[start, start + count)``: writes ``rank<r>.txt`` (the kernels
+    and ops that took the most device time, or CPU time without a GPU) and ``rank<r>.trace.json`` (Chrome /
+    Perfetto trace) into ``out_dir``. A no-op when ``count`` is 0."""
+
+    def __init__(self, out_dir: Path, rank: int, start: int, count: int) -> None:
+        self.out_dir, self.rank, self.start, self.stop = out_dir, rank, start, start + count
+        self.prof: torch.profiler.profile | None = None
+        self.enabled = count > 0
+
+    def before(self, step: int) -> None:
+        if self.enabled and self.prof is None and self.start <= step < self.stop:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities, record_shapes=False)
+            self.prof.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.prof is not None and step >= self.stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
+        (self.out_dir / f"rank{self.rank}.txt").write_text(table + "\n", encoding="utf-8")
+        self.prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}.trace.json"))
+        self.prof, self.enabled = None, False

@@ -23,7 +23,7 @@ from .checkpoint import latest_checkpoint, save_checkpoint
 from .checkpoint_state import gather_weights
 from .config import TrainConfig
 from .distributed import clip_grad_norm_
-from .monitor import MetricsLogger, SpikeDetector
+from .monitor import MetricsLogger, SpikeDetector, StepProfiler
 from .schedule import lr_at
 from .setup import Run, TrainingError, setup, write_json
 
@@ -123,8 +123,11 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(run.device)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc=run.run_dir.name,
                    dynamic_ncols=True)  # fmt: skip
+        profiler = StepProfiler(run.run_dir / "profile", self.env.rank, cfg.profile_start, cfg.profile_steps)
         while self.step < end:
+            profiler.before(self.step)
             record = self.train_step()
+            profiler.after(self.step)
             done = self.step
             if done % cfg.log_every == 0 or done == end:
                 record.update(self.throughput())
@@ -142,6 +145,7 @@ class Trainer:
                 self.save()
             bar.update(1)
         bar.close()
+        profiler.close()
         summary: dict[str, Any] = {
             "step": self.step,
             "finished": self.step >= cfg.steps,
