@@ -36,6 +36,8 @@ def train_cmd(args: argparse.Namespace, data: Path, run_dir: Path, parallel: str
              str(args.log_every), "--sample_tokens", "0", "--no-tensorboard", "--no-progress"]  # fmt: skip
     flags += ["--compile"] if args.compile else []
     flags += ["--activation_checkpointing"] if args.activation_checkpointing else []
+    # a torch.profiler trace of a few steps per rank (RUN/profile/rank<r>.txt): where a slow run spends its time
+    flags += ["--profile_steps", str(args.profile_steps), "--profile_start", str(args.steps // 2)]
     if parallel == "none":
         return [sys.executable, "-m", "diffv2", *flags]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
@@ -91,6 +93,7 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--warmup-frac", type=float, default=0.2, help="leading fraction of steps left out of speed")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps at half-way, per rank")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", default="bpe")
