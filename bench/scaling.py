@@ -116,7 +116,7 @@ def main() -> None:
     if "fsdp" in args.modes.split(","):  # a checkpoint of N sharded ranks, resumed by one process
         src, resumed = out / f"fsdpx{args.gpus}", out / "resumed"
         shutil.rmtree(resumed, ignore_errors=True)
-        shutil.copytree(src, resumed, ignore=shutil.ignore_patterns(f"step_{args.steps:08d}", "latest"))
+        shutil.copytree(src, resumed, ignore=shutil.ignore_patterns(f"step_{args.steps:08d}", "latest", "profile"))
         launch([*train_cmd(args, data, resumed, "none", 1), "--resume"], out / "resumed.log")
         rows.append(summarize(f"fsdp x{args.gpus} -> 1", 1, resumed, 0.5, rows[0]))
         for run_dir in (src, resumed):

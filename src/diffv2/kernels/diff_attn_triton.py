@@ -32,11 +32,12 @@ except ImportError:  # CPU-only installs: the reference path below still works
 HAS_TRITON = triton is not None
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton at import, so read once here too
 
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head_dim: first guesses for the H200,
-# to be tuned with ``bench/diff_attn_kernel.py --sweep`` (fwd/dq: a program owns BLOCK_M queries; dkdv: BLOCK_N keys)
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head_dim (fwd/dq: a program owns BLOCK_M
+# queries; dkdv: BLOCK_N keys). Not yet timed: chosen offline as the largest tiles that compile for sm_90 with Triton
+# 3.6 without register spills, 8 warps splitting the 128-row dimension; tune with bench/diff_attn_kernel.py --sweep
 CONFIGS: dict[int, dict[str, tuple[int, int, int, int]]] = {
-    64: {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (64, 64, 8, 3)},
-    128: {"fwd": (64, 64, 8, 3), "dkdv": (32, 64, 8, 3), "dq": (64, 32, 8, 3)},
+    64: {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 2)},
+    128: {"fwd": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2)},
 }
 # the CPU interpreter: small tiles, so that short test sequences still span several blocks
 INTERPRET_BLOCKS: dict[str, tuple[int, int]] = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
@@ -213,43 +214,6 @@ if HAS_TRITON:
         tl.store(DW + b * sgb + i * sgh + rows * sgt, -dot_o2, mask=ok)
 
     @triton.jit
-    def _dkdv_blocks(
-        dk, dv, kt, vt, keys, q_ptr, sqh, sqt, do_ptr, sdt, w_ptr, swt, lse_ptr, delta_ptr, T, lo, hi, qk_scale,
-        MASKED: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """One pair's query blocks [lo, hi) against a key block; scores transposed: (BLOCK_N keys, BLOCK_M)."""
-        dd = tl.arange(0, D)
-        for m0 in range(lo, hi, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            ok = rows < T
-            q_ptrs = q_ptr + rows[:, None] * sqt + dd[None, :]
-            q1 = tl.load(q_ptrs, mask=ok[:, None], other=0.0)
-            q2 = tl.load(q_ptrs + sqh, mask=ok[:, None], other=0.0)
-            do = tl.load(do_ptr + rows[:, None] * sdt + dd[None, :], mask=ok[:, None], other=0.0)
-            w = tl.load(w_ptr + rows * swt, mask=ok, other=0.0)
-            # a query past T gets lse = +inf, hence p = 0, and contributes nothing
-            lse1 = tl.load(lse_ptr + rows, mask=ok, other=float("inf"))
-            lse2 = tl.load(lse_ptr + T + rows, mask=ok, other=float("inf"))
-            dl1 = tl.load(delta_ptr + rows, mask=ok, other=0.0)
-            dl2 = tl.load(delta_ptr + T + rows, mask=ok, other=0.0)
-            s1 = tl.dot(kt, tl.trans(q1), input_precision=PRECISION) * qk_scale
-            s2 = tl.dot(kt, tl.trans(q2), input_precision=PRECISION) * qk_scale
-            if MASKED:
-                allowed = rows[None, :] >= keys[:, None]
-                s1 = tl.where(allowed, s1, float("-inf"))
-                s2 = tl.where(allowed, s2, float("-inf"))
-            p1 = tl.exp2(s1 - lse1[None, :])
-            p2 = tl.exp2(s2 - lse2[None, :])
-            # dV = p1ᵀ·dout + p2ᵀ·(−w·dout): one product for the pair
-            dv += tl.dot((p1 - p2 * w[None, :]).to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(vt, tl.trans(do), input_precision=PRECISION)  # dP1 = dp, dP2 = −w·dp
-            ds1 = p1 * (dp - dl1[None, :])
-            ds2 = p2 * (-w[None, :] * dp - dl2[None, :])
-            dk += tl.dot(ds1.to(q1.dtype), q1, input_precision=PRECISION)
-            dk += tl.dot(ds2.to(q2.dtype), q2, input_precision=PRECISION)
-        return dk, dv
-
-    @triton.jit
     def _bwd_dkdv_kernel(
         Q, K, V, W, DOUT, LSE, DELTA, DK, DV,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt, sdb, sdh, sdt,
@@ -268,19 +232,37 @@ if HAS_TRITON:
         vt = tl.load(V + b * svb + hk * svh + keys[:, None] * svt + dd[None, :], mask=key_ok[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
+        # every (pair of the group, query block from the diagonal on) in one flat loop, the causal mask always
+        # applied (a few elementwise ops): nested loops over pairs and blocks kept ~2x the registers live (spills)
         lo = (start_n // BLOCK_M) * BLOCK_M
-        mid = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M  # query blocks from here on see the whole key block
-        for pair in range(GROUP_PAIRS):  # both members of every pair in the group read this KV head
-            i = hk * GROUP_PAIRS + pair
-            q_ptr = Q + b * sqb + 2 * i * sqh
-            do_ptr = DOUT + b * sdb + i * sdh
-            w_ptr = W + b * swb + i * swh
-            lse_ptr = LSE + (b * 2 * n_pairs + 2 * i) * T
-            delta_ptr = DELTA + (b * 2 * n_pairs + 2 * i) * T
-            dk, dv = _dkdv_blocks(dk, dv, kt, vt, keys, q_ptr, sqh, sqt, do_ptr, sdt, w_ptr, swt, lse_ptr, delta_ptr,
-                                  T, lo, tl.minimum(mid, T), qk_scale, True, D, BLOCK_M, PRECISION)  # fmt: skip
-            dk, dv = _dkdv_blocks(dk, dv, kt, vt, keys, q_ptr, sqh, sqt, do_ptr, sdt, w_ptr, swt, lse_ptr, delta_ptr,
-                                  T, mid, T, qk_scale, False, D, BLOCK_M, PRECISION)  # fmt: skip
+        n_blocks = tl.cdiv(T - lo, BLOCK_M)
+        for it in range(0, GROUP_PAIRS * n_blocks):
+            i = hk * GROUP_PAIRS + it // n_blocks  # both members of every pair in the group read this KV head
+            rows = lo + (it % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+            ok = rows < T
+            q_ptrs = Q + b * sqb + 2 * i * sqh + rows[:, None] * sqt + dd[None, :]
+            q1 = tl.load(q_ptrs, mask=ok[:, None], other=0.0)
+            q2 = tl.load(q_ptrs + sqh, mask=ok[:, None], other=0.0)
+            do = tl.load(DOUT + b * sdb + i * sdh + rows[:, None] * sdt + dd[None, :], mask=ok[:, None], other=0.0)
+            w = tl.load(W + b * swb + i * swh + rows * swt, mask=ok, other=0.0)
+            stat = (b * 2 * n_pairs + 2 * i) * T + rows
+            # scores transposed, (BLOCK_N keys, BLOCK_M queries); a query past T gets lse = +inf, hence p = 0
+            lse1 = tl.load(LSE + stat, mask=ok, other=float("inf"))
+            lse2 = tl.load(LSE + stat + T, mask=ok, other=float("inf"))
+            dl1 = tl.load(DELTA + stat, mask=ok, other=0.0)
+            dl2 = tl.load(DELTA + stat + T, mask=ok, other=0.0)
+            allowed = rows[None, :] >= keys[:, None]
+            s1 = tl.dot(kt, tl.trans(q1), input_precision=PRECISION) * qk_scale
+            s2 = tl.dot(kt, tl.trans(q2), input_precision=PRECISION) * qk_scale
+            p1 = tl.exp2(tl.where(allowed, s1, float("-inf")) - lse1[None, :])
+            p2 = tl.exp2(tl.where(allowed, s2, float("-inf")) - lse2[None, :])
+            # dV = p1ᵀ·dout + p2ᵀ·(−w·dout): one product for the pair; likewise dP1 = dp and dP2 = −w·dp
+            dv += tl.dot((p1 - p2 * w[None, :]).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
+            ds1 = p1 * (dp - dl1[None, :])
+            ds2 = p2 * (-w[None, :] * dp - dl2[None, :])
+            dk += tl.dot(ds1.to(q1.dtype), q1, input_precision=PRECISION)
+            dk += tl.dot(ds2.to(q2.dtype), q2, input_precision=PRECISION)
         dk_ptrs = DK + b * sdkb + hk * sdkh + keys[:, None] * sdkt + dd[None, :]
         tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
         dv_ptrs = DV + b * sdvb + hk * sdvh + keys[:, None] * sdvt + dd[None, :]
