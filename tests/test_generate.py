@@ -117,6 +117,35 @@ def test_gpu_graphed_generation_equals_eager(variant, compile):
     assert sampled[0] == sampled[1]
 
 
+def test_masked_prefill_equals_eager_on_real_rows_and_stays_finite():
+    """The CUDA path for long left-padded prompts (SDPA on repeated K/V), run here on CPU tensors."""
+    from diffv2.kernels.attention import _masked_prefill
+
+    torch.manual_seed(3)
+    q, k, v = torch.randn(3, 8, 20, 16), torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    cfg = ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=16)
+    cache = KVCache(cfg, 3, 20, dtype=torch.float32, device=torch.device("cpu"))
+    cache.advance(torch.arange(20), 20)
+    start = torch.tensor([0, 5, 13])
+    mask = cache.mask(start)
+    got, want = _masked_prefill(q, k, v, mask), eager_attention(q, k, v, mask=mask)[0]
+    assert torch.isfinite(got).all()
+    for row, first in enumerate(start.tolist()):  # real query rows: identical; padded ones are never read
+        torch.testing.assert_close(got[row, :, first:], want[row, :, first:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_long_padded_prompts_equal_each_alone():
+    cfg = ModelConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
+                      ffn_hidden=128, max_seq_len=128, attention="diff_v2")  # fmt: skip
+    torch.manual_seed(8)
+    model = Transformer(cfg).cuda().eval()
+    prompts = [list(range(1, 41)), [5, 6, 7], list(range(10, 30))]
+    together = generate_batch(model, prompts, 10, temperature=0)
+    assert together == [generate_batch(model, [p], 10, temperature=0)[0] for p in prompts]
+
+
 def test_decode_attention_matches_eager_with_padding_mask():
     torch.manual_seed(2)
     q = torch.randn(3, 8, 2, 16)

@@ -84,7 +84,7 @@ def attend(
         mask = None if t == 1 else _causal_mask(t, s, q.device)
     if mask is not None and q.is_cuda:
         # no fused CUDA kernel takes GQA together with an explicit mask (padding, static-cache slots)
-        return decode_attention(q, k, v, mask) if t <= 16 else eager_attention(q, k, v, mask=mask)[0]
+        return decode_attention(q, k, v, mask) if t <= 16 else _masked_prefill(q, k, v, mask)
     gqa = q.shape[1] != k.shape[1]
     guard = contextlib.nullcontext()
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
@@ -100,6 +100,21 @@ def attend(
             f"(allowed: {[b.name for b in _fused_order]}); refusing the slow math fallback. Use backend='eager' "
             "or change head_dim/dtype."
         ) from err
+
+
+def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A long masked CUDA call (a left-padded prompt): fused SDPA on K/V repeated to the query heads, since
+    the fused kernels take a mask only without GQA. A padded query row, whose keys are all masked, attends to
+    its own slot instead: its output is never read (no real row sees a padded key), and it stays finite
+    rather than NaN, which would reach the cache and, through 0 · NaN, every row reading it."""
+    t, s = q.shape[-2], k.shape[-2]
+    own = torch.arange(s, device=q.device)[None, :] == torch.arange(s - t, s, device=q.device)[:, None]  # (T, S)
+    mask = mask | (own & ~mask.any(dim=-1, keepdim=True))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    guard = sdpa_kernel(_fused_order, set_priority=True) if q.dtype in (torch.float16, torch.bfloat16) else None
+    with guard or contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def eager_attention(
