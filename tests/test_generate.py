@@ -92,9 +92,19 @@ def test_generation_options_are_checked():
     model = model_for("diff_v2", 2)
     with pytest.raises(ConfigError, match="max_new_tokens=0"):
         generate_batch(model, [[1, 2]], 0)
+    with pytest.raises(ConfigError, match="compile=True"):
+        generate_batch(model, [[1, 2]], 3, compile=True, static=False)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="cuda_graph=True"):
             generate_batch(model, [[1, 2]], 3, cuda_graph=True)
+
+
+def test_compiled_decode_step_on_cpu_equals_eager():
+    model = model_for("diff_v2", 2, seed=9)
+    prompts = [[3, 4, 5, 6], [10, 11]]
+    assert generate_batch(model, prompts, 6, temperature=0, compile=True) == generate_batch(
+        model, prompts, 6, temperature=0
+    )
 
 
 @pytest.mark.gpu

@@ -58,9 +58,10 @@ def stream_batch(
     Prompts are left-padded to a common length: each row gets its own RoPE positions (0 at its first real
     token) and a key window that hides the padding, so a padded row computes exactly what it would alone.
 
-    ``static`` (default: on CUDA) decodes against the cache's whole pre-allocated buffer so every step has the
-    same shapes; ``cuda_graph`` (default: ``static`` on CUDA) then replays each step from one CUDA graph, and
-    ``compile`` runs it through ``torch.compile``. Without ``static`` the cache grows (the CPU default). The
+    ``static`` (default: on CUDA or with ``compile``) decodes against the cache's whole pre-allocated buffer so
+    every step has the same shapes; ``cuda_graph`` (default: ``static`` on CUDA) then replays each step from one
+    CUDA graph, and ``compile`` runs it through ``torch.compile``. Without ``static`` the cache grows (the CPU
+    default). The
     loop never waits for the GPU except to read tokens: step i+1 is queued before step i's tokens are read.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -79,7 +80,9 @@ def stream_batch(
             f"temperature={temperature}, top_k={top_k}, top_p={top_p}: need temperature >= 0 (0 = greedy), "
             "top_k >= 1 and 0 < top_p <= 1"
         )
-    static = device.type == "cuda" if static is None else static
+    static = (device.type == "cuda" or compile) if static is None else static
+    if compile and not static:
+        raise ConfigError("compile=True compiles the fixed-shape decode step: it needs static=True (or unset)")
     cuda_graph = static and device.type == "cuda" if cuda_graph is None else cuda_graph
     if cuda_graph and not (static and device.type == "cuda"):
         raise ConfigError(f"cuda_graph=True: needs static=True and a model on a CUDA device (it is on {device})")
