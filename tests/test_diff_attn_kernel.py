@@ -53,15 +53,16 @@ def interpreter(monkeypatch):
 
 
 # |err| <= atol + rtol·max|ref| per tensor: a DIFF V2 difference and the gradients can cancel, so rtol is taken
-# against the largest reference value. bf16/fp16 are limited by the probabilities and dS entering the
-# products in that dtype and by the final rounding.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-5), torch.float16: (1e-3, 4e-3),
-       torch.bfloat16: (1e-2, 3e-2)}  # fmt: skip
+# against the largest reference value. Half precision: measured ~1 unit in the last place of the largest value
+# (probabilities and dS enter the products in that dtype, results are rounded to it), so rtol ~2.5x that. The
+# atol covers T = 1, where dq and dk are exactly zero but delta = Σ dout·o comes from the rounded outputs.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-5), torch.float16: (3e-3, 4e-3),
+       torch.bfloat16: (3e-2, 3e-2)}  # fmt: skip
 
 
 def reference(q, k, v, w, scale=None):
     """float64, one head at a time: explicit causal mask and softmax, query head j reads KV head j // G."""
-    b, hq, t, d = q.shape
+    _, hq, t, d = q.shape
     group = hq // k.shape[1]
     scale = d**-0.5 if scale is None else scale
     allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
@@ -196,6 +197,24 @@ def test_interpreter_layouts_and_determinism():
         assert g.stride() == leaf.stride()
     out2, grads2 = run(da.diff_attention, leaves)
     assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+def test_interpreter_ops_take_strided_head_dim():
+    """The ops themselves (as inductor may call them) accept q/k/v/dout whose head dim is not unit-stride."""
+    q, k, v, lam = (x.detach() for x in make_leaves(1, 4, 2, 19, 16, torch.float32, seed=9))
+    w = torch.sigmoid(lam).transpose(1, 2)
+    q, k, v = (x.permute(0, 2, 3, 1).contiguous().mT for x in (q, k, v))  # (B, H, T, d) stored as (B, H, d, T)
+    assert q.stride(-1) == 19
+    out, o2, lse = torch.ops.diffv2.diff_attn_fwd(q, k, v, w, 0.25)
+    check(out, reference(q, k, v, w, scale=0.25), torch.float32)
+    dout = torch.randn(1, 2, 16, 19).mT  # (B, h, T, d) with d strided
+    grads = torch.ops.diffv2.diff_attn_bwd(dout, q, k, v, w, out, o2, lse, 0.25)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    ref_grads = torch.autograd.grad(reference(*leaves, scale=0.25), leaves, dout)
+    for name, g, r in zip(("dq", "dk", "dv", "dw"), grads, ref_grads, strict=True):
+        check(g, r, torch.float32, name)
 
 
 @interpreter_only

@@ -2,7 +2,7 @@
 
 Output head i = softmax(q_2i kᵀ·s) v − w_i·softmax(q_2i+1 kᵀ·s) v, with the 2h query heads over h_kv KV heads
 (query head j reads KV head j // (2h/h_kv); both members of a pair sit in one group because the group size is
-even) and w (B, h, T) the per-token weight σ(λ), computed outside. FlashAttention-2 in layout:
+even) and w (B, h, T) the per-token weight σ(λ), computed outside. FlashAttention-2 style:
 - forward: grid (query blocks, B·h pairs); one program runs both heads of its pair over the same K/V tiles
   (read once), two online softmaxes in fp32 (exp2, log2 units); the epilogue writes out = o1 − w·o2 in fp32
   before the cast, plus o2 and both log-sum-exps for the backward;
@@ -58,7 +58,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -
     if w.shape != (b, hq // 2, t):
         raise ValueError(f"diff_attention: w must be (B, h, T) = {(b, hq // 2, t)}, got {tuple(w.shape)}")
     if not (q.device == k.device == v.device == w.device):
-        raise ValueError(f"diff_attention: q, k, v, w on different devices: {q.device}, {k.device}, {v.device}, {w.device}")
+        raise ValueError(f"diff_attention: q, k, v, w on different devices: {[x.device for x in (q, k, v, w)]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"diff_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
@@ -111,14 +111,15 @@ def diff_attention(q, k, v, w, *, scale: float | None = None) -> torch.Tensor:
     return torch.ops.diffv2.diff_attn_fwd(_unit_last(q), _unit_last(k), _unit_last(v), w, scale)[0]
 
 
-def _config(kind: str, d: int, dtype: torch.dtype) -> dict[str, int]:
+def _config(kind: str, q: torch.Tensor) -> dict:
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: exact products, not TF32
     if _INTERPRET:
         bm, bn = INTERPRET_BLOCKS[kind]
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 1, "num_stages": 1}
-    bm, bn, warps, stages = CONFIGS[max(64, d)][kind]
-    if dtype == torch.float32:  # tests only: twice the bytes per tile, so smaller tiles and fewer stages
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 1, "num_stages": 1, "PRECISION": precision}
+    bm, bn, warps, stages = CONFIGS[max(64, q.shape[-1])][kind]
+    if q.dtype == torch.float32:  # tests only: twice the bytes per tile, so smaller tiles and fewer stages
         bm, bn, stages = min(bm, 32), min(bn, 32), 2
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "PRECISION": precision}
 
 
 if HAS_TRITON:
@@ -144,7 +145,8 @@ if HAS_TRITON:
         GROUP_PAIRS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        # the last query blocks (the most keys) first: the short ones fill the tail of the launch
+        pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
         b, i = (pid_bh // n_pairs).to(tl.int64), pid_bh % n_pairs
         start_m = pid_m * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -293,7 +295,7 @@ if HAS_TRITON:
         GROUP_PAIRS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)  # longest first
         b, i = (pid_bh // n_pairs).to(tl.int64), pid_bh % n_pairs
         start_m = pid_m * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -330,10 +332,9 @@ if HAS_TRITON:
         tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
         tl.store(dq_ptrs + sgh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
 
-    def _launch_args(kind: str, q: torch.Tensor) -> tuple[dict, int, int]:
-        cfg = _config(kind, q.shape[-1], q.dtype)
-        cfg["PRECISION"] = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: exact products
-        return cfg, cfg["BLOCK_M"], cfg["BLOCK_N"]
+    def _grad_like(x: torch.Tensor) -> torch.Tensor:
+        """x's layout (a dense transposed view stays one: no copy on the way back) unless d is strided."""
+        return torch.empty_like(x) if x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
     def _new_out(q: torch.Tensor) -> torch.Tensor:
         """(B, h, T, d) as a transposed (B, T, h, d) buffer: the model's ``ctx.transpose(1, 2)`` is then free."""
@@ -345,13 +346,14 @@ if HAS_TRITON:
         schema="(Tensor q, Tensor k, Tensor v, Tensor w, float scale) -> (Tensor, Tensor, Tensor)",
     )  # fmt: skip
     def _diff_attn_fwd(q, k, v, w, scale):
-        """Returns (out (B, h, T, d), o2 (B, h, T, d), lse (B, 2h, T) fp32 in log2 units); o2 and lse feed the
-        backward only."""
+        """w: (B, h, T) fp32. Returns (out (B, h, T, d), o2 (B, h, T, d), lse (B, 2h, T) fp32 in log2 units); o2
+        and lse feed the backward only."""
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)  # the kernels index d with unit stride
         b, hq, t, d = q.shape
         out, o2 = _new_out(q), q.new_empty((b, hq // 2, t, d))
         lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
-        cfg, bm, _ = _launch_args("fwd", q)
-        _fwd_kernel[(triton.cdiv(t, bm), b * hq // 2)](
+        cfg = _config("fwd", q)
+        _fwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * hq // 2)](
             q, k, v, w, out, o2, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *w.stride(),
             *out.stride()[:3], *o2.stride()[:3], hq // 2, t, scale * math.log2(math.e),
             GROUP_PAIRS=hq // k.shape[1] // 2, D=d, **cfg,
@@ -369,25 +371,25 @@ if HAS_TRITON:
         " -> (Tensor, Tensor, Tensor, Tensor)",
     )  # fmt: skip
     def _diff_attn_bwd(dout, q, k, v, w, out, o2, lse, scale):
-        """Returns (dq, dk, dv, dw), each with its input's layout."""
+        """Returns (dq, dk, dv, dw), each in its input's layout (where d has unit stride)."""
         b, hq, t, d = q.shape
         h = hq // 2
-        dout = _unit_last(dout)
+        dq, dk, dv, dw = _grad_like(q), _grad_like(k), _grad_like(v), torch.empty_like(w)
+        dout, q, k, v, out, o2 = (_unit_last(x) for x in (dout, q, k, v, out, o2))
         delta = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
-        dq, dk, dv, dw = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w)
         _bwd_pre_kernel[(triton.cdiv(t, 64), b * h)](
             dout, out, o2, w, delta, dw, *dout.stride()[:3], *out.stride()[:3], *o2.stride()[:3], *w.stride(),
             *dw.stride(), h, t, D=d, BLOCK_M=64, num_warps=4,
         )  # fmt: skip
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *w.stride(), *dout.stride()[:3])
         common = dict(GROUP_PAIRS=hq // k.shape[1] // 2, D=d)
-        cfg, _, bn = _launch_args("dkdv", q)
-        _bwd_dkdv_kernel[(triton.cdiv(t, bn), b * k.shape[1])](
+        cfg = _config("dkdv", q)
+        _bwd_dkdv_kernel[(triton.cdiv(t, cfg["BLOCK_N"]), b * k.shape[1])](
             q, k, v, w, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3], h, t,
             scale * math.log2(math.e), scale, **common, **cfg,
         )  # fmt: skip
-        cfg, bm, _ = _launch_args("dq", q)
-        _bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](
+        cfg = _config("dq", q)
+        _bwd_dq_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * h)](
             q, k, v, w, dout, lse, delta, dq, *strides, *dq.stride()[:3], h, t, scale * math.log2(math.e), scale,
             **common, **cfg,
         )  # fmt: skip
@@ -395,7 +397,7 @@ if HAS_TRITON:
 
     @_diff_attn_bwd.register_fake
     def _(dout, q, k, v, w, out, o2, lse, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w)
+        return _grad_like(q), _grad_like(k), _grad_like(v), torch.empty_like(w)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, w, scale = inputs
