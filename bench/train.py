@@ -2,6 +2,7 @@
 
     python bench/train.py                  # GPU: small, 350m and 1b shapes, seq 2048/4096, eager and compiled
     python bench/train.py --shapes small --seqs 1024 --modes eager      # a quick look
+    python bench/train.py --variants baseline,diff_v2,diff_v2+triton    # +triton: the fused DIFF V2 kernel
     python bench/train.py --device cpu --shapes tiny --seqs 128 --batch-tokens 2048 --steps 3   # CPU smoke test
 
 One step = forward + backward + fused AdamW on random tokens (the data pipeline is not what is measured), in
@@ -30,14 +31,16 @@ SHAPES = {
     "350m": dict(preset="350m"),
     "1b": dict(preset="1b"),
 }
-ATTENTION_KERNELS = ("attention", "fmha", "flash", "cudnn", "sdpa", "softmax")
+ATTENTION_KERNELS = ("attention", "fmha", "flash", "cudnn", "sdpa", "softmax", "diff_attn")
 GEMM_KERNELS = ("gemm", "xmma", "nvjet", "cutlass", "matmul", "mm_")
 
 
-def model_config(shape: str, attention: str, seq: int, vocab: int) -> ModelConfig:
+def model_config(shape: str, variant: str, seq: int, vocab: int) -> ModelConfig:
+    """``variant``: an attention kind, optionally ``+triton`` (DIFF V2's fused Triton kernel instead of SDPA)."""
     spec = dict(SHAPES[shape])
     preset = spec.pop("preset", None)
-    fields = dict(attention=attention, vocab_size=vocab, max_seq_len=seq, **spec)
+    attention, _, backend = variant.partition("+")
+    fields = dict(attention=attention, backend=backend or "sdpa", vocab_size=vocab, max_seq_len=seq, **spec)
     return ModelConfig.preset(preset, **fields) if preset else ModelConfig(**fields)
 
 
@@ -114,7 +117,7 @@ def main() -> None:
     p.add_argument("--shapes", default="small,350m,1b")
     p.add_argument("--seqs", default="2048,4096")
     p.add_argument("--modes", default="eager,compile")
-    p.add_argument("--variants", default="baseline,diff_v2,diff_v1")
+    p.add_argument("--variants", default="baseline,diff_v2,diff_v2+triton,diff_v1")
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step (batch = this / seq)")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--steps", type=int, default=10)
@@ -144,12 +147,12 @@ def main() -> None:
     with open(os.path.join(args.out, "train_bench.json"), "w") as f:
         json.dump({"device": name, "gemm_peak_tflops": peak, "rows": rows}, f, indent=1)
 
-    print(f"\n{'shape':<6}{'seq':>6}{'mode':>8}{'variant':>10}{'tok/s':>11}{'vs base':>8}{'MFU meas':>9}"
+    print(f"\n{'shape':<6}{'seq':>6}{'mode':>8}{'variant':>15}{'tok/s':>11}{'vs base':>8}{'MFU meas':>9}"
           f"{'MFU 989':>8}{'peak GB':>8}{'mem/base':>9}{'attn%':>7}{'gemm%':>7}")  # fmt: skip
     base = {(r["shape"], r["seq"], r["mode"]): r for r in rows if r["variant"] == "baseline" and "ms" in r}
     for r in rows:
         if "ms" not in r:
-            print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>10}  {r['error']}")
+            print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>15}  {r['error']}")
             continue
         b = base.get((r["shape"], r["seq"], r["mode"]))
         flops = r["tokens_per_s"] * r["flops_per_token"]
@@ -157,7 +160,7 @@ def main() -> None:
         mem = f"{r['peak_gb']:.1f}" if r["peak_gb"] else "-"
         mem_ratio = f"{r['peak_gb'] / b['peak_gb']:.3f}" if b and r["peak_gb"] else "-"
         split = r["split"] or {}
-        print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>10}{r['tokens_per_s']:>11.0f}"
+        print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>15}{r['tokens_per_s']:>11.0f}"
               f"{r['tokens_per_s'] / b['tokens_per_s'] if b else float('nan'):>8.3f}{mfu_meas:>9}"
               f"{flops / 989e12:>8.1%}{mem:>8}{mem_ratio:>9}{split.get('attention', 0):>7.0%}"
               f"{split.get('gemm', 0):>7.0%}")  # fmt: skip

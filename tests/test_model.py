@@ -46,7 +46,7 @@ REFERENCE_CASES = [
 
 
 @pytest.mark.parametrize(("variant", "n_kv_heads"), REFERENCE_CASES)
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "triton"])
 def test_matches_float64_reference(variant, backend, n_kv_heads):
     torch.manual_seed(n_kv_heads)
     cfg = tiny(n_kv_heads=n_kv_heads, backend=backend, **variant)

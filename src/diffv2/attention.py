@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import Mask, apply_rope, as_mask, attend, decode_attention_triton, eager_attention, fused_decode_applies
+from .kernels.diff_attn_triton import diff_attention, diff_attention_supported
 
 
 class KVCacheLayer(Protocol):
@@ -158,9 +159,17 @@ class DiffV2Attention(AttentionBase):
 
     def mix(self, q, k, v, x, mask, stats):
         s = self.subtraction_weight(x).transpose(1, 2)  # (B, h, T)
-        if stats is None and self.pairing == "interleaved" and fused_decode_applies(q, k, v, mask, self.backend):
-            # decode: the kernel subtracts each pair in its epilogue; the 2h head outputs are never written
-            return decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=s).transpose(1, 2)
+        if stats is None and self.pairing == "interleaved":
+            # fused kernels subtract each pair in their epilogue: the 2h head outputs are never written
+            if fused_decode_applies(q, k, v, mask, self.backend):  # decode over a KV window
+                return decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=s).transpose(1, 2)
+            if (
+                self.backend == "triton"
+                and mask is None
+                and q.shape[-2] == k.shape[-2]
+                and diff_attention_supported(q, k, v)
+            ):
+                return diff_attention(q, k, v, s).transpose(1, 2)  # training / prefill (causal, T == S)
         out, probs = self.attend(q, k, v, mask, stats)
         o1, o2 = self.split_pairs(out)
         s = s[..., None]  # (B, h, T, 1)

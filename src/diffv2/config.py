@@ -15,12 +15,12 @@ from .errors import ConfigError
 Attention = Literal["baseline", "diff_v1", "diff_v2"]
 Pairing = Literal["interleaved", "split"]
 LambdaMode = Literal["sigmoid", "none", "linear"]
-Backend = Literal["sdpa", "eager"]
+Backend = Literal["sdpa", "eager", "triton"]
 
 ATTENTION_KINDS = ("baseline", "diff_v1", "diff_v2")
 PAIRINGS = ("interleaved", "split")
 LAMBDA_MODES = ("sigmoid", "none", "linear")
-BACKENDS = ("sdpa", "eager")
+BACKENDS = ("sdpa", "eager", "triton")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class ModelConfig:
     # DIFF V2 ablations (blog ablations 1-3); the defaults are the real method.
     pairing: Pairing = "interleaved"
     lambda_mode: LambdaMode = "sigmoid"
-    # "sdpa": torch's fused kernels (cuDNN/flash on GPU); "eager": explicit softmax, can return probabilities.
+    # "sdpa": torch's fused kernels (cuDNN/flash on GPU); "eager": explicit softmax, can return probabilities;
+    # "triton": DIFF V2's fused training/prefill kernel where it applies (CUDA, causal, interleaved), else sdpa.
     backend: Backend = "sdpa"
     init_std: float = 0.02
 

@@ -34,7 +34,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def to_hf_config(cfg: ModelConfig, **extra: Any) -> DiffV2Config:
     """The ``DiffV2Config`` of a native config; ``extra`` sets HF-only fields (eos_token_id, ...).
 
-    ``cfg.backend`` becomes the attention implementation ("sdpa" or "eager"), a runtime choice HF does not save.
+    ``cfg.backend`` becomes the attention implementation ("sdpa" or "eager"; our "triton" kernels are not part of
+    the self-contained HF code, so it becomes "sdpa"), a runtime choice HF does not save.
     """
     config = DiffV2Config(
         vocab_size=cfg.vocab_size,
@@ -54,7 +55,7 @@ def to_hf_config(cfg: ModelConfig, **extra: Any) -> DiffV2Config:
         lambda_mode=cfg.lambda_mode,
         **extra,
     )
-    config._attn_implementation = cfg.backend
+    config._attn_implementation = "eager" if cfg.backend == "eager" else "sdpa"
     return config
 
 

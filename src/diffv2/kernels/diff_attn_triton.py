@@ -138,7 +138,7 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def _fwd_kernel(
+    def _diff_attn_fwd_kernel(
         Q, K, V, W, OUT, O2, LSE,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt, sob, soh, sot, s2b, s2h, s2t,
         n_pairs, T, qk_scale,
@@ -192,7 +192,7 @@ if HAS_TRITON:
         tl.store(lse_ptrs + T, m2 + tl.log2(l2), mask=row_ok)
 
     @triton.jit
-    def _bwd_pre_kernel(
+    def _diff_attn_bwd_pre_kernel(
         DOUT, OUT, O2, W, DELTA, DW,
         sdb, sdh, sdt, sob, soh, sot, s2b, s2h, s2t, swb, swh, swt, sgb, sgh, sgt,
         n_pairs, T, D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -216,7 +216,7 @@ if HAS_TRITON:
         tl.store(DW + b * sgb + i * sgh + rows * sgt, -dot_o2, mask=ok)
 
     @triton.jit
-    def _bwd_dkdv_kernel(
+    def _diff_attn_bwd_dkdv_kernel(
         Q, K, V, W, DOUT, LSE, DELTA, DK, DV,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt, sdb, sdh, sdt,
         sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, n_pairs, T, qk_scale, sm_scale,
@@ -288,7 +288,7 @@ if HAS_TRITON:
         return dq1, dq2
 
     @triton.jit
-    def _bwd_dq_kernel(
+    def _diff_attn_bwd_dq_kernel(
         Q, K, V, W, DOUT, LSE, DELTA, DQ,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt, sdb, sdh, sdt, sgb, sgh, sgt,
         n_pairs, T, qk_scale, sm_scale,
@@ -353,7 +353,7 @@ if HAS_TRITON:
         out, o2 = _new_out(q), q.new_empty((b, hq // 2, t, d))
         lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
         cfg = _config("fwd", q)
-        _fwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * hq // 2)](
+        _diff_attn_fwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * hq // 2)](
             q, k, v, w, out, o2, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *w.stride(),
             *out.stride()[:3], *o2.stride()[:3], hq // 2, t, scale * math.log2(math.e),
             GROUP_PAIRS=hq // k.shape[1] // 2, D=d, **cfg,
@@ -377,19 +377,19 @@ if HAS_TRITON:
         dq, dk, dv, dw = _grad_like(q), _grad_like(k), _grad_like(v), torch.empty_like(w)
         dout, q, k, v, out, o2 = (_unit_last(x) for x in (dout, q, k, v, out, o2))
         delta = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
-        _bwd_pre_kernel[(triton.cdiv(t, 64), b * h)](
+        _diff_attn_bwd_pre_kernel[(triton.cdiv(t, 64), b * h)](
             dout, out, o2, w, delta, dw, *dout.stride()[:3], *out.stride()[:3], *o2.stride()[:3], *w.stride(),
             *dw.stride(), h, t, D=d, BLOCK_M=64, num_warps=4,
         )  # fmt: skip
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *w.stride(), *dout.stride()[:3])
         common = dict(GROUP_PAIRS=hq // k.shape[1] // 2, D=d)
         cfg = _config("dkdv", q)
-        _bwd_dkdv_kernel[(triton.cdiv(t, cfg["BLOCK_N"]), b * k.shape[1])](
+        _diff_attn_bwd_dkdv_kernel[(triton.cdiv(t, cfg["BLOCK_N"]), b * k.shape[1])](
             q, k, v, w, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3], h, t,
             scale * math.log2(math.e), scale, **common, **cfg,
         )  # fmt: skip
         cfg = _config("dq", q)
-        _bwd_dq_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * h)](
+        _diff_attn_bwd_dq_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * h)](
             q, k, v, w, dout, lse, delta, dq, *strides, *dq.stride()[:3], h, t, scale * math.log2(math.e), scale,
             **common, **cfg,
         )  # fmt: skip
