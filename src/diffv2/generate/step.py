@@ -54,8 +54,9 @@ class DecodeStep:
         return self.model(self.tokens, positions=positions, mask=window, caches=self.cache.layers)[:, -1]
 
     def _capture(self) -> None:
-        # warm-up runs (compilation, autotuning, allocator growth) must happen outside the capture; they write
-        # K/V at the current slot, which the first real step overwrites before anything reads it
+        # warm-up runs (compilation, autotuning, allocator growth) must happen outside the capture. They write
+        # K/V at the slot in the buffer: the last one, which no step reads before the step that writes it
+        self.slot.fill_(self.cache.max_len - 1)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
