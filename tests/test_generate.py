@@ -100,6 +100,7 @@ def test_generation_options_are_checked():
 
 
 def test_compiled_decode_step_on_cpu_equals_eager():
+    """Also guards the warm-up (shared with CUDA-graph capture): its writes must not land on a prompt's slot."""
     model = model_for("diff_v2", 2, seed=9)
     prompts = [[3, 4, 5, 6], [10, 11]]
     assert generate_batch(model, prompts, 6, temperature=0, compile=True) == generate_batch(

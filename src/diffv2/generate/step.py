@@ -9,6 +9,8 @@ epilogue) where it applies, else through the masked fallback (CPU, unsupported s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..model import Transformer
@@ -45,27 +47,32 @@ class DecodeStep:
         self.forward = torch.compile(self._forward, fullgraph=True, dynamic=False) if compile else self._forward
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        if compile or cuda_graph:
+            self._warm_up()
         if cuda_graph:
-            self._capture()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.logits = self.forward()
 
     def _forward(self) -> torch.Tensor:
         positions = (self.slot[None, :] - self.start[:, None]).clamp(min=0)  # (B, 1): RoPE from each row's start
         window = self.cache.window(self.start)
         return self.model(self.tokens, positions=positions, mask=window, caches=self.cache.layers)[:, -1]
 
-    def _capture(self) -> None:
-        # warm-up runs (compilation, autotuning, allocator growth) must happen outside the capture. They write
-        # K/V at the slot in the buffer: the last one, which no step reads before the step that writes it
+    @torch.no_grad()
+    def _warm_up(self) -> None:
+        """Compilation, autotuning and allocator growth, before any capture (on a side stream, as CUDA-graph
+        capture requires). These runs write K/V at the cache's last slot, which no step reads before the step
+        that writes it."""
         self.slot.fill_(self.cache.max_len - 1)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
+        side = torch.cuda.Stream() if self.cache.k.is_cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for _ in range(2):
                 self.forward()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = self.forward()
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
