@@ -185,6 +185,7 @@ def test_report_has_every_variant_and_readable_figures(grid):
         assert len(rows) == 1 + len(grid.lrs), variant  # parameter table + one final-loss table per lr
     assert "## The blog's claims, measured" in text and "p = " in text
     assert re.search(r"each run reads \d+\.\d\d epochs of the train split", text)
+    assert "not a speed comparison" not in text  # one run at a time: its tokens/s stand
     figures = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", text, flags=re.M)
     assert len(figures) >= 8
     for name in figures:
@@ -235,6 +236,11 @@ def test_subprocess_jobs(text_dir, tmp_path):
     outcomes = run_grid(cfg, jobs=2, log=lambda _: None)
     assert [(o.before, o.after) for o in outcomes] == [("new", "done")] * 2
     assert all((s.run_dir / "summary.json").is_file() for s in expand_grid(cfg))
+    # two runs shared the CPU: each records it, and the report says its tokens/s is no speed comparison
+    envs = [json.loads((s.run_dir / "environment.json").read_text()) for s in expand_grid(cfg)]
+    assert [e["runs_per_device"] for e in envs] == [2, 2]
+    pytest.importorskip("matplotlib")
+    assert "tokens/s is not a speed comparison here" in write_report(cfg.out_dir, probe=False).read_text()
 
 
 def test_compare_cli_dry_run_and_report_only(text_dir, tmp_path, capsys):

@@ -176,6 +176,11 @@ def _final_tables(grid: Grid) -> list[str]:
         'there is no test ("n too small"). Lower loss is better.',
         "",
     ]
+    shared = max((_runs_per_device(r.run_dir) for r in grid.runs), default=1)
+    if shared > 1:
+        lines += [f"**tokens/s is not a speed comparison here**: up to {shared} runs trained on one device at "
+                  "a time (`diffv2 compare --jobs`), so their speeds depend on what shared the device with them.",
+                  ""]  # fmt: skip
     for lr in grid.lrs:
         head = "| variant | finished / diverged / total | val loss |"
         rule = "|---|---:|---:|"
@@ -205,6 +210,11 @@ def _final_tables(grid: Grid) -> list[str]:
             lines.append(row)
         lines.append("")
     return lines
+
+
+def _runs_per_device(run_dir: Path) -> int:
+    path = run_dir / "environment.json"
+    return int(json.loads(path.read_text(encoding="utf-8")).get("runs_per_device", 1)) if path.is_file() else 1
 
 
 def _claims(grid: Grid) -> list[str]:

@@ -165,6 +165,9 @@ def run_grid(
     return [outcomes[s.key] for s in specs]
 
 
+RUNS_PER_DEVICE_ENV = "DIFFV2_RUNS_PER_DEVICE"
+
+
 def _child_env(slot: int, jobs: int) -> dict[str, str]:
     env = dict(os.environ)
     # jobs processes share the cores; left alone, each would start one thread per core and thrash
@@ -175,6 +178,8 @@ def _child_env(slot: int, jobs: int) -> dict[str, str]:
         gpus = [str(i) for i in range(torch.cuda.device_count())]
     if len(gpus) > 1:  # one GPU per worker slot; slots are reused only once their run has ended
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    # recorded in each run's environment.json: the report must not present shared-device speeds as a comparison
+    env[RUNS_PER_DEVICE_ENV] = str(-(-jobs // max(1, len(gpus))))
     return env
 
 

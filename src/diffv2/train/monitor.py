@@ -100,6 +100,8 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "argv": sys.argv,
+        # > 1 when `diffv2 compare --jobs` ran several runs on one device at once (their speeds then interfere)
+        "runs_per_device": int(os.environ.get("DIFFV2_RUNS_PER_DEVICE", "1")),
     }
     try:
         root = Path(__file__).resolve().parents[3]
