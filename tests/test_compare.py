@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import struct
 from pathlib import Path
 
@@ -182,7 +183,14 @@ def test_report_has_every_variant_and_readable_figures(grid):
         assert f"### lr = {lr:g}" in text
     for variant in VARIANTS:
         rows = [line for line in text.splitlines() if line.startswith(f"| {variant} |")]
-        assert len(rows) == 1 + len(grid.lrs), variant  # parameter table + one final-loss table per lr
+        assert len(rows) == 2 + len(grid.lrs), variant  # parameters + one final-loss table per lr + best lr
+    best = text.split("## Each variant at its best learning rate")[1].split("## ")[0]
+    for variant in VARIANTS:
+        row = next(line for line in best.splitlines() if line.startswith(f"| {variant} |"))
+        runs = [r for r in load_grid(grid.out_dir).runs if r.variant == variant and r.final_val_loss is not None]
+        means = {lr: statistics.mean(r.final_val_loss for r in runs if r.lr == lr) for lr in {r.lr for r in runs}}
+        best_lr = min(means, key=means.get)
+        assert float(row.split("|")[2]) == best_lr and f"{means[best_lr]:.4f}" in row, row
     assert "## The blog's claims, measured" in text and "p = " in text
     assert re.search(r"each run reads \d+\.\d\d epochs of the train split", text)
     assert "not a speed comparison" not in text  # one run at a time: its tokens/s stand

@@ -36,7 +36,7 @@ def write_report(out_dir: str | Path, *, report_dir: str | Path | None = None, p
         figures = _figures(grid, params, probes, dest)
     except ImportError:
         figures = []
-    lines = _header(grid) + _params_table(grid, params) + _final_tables(grid) + _claims(grid)
+    lines = _header(grid) + _params_table(grid, params) + _final_tables(grid) + _best_lr_table(grid) + _claims(grid)
     lines += _figure_section(figures) + _runs_section(grid)
     path = dest / REPORT_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -192,15 +192,14 @@ def _final_tables(grid: Grid) -> list[str]:
         lines += [f"### lr = {lr:g}", "", head, rule]
         for v in grid.variants:
             runs = grid.select(v, lr)
-            losses = [r.final_val_loss for r in runs if r.final_val_loss is not None]
+            losses = _final_losses(grid, v, lr)
             finished, diverged = len(losses), sum(r.status == "diverged" for r in runs)
             row = f"| {v} | {finished} / {diverged} / {len(runs)} | {summarize(losses).fmt(4)} |"
             for ref in refs:
                 if ref == v:
                     row += " (reference) | | |"
                     continue
-                other = [r.final_val_loss for r in grid.select(ref, lr) if r.final_val_loss is not None]
-                cmp = welch(losses, other)
+                cmp = welch(losses, _final_losses(grid, ref, lr))
                 row += f" {'–' if cmp.diff is None else f'{cmp.diff:+.4f}'} | {cmp.fmt_ci(4)} | {cmp.fmt_p()} |"
             started = [r for r in runs if r.train.get("step")]
             for flag in ("loss_spike", "grad_spike", "skipped"):
@@ -210,6 +209,47 @@ def _final_tables(grid: Grid) -> list[str]:
             lines.append(row)
         lines.append("")
     return lines
+
+
+def _final_losses(grid: Grid, variant: str, lr: float) -> list[float]:
+    return [r.final_val_loss for r in grid.select(variant, lr) if r.final_val_loss is not None]
+
+
+def _best_lr_table(grid: Grid) -> list[str]:
+    """Each variant at its own best learning rate: one shared lr can favour whichever variant it happens to
+    suit, so with several lrs the comparison is also made at each variant's best (lowest mean final loss)."""
+    if len(grid.lrs) < 2:
+        return []
+    best: dict[str, tuple[float, list[float]]] = {}
+    for v in grid.variants:
+        tried = [(lr, _final_losses(grid, v, lr)) for lr in grid.lrs]
+        tried = [(lr, losses) for lr, losses in tried if losses]
+        if tried:
+            best[v] = min(tried, key=lambda t: sum(t[1]) / len(t[1]))
+    ref = best.get(grid.baseline)
+    lines = [
+        "## Each variant at its best learning rate",
+        "",
+        f"The lr (of {', '.join(f'{lr:g}' for lr in grid.lrs)}) with the lowest mean final validation loss, per "
+        "variant. The same validation loss picks the lr and scores it, so these numbers are optimistic; Δ and p "
+        f"are against {grid.baseline} at its own best lr.",
+        "",
+        f"| variant | best lr | val loss | Δ vs {grid.baseline} | 95% CI | p |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for v in grid.variants:
+        if v not in best:
+            lines.append(f"| {v} | – | no finished run | | | |")
+            continue
+        lr, losses = best[v]
+        row = f"| {v} | {lr:g} | {summarize(losses).fmt(4)} |"
+        if v == grid.baseline or ref is None:
+            row += " (reference) | | |" if v == grid.baseline else " – | | |"
+        else:
+            cmp = welch(losses, ref[1])
+            row += f" {'–' if cmp.diff is None else f'{cmp.diff:+.4f}'} | {cmp.fmt_ci(4)} | {cmp.fmt_p()} |"
+        lines.append(row)
+    return [*lines, ""]
 
 
 def _runs_per_device(run_dir: Path) -> int:
