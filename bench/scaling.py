@@ -36,6 +36,7 @@ def train_cmd(args: argparse.Namespace, data: Path, run_dir: Path, parallel: str
              str(args.log_every), "--sample_tokens", "0", "--no-tensorboard", "--no-progress"]  # fmt: skip
     flags += ["--compile"] if args.compile else []
     flags += ["--activation_checkpointing"] if args.activation_checkpointing else []
+    flags += ["--no-fsdp_bf16_params"] if args.fsdp_fp32_params else []
     # a torch.profiler trace of a few steps per rank (RUN/profile/rank<r>.txt): where a slow run spends its time
     flags += ["--profile_steps", str(args.profile_steps), "--profile_start", str(args.steps // 2)]
     if parallel == "none":
@@ -95,6 +96,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps at half-way, per rank")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--fsdp-fp32-params", action="store_true",
+                   help="FSDP2 with fp32 parameters under bf16 autocast: the numerics of the 1-GPU and DDP runs")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", default="bpe")
     p.add_argument("--out", default="runs/scaling")

@@ -195,6 +195,8 @@ def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
     conf = tmp_path / "c.toml"
     conf.write_text("stepz = 3\n")
     assert "stepz" in _error_line(capsys, ["train", "--config", str(conf)])
+    conf.write_text('compile = "yes"\n')  # a string where a switch belongs is refused, not taken as true
+    assert "compile='yes': must be true or false" in _error_line(capsys, ["train", "--config", str(conf)])
 
 
 def test_init_from_continues_a_trained_model_with_its_tokenizer(data_dir, tmp_path):

@@ -65,6 +65,9 @@ class TrainConfig:
     # parallelism: "ddp" / "fsdp" (FSDP2) need torchrun (torchrun --nproc_per_node=N -m diffv2 train ...)
     parallel: str = "none"
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # fsdp in bf16: True = bf16 parameters and activations, fp32 gradient reduction (torchtitan; half the
+    # all-gather bytes); False = fp32 parameters under bf16 autocast, the numerics of one GPU and of ddp
+    fsdp_bf16_params: bool = True
     dist_timeout_s: float = 600.0  # a collective waiting this long fails the job (a rank died or hangs)
     # evaluation, logging, diagnostics, checkpoints
     eval_every: int = 100
@@ -106,6 +109,9 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2", "wsd_decay_frac"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must lie in [0, 1]")
+        for f in dataclasses.fields(self):
+            if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: must be true or false")
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)

@@ -114,8 +114,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
         model.load_state_dict(init.model.state_dict())
         del init
     model = model.to(device)
+    fsdp_casts = use_bf16 and cfg.parallel == "fsdp" and cfg.fsdp_bf16_params  # else autocast does it
     par = parallelize(model, env, device, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
-                      bf16=use_bf16)  # fmt: skip
+                      bf16=fsdp_casts)  # fmt: skip
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -124,8 +125,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
     )  # fmt: skip
     loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=env.rank,
                          world_size=env.world_size)  # fmt: skip
-    # FSDP casts the parameters themselves (MixedPrecisionPolicy); autocast serves the other modes.
-    autocast = torch.bfloat16 if use_bf16 and cfg.parallel != "fsdp" else None
+    # FSDP with bf16 parameters casts them itself (MixedPrecisionPolicy); autocast serves everything else.
+    autocast = torch.bfloat16 if use_bf16 and not fsdp_casts else None
     run = Run(cfg, model_cfg, run_dir, data_dir, tokenizer, par, optimizer, loader, device, autocast, env,
               micro_steps)  # fmt: skip
     state: dict[str, Any] = {"step": 0}
