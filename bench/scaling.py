@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps at half-way, per rank")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--fsdp-fp32-params", action="store_true",
-                   help="FSDP2 with fp32 parameters under bf16 autocast: the numerics of the 1-GPU and DDP runs")  # fmt: skip
+                   help="FSDP2 with fp32 parameters under bf16 autocast (the 1-GPU and DDP numerics)")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", default="bpe")
     p.add_argument("--out", default="runs/scaling")
