@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -224,6 +226,10 @@ def test_generate_cli_streams_from_a_checkpoint(tmp_path, capsys):
                  "--temperature", "0"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert out.startswith("In the") and len(out) > len("In the")
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "In the", "--prompt", "And",
+                 "--max-new-tokens", "6", "--temperature", "0", "--no-stop", "--stats"]) == 0  # fmt: skip
+    assert re.search(r"first token after \d+ ms; 5 decode steps at [\d.]+ steps/s \([\d.]+ tokens/s over 2 prompts\)",
+                     capsys.readouterr().err)  # fmt: skip
     assert main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     for flags, field in ((["--max-new-tokens", "100000"], "max_new_tokens"), (["--top-p", "1.5"], "top_p")):

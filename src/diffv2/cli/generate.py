@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -24,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; slow to start)")
+    p.add_argument("--stats", action="store_true", help="print time to first token and decode tokens/s to stderr")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA: run each decode step eagerly instead of replaying one captured CUDA graph")  # fmt: skip
     p.set_defaults(func=run)
@@ -46,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
     if single:
         print(args.prompt[0], end="", flush=True)
     shown = ""
+    clock = _Clock()
     for step in stream_batch(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, eos_id=eos, seed=args.seed, compile=args.compile,
                              cuda_graph=False if args.no_cuda_graph else None):  # fmt: skip
+        clock.tick()
         for row, tok in zip(new, step, strict=True):
             if tok is not None and tok != eos:
                 row.append(tok)
@@ -63,4 +67,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         for prompt, row in zip(args.prompt, new, strict=True):
             print(f"--- {prompt!r}\n{prompt}{tokenizer.decode(row)}")
+    if args.stats:
+        print(clock.summary(len(prompts)), file=sys.stderr)
     return 0
+
+
+class _Clock:
+    """Wall time to the first token (prefill, plus graph capture or compilation on the first call) and of the
+    decode steps after it. Tokens arrive on the host one step behind the GPU, so host time tracks GPU time."""
+
+    def __init__(self) -> None:
+        self.start, self.times = time.perf_counter(), []
+
+    def tick(self) -> None:
+        self.times.append(time.perf_counter())
+
+    def summary(self, batch: int) -> str:
+        if not self.times:
+            return "no tokens generated"
+        first = self.times[0] - self.start
+        steps = len(self.times) - 1
+        if steps == 0:
+            return f"first token after {first * 1e3:.0f} ms; no decode steps"
+        rate = steps / (self.times[-1] - self.times[0])
+        return (
+            f"first token after {first * 1e3:.0f} ms; {steps} decode steps at {rate:.1f} steps/s "
+            f"({rate * batch:.1f} tokens/s over {batch} prompts)"
+        )
