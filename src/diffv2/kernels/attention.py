@@ -36,6 +36,13 @@ def fused_sdpa_backends(order: list[SDPBackend] | None = None) -> list[SDPBacken
     return list(_fused_order)
 
 
+def _fused_only(q: torch.Tensor) -> contextlib.AbstractContextManager:
+    """For half-precision CUDA inputs, SDPA may pick only the fused kernels (in our order), never math."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
+        return sdpa_kernel(_fused_order, set_priority=True)
+    return contextlib.nullcontext()
+
+
 def _causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
     """Boolean (t, s) mask, True = may attend, aligned bottom-right: query i sits at key position s - t + i."""
     q_pos = torch.arange(s - t, s, device=device)[:, None]
@@ -86,11 +93,8 @@ def attend(
         # no fused CUDA kernel takes GQA together with an explicit mask (padding, static-cache slots)
         return decode_attention(q, k, v, mask) if t <= 16 else _masked_prefill(q, k, v, mask)
     gqa = q.shape[1] != k.shape[1]
-    guard = contextlib.nullcontext()
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
-        guard = sdpa_kernel(_fused_order, set_priority=True)
     try:
-        with guard:
+        with _fused_only(q):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     except RuntimeError as err:
         if "No available kernel" not in str(err):
@@ -112,8 +116,7 @@ def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     mask = mask | (own & ~mask.any(dim=-1, keepdim=True))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    guard = sdpa_kernel(_fused_order, set_priority=True) if q.dtype in (torch.float16, torch.bfloat16) else None
-    with guard or contextlib.nullcontext():
+    with _fused_only(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -131,7 +131,7 @@ class StepProfiler:
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=activities, record_shapes=False)
-            self.prof.__enter__()
+            self.prof.start()
 
     def after(self, step: int) -> None:
         if self.prof is not None and step >= self.stop:
@@ -142,7 +142,7 @@ class StepProfiler:
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.prof.__exit__(None, None, None)
+        self.prof.stop()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         table = self.prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
