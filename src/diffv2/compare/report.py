@@ -136,9 +136,7 @@ def _epochs(grid: Grid, train_tokens: int) -> float:
 
 def _environment_line(grid: Grid) -> str:
     for run in grid.runs:
-        env_path = run.run_dir / "environment.json"
-        if env_path.is_file():
-            env = json.loads(env_path.read_text(encoding="utf-8"))
+        if env := run.environment:
             dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
             return (f"torch {env.get('torch')}, {env.get('cuda') or 'CPU'} ({env.get('cpu_count')} CPU cores), "
                     f"git {str(env.get('git_commit'))[:10]}{dirty}")  # fmt: skip
@@ -176,7 +174,7 @@ def _final_tables(grid: Grid) -> list[str]:
         'there is no test ("n too small"). Lower loss is better.',
         "",
     ]
-    shared = max((_runs_per_device(r.run_dir) for r in grid.runs), default=1)
+    shared = max((int(r.environment.get("runs_per_device", 1)) for r in grid.runs), default=1)
     if shared > 1:
         lines += [f"**tokens/s is not a speed comparison here**: up to {shared} runs trained on one device at "
                   "a time (`diffv2 compare --jobs`), so their speeds depend on what shared the device with them.",
@@ -250,11 +248,6 @@ def _best_lr_table(grid: Grid) -> list[str]:
             row += f" {'–' if cmp.diff is None else f'{cmp.diff:+.4f}'} | {cmp.fmt_ci(4)} | {cmp.fmt_p()} |"
         lines.append(row)
     return [*lines, ""]
-
-
-def _runs_per_device(run_dir: Path) -> int:
-    path = run_dir / "environment.json"
-    return int(json.loads(path.read_text(encoding="utf-8")).get("runs_per_device", 1)) if path.is_file() else 1
 
 
 def _claims(grid: Grid) -> list[str]:

@@ -39,6 +39,7 @@ class RunResult:
     tokens_per_s: list[float] = field(default_factory=list)
     diag: dict[str, Any] | None = None  # the last "diag" record
     first_diag: dict[str, Any] | None = None  # the first one (step 1: the model almost at init)
+    environment: dict[str, Any] = field(default_factory=dict)  # environment.json: versions, device, sharing
     error: str = ""
 
     @property
@@ -97,6 +98,8 @@ def load_run(run_dir: Path, variant: str, lr: float, seed: int, key: str) -> Run
                 result.first_diag = result.first_diag or rec
                 result.diag = rec
         result.train = train_cols
+    if (run_dir / "environment.json").is_file():
+        result.environment = json.loads((run_dir / "environment.json").read_text(encoding="utf-8"))
     if (run_dir / "summary.json").is_file():
         result.status = "finished"
         result.summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
