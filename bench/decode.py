@@ -5,10 +5,12 @@
 
 Each point times one-token decode steps at a fixed context length: the KV cache is filled with random
 values (a real prefill of 64 x 32k tokens would only cost time), the step is captured in a CUDA graph and
-replayed. Two paths (``--paths``): ``static`` is what ``diffv2 generate`` runs on CUDA (the
+replayed. Three paths (``--paths``): ``static`` is what ``diffv2 generate`` runs on CUDA (the
 ``DecodeStep`` over the whole pre-allocated cache with per-row windows: the Triton split-KV kernel, DIFF V2's
-pair subtraction in its epilogue); ``prefix`` is the model forward over exactly the filled prefix with stock
-SDPA (no mask, so no padding support: the best stock SDPA can do). Bytes per step = weights read (all but the
+pair subtraction in its epilogue); ``compiled`` is the same step under ``torch.compile`` (``diffv2 generate
+--compile``; one compilation per shape, so only at the ``--compiled-points``); ``prefix`` is the model
+forward over exactly the filled prefix with stock SDPA (no mask, so no padding support: the best stock SDPA
+can do). Bytes per step = weights read (all but the
 embedding table) + the K/V cache read once; GB/s = bytes / step time; the device's copy bandwidth is measured
 in the same run. A second table times the attention op alone at the same shapes: SDPA (default choice, flash,
 cuDNN), the Triton kernel (with and without the pair epilogue) and the compiled masked fallback
@@ -39,8 +41,9 @@ def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> t
     cache.k.normal_()
     cache.v.normal_()
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
-    if path == "static":
-        step = DecodeStep(model, cache, torch.zeros(batch, dtype=torch.long, device="cuda"))
+    if path in ("static", "compiled"):
+        start = torch.zeros(batch, dtype=torch.long, device="cuda")
+        step = DecodeStep(model, cache, start, compile=path == "compiled")
         step(tokens, context - 1)  # sets the input buffers; the graph below replays step.forward on them
         fn = step.forward
     else:
@@ -97,7 +100,12 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--contexts", default="1024,8192,32768")
     p.add_argument("--variants", default="baseline,diff_v1,diff_v2")
-    p.add_argument("--paths", default="static,prefix", help="static (generate's CUDA path), prefix (stock SDPA)")
+    p.add_argument(
+        "--paths",
+        default="static,compiled,prefix",
+        help="static (generate's CUDA path), compiled (the same, torch.compile'd), prefix (stock SDPA)",
+    )
+    p.add_argument("--compiled-points", default="1x1024,1x32768", help="BxCTX points of the compiled path")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -105,6 +113,8 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {copy_gbs:.0f} GB/s")
     paths, variants = args.paths.split(","), args.variants.split(",")
+    compiled_points = {tuple(int(x) for x in p.split("x")) for p in args.compiled_points.split(",")}
+    torch._dynamo.config.cache_size_limit = 64  # one compiled step per variant and point
     rows = []
     for variant in variants:
         cfg = ModelConfig.preset(args.preset, attention=variant, vocab_size=args.vocab_size,
@@ -115,6 +125,8 @@ def main() -> None:
             for batch in batches:
                 for context in contexts:
                     point = dict(variant=variant, path=path, batch=batch, context=context)
+                    if path == "compiled" and (batch, context) not in compiled_points:
+                        continue
                     try:
                         ms, nbytes = decode_step_ms(model, batch, context, path)
                     except torch.OutOfMemoryError:
@@ -125,6 +137,7 @@ def main() -> None:
                     gbs = nbytes / ms / 1e6
                     rows.append({**point, "ms": ms, "tok_s": batch * 1e3 / ms, "gb": nbytes / 1e9, "gbs": gbs,
                                  "pct_copy": gbs / copy_gbs})  # fmt: skip
+                    print(json.dumps(rows[-1]), flush=True)  # a run cut short still leaves its points
         del model
         torch.cuda.empty_cache()
     op_rows = []
@@ -143,6 +156,8 @@ def main() -> None:
         for batch in batches:
             for context in contexts:
                 got = {v: by.get((v, path, batch, context)) for v in variants}
+                if not any(got.values()):
+                    continue
                 cells = [f"{r['tok_s']:>14.0f} {r['gbs']:>5.0f} {r['pct_copy']:>6.1%}" if r else f"{'n/a':>27}"
                          for r in got.values()]  # fmt: skip
                 line = f"{batch:>3} {context:>6} | " + " | ".join(cells)
@@ -151,12 +166,12 @@ def main() -> None:
                     ratios = (v2["tok_s"] / b["tok_s"], v2["tok_s"] / v1["tok_s"], v2["gb"] / b["gb"])
                     line += f" | {ratios[0]:>7.3f} {ratios[1]:>6.3f} {ratios[2]:>13.3f}"
                 print(line)
-    if "static" in paths and "prefix" in paths:
-        print("\nstatic path / prefix path tokens/s (>1: generate's path beats stock SDPA over the exact prefix)")
+    if "prefix" in paths:
+        print("\nstatic or compiled path / prefix path tokens/s (>1: generate's path beats stock SDPA over the prefix)")
         for (variant, path, batch, context), r in by.items():
             other = by.get((variant, "prefix", batch, context))
-            if path == "static" and other:
-                print(f"{variant:<9} B={batch:<3} ctx={context:<6} {r['tok_s'] / other['tok_s']:.3f}")
+            if path != "prefix" and other:
+                print(f"{variant:<9} {path:<8} B={batch:<3} ctx={context:<6} {r['tok_s'] / other['tok_s']:.3f}")
     print("\nattention op alone (2h=query heads of DIFF V2 over h_kv heads, one query token)")
     print(f"{'B':>3} {'ctx':>6} {'kernel':<28} {'ms':>8} {'GB/s':>7} {'%copy':>7}")
     for r in op_rows:
