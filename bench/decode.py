@@ -38,8 +38,8 @@ def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> t
     """Step time at ``context`` cached tokens (CUDA graph replay) and the bytes it must read."""
     cfg = model.cfg
     cache = KVCache(cfg, batch, context, dtype=torch.bfloat16, device=torch.device("cuda"))
-    cache.k.normal_()
-    cache.v.normal_()
+    for t in cache.keys + cache.values:
+        t.normal_()
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
     if path in ("static", "compiled"):
         start = torch.zeros(batch, dtype=torch.long, device="cuda")

@@ -216,12 +216,12 @@ def test_interpreter_dynamo_fullgraph():
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
-def _model_pair(device: str, dtype: torch.dtype, d: int):
+def _model_pair(device: str, dtype: torch.dtype, d: int, max_seq_len: int = 64):
     """The same DIFF V2 weights with backend "sdpa" and backend "triton" (the fused kernel where it applies)."""
     from diffv2 import ModelConfig, Transformer
 
     cfg = ModelConfig(vocab_size=64, d_model=4 * d, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=d, ffn_hidden=64,
-                      max_seq_len=64)  # fmt: skip
+                      max_seq_len=max_seq_len)  # fmt: skip
     torch.manual_seed(0)
     sdpa = Transformer(cfg).to(device, dtype)
     fused = Transformer(cfg.replace(backend="triton")).to(device, dtype)
@@ -292,7 +292,7 @@ def test_gpu_compile_fullgraph():
 @requires_gpu
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_model_training_step_matches_sdpa(d):
-    sdpa, fused = _model_pair("cuda", torch.bfloat16, d)
+    sdpa, fused = _model_pair("cuda", torch.bfloat16, d, max_seq_len=256)
     tokens = torch.randint(0, 64, (4, 257), device="cuda")
     (loss_a, grads_a), (loss_b, grads_b) = _loss_and_grads(sdpa, tokens), _loss_and_grads(fused, tokens)
     torch.testing.assert_close(loss_b.float(), loss_a.float(), rtol=2e-2, atol=2e-2)

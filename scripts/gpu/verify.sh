@@ -12,7 +12,7 @@ NCCL_DEBUG=INFO timeout 90 python3 -m torch.distributed.run --standalone --nproc
 grep -E "via |NVLS|P2P/|SHM" /tmp/comm_raw.log | sed 's/^[^ ]* //' | sort -u | head -12 >> "$OUT/comm.log"
 grep -v "NCCL INFO" /tmp/comm_raw.log | tail -n 30 >> "$OUT/comm.log"
 (CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest tests/test_gpu.py tests/test_generate.py \
-   tests/test_decode_kernel.py tests/test_diff_attn_kernel.py -q -p no:cacheprovider \
+   tests/test_decode_kernel.py tests/test_diff_attn_kernel.py -m gpu -q -rfE -p no:cacheprovider \
    > "$OUT/gpu_tests.log" 2>&1; echo "pytest exit $?" >> "$OUT/gpu_tests.log"
  CUDA_VISIBLE_DEVICES=0 timeout $(left) python3 bench/decode.py > "$OUT/decode.log" 2>&1
  echo "decode exit $?" >> "$OUT/decode.log") &

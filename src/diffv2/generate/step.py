@@ -34,10 +34,10 @@ class DecodeStep:
         cuda_graph: bool = False,
         compile: bool = False,
     ) -> None:
-        device = cache.k.device
+        device = cache.device
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model and cache on a CUDA device, not {device}")
-        batch = cache.k.shape[1]
+        batch = cache.batch
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache reads this buffer in place
@@ -65,7 +65,7 @@ class DecodeStep:
         capture requires). These runs write K/V at the cache's last slot, which no step reads before the step
         that writes it."""
         self.slot.fill_(self.cache.max_len - 1)
-        side = torch.cuda.Stream() if self.cache.k.is_cuda else None
+        side = torch.cuda.Stream() if self.cache.device.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
