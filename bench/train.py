@@ -3,6 +3,7 @@
     python bench/train.py                  # GPU: small, 350m and 1b shapes, seq 2048/4096, eager and compiled
     python bench/train.py --shapes small --seqs 1024 --modes eager      # a quick look
     python bench/train.py --variants baseline,diff_v2,diff_v2+triton    # +triton: the fused DIFF V2 kernel
+    python bench/train.py --variants baseline_2h,diff_v2                # against 2h query heads (same query width)
     python bench/train.py --device cpu --shapes tiny --seqs 128 --batch-tokens 2048 --steps 3   # CPU smoke test
 
 One step = forward + backward + fused AdamW on random tokens (the data pipeline is not what is measured), in
@@ -36,12 +37,17 @@ GEMM_KERNELS = ("gemm", "xmma", "nvjet", "cutlass", "matmul", "mm_")
 
 
 def model_config(shape: str, variant: str, seq: int, vocab: int) -> ModelConfig:
-    """``variant``: an attention kind, optionally ``+triton`` (DIFF V2's fused Triton kernel instead of SDPA)."""
+    """``variant``: an attention kind, optionally ``+triton`` (DIFF V2's fused Triton kernel instead of SDPA), or
+    ``baseline_2h``: the baseline with 2h query heads, DIFF V2's query width (the blog's claim 11 compares the
+    two: "same attention kernel speed", DIFF V2 with a smaller output projection)."""
     spec = dict(SHAPES[shape])
     preset = spec.pop("preset", None)
     attention, _, backend = variant.partition("+")
+    doubled = attention == "baseline_2h"
+    attention = "baseline" if doubled else attention
     fields = dict(attention=attention, backend=backend or "sdpa", vocab_size=vocab, max_seq_len=seq, **spec)
-    return ModelConfig.preset(preset, **fields) if preset else ModelConfig(**fields)
+    cfg = ModelConfig.preset(preset, **fields) if preset else ModelConfig(**fields)
+    return cfg.replace(n_heads=2 * cfg.n_heads) if doubled else cfg
 
 
 def matmul_peak_tflops(device: torch.device) -> float | None:
@@ -164,6 +170,12 @@ def main() -> None:
               f"{r['tokens_per_s'] / b['tokens_per_s'] if b else float('nan'):>8.3f}{mfu_meas:>9}"
               f"{flops / 989e12:>8.1%}{mem:>8}{mem_ratio:>9}{split.get('attention', 0):>7.0%}"
               f"{split.get('gemm', 0):>7.0%}")  # fmt: skip
+    wide = {(r["shape"], r["seq"], r["mode"]): r for r in rows if r["variant"] == "baseline_2h" and "ms" in r}
+    for r in rows:
+        w = wide.get((r["shape"], r["seq"], r["mode"]))
+        if w and r["variant"].startswith("diff_v2") and "ms" in r:
+            print(f"{r['variant']} / baseline_2h ({r['shape']}, {r['seq']}, {r['mode']}): tokens/s "
+                  f"{r['tokens_per_s'] / w['tokens_per_s']:.3f}, params {r['params'] / w['params']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

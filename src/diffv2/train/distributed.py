@@ -170,7 +170,10 @@ def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile
         fully_shard(model, mp_policy=mp)  # embedding, final norm and LM head (tied or not) form the root group
         return Parallel(model, model, model)
     if env.parallel == "ddp":
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients as views of the all-reduce buckets: no copy into the buckets and back, one gradient-sized
+        # buffer less
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  gradient_as_bucket_view=True)  # fmt: skip
         return Parallel(model, ddp, model, ddp)
     compiled = torch.compile(model) if compile else model  # one process: the whole model in one graph
     return Parallel(model, compiled, compiled)
