@@ -165,8 +165,10 @@ def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile
             model.layers[i] = torch.compile(block)
     if env.parallel == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
+        last = len(model.layers) - 1
+        for i, block in enumerate(model.layers):
+            # as torchtitan: the last block is not resharded after forward, since backward needs it at once
+            fully_shard(block, mp_policy=mp, reshard_after_forward=i < last)
         fully_shard(model, mp_policy=mp)  # embedding, final norm and LM head (tied or not) form the root group
         return Parallel(model, model, model)
     if env.parallel == "ddp":
