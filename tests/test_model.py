@@ -265,5 +265,42 @@ def test_diff_v2_keeps_no_fp32_copy_of_the_attention_output_for_backward():
     hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
     with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
         attn(x, rope).float().sum().backward()
-    big_fp32 = [t.shape for t in saved if t.dtype == torch.float32 and t.numel() >= 2 * 32 * cfg.head_dim]
+    params = {p.data_ptr() for p in attn.parameters()}
+    big_fp32 = [
+        t.shape
+        for t in saved
+        if t.dtype == torch.float32 and t.numel() >= 2 * 32 * cfg.head_dim and t.data_ptr() not in params
+    ]
     assert not big_fp32, big_fp32
+
+
+def _saved_activation_bytes(cfg: ModelConfig, batch: int, t: int) -> int:
+    """Bytes one attention layer keeps for its backward, parameters and shared storages counted once."""
+    from diffv2.kernels import rope_cos_sin
+
+    attn = build_attention(cfg, 0)
+    x = torch.randn(batch, t, cfg.d_model, requires_grad=True)
+    rope = rope_cos_sin(torch.arange(t)[None], cfg.head_dim, cfg.rope_theta)
+    storages: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in attn.parameters()}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn(x, rope).sum().backward()
+    return sum(storages.values())
+
+
+def test_diff_v2_keeps_no_more_for_backward_than_a_2h_head_baseline():
+    """The h·d pair difference that o_proj reads is recomputed in the backward, not kept: DIFF V2 saves what a
+    baseline with its 2h query heads saves, plus σ(λ) (B, T, h). Kept, it would add B·T·h·d more."""
+    cfg = tiny(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16)
+    batch, t = 2, 48
+    v2 = _saved_activation_bytes(cfg, batch, t)
+    wide = _saved_activation_bytes(cfg.replace(attention="baseline", n_heads=2 * cfg.n_heads), batch, t)
+    unit = batch * t * cfg.n_heads * cfg.head_dim * 4  # one fp32 (B, T, h·d) tensor
+    assert v2 - wide < unit // 2, (v2, wide, unit)

@@ -2,7 +2,8 @@
 
 All share :class:`AttentionBase`: bias-free ``q_proj``/``k_proj``/``v_proj``/``o_proj``, RoPE, an optional
 KV cache and one call of the attention primitive. A variant only says how many query heads it has and how it
-turns the per-query-head outputs into the h·d context that ``o_proj`` reads (``mix``).
+turns the per-query-head outputs into the h·d context that ``o_proj`` reads (``mix``); DIFF V2 takes over the
+step through ``o_proj`` too (``mix_and_project``), so that training need not keep its h·d difference.
 
 Shapes: x (B, T, D); q (B, Hq, T, d); k, v (B, Hkv, S, d); the context before W_O is (B, T, h·d).
 Passing a ``stats`` dict runs the eager path and records diagnostics (max logit, context RMS, sink mass, λ).
@@ -60,10 +61,17 @@ class AttentionBase(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
-        ctx = self.mix(q, k, v, x, mask, stats)  # (B, T, h_out, d_out) with h_out·d_out = h·d
+        return self.mix_and_project(q, k, v, x, mask, stats)
+
+    def mix_and_project(self, q, k, v, x, mask, stats) -> torch.Tensor:
+        """The layer's output (B, T, D): ``o_proj`` of the context that ``mix`` makes."""
+        return self.project(self.mix(q, k, v, x, mask, stats), stats)
+
+    def project(self, ctx: torch.Tensor, stats: dict[str, Any] | None) -> torch.Tensor:
+        """``o_proj`` of a context (B, T, h_out, d_out) with h_out·d_out = h·d."""
         if stats is not None:
             stats["context_rms"] = ctx.float().pow(2).mean(dim=(0, 1, 3)).sqrt().tolist()  # per output head
-        return self.o_proj(ctx.reshape(b, t, -1))
+        return self.o_proj(ctx.flatten(2))
 
     def attend(self, q, k, v, mask, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, Hq, T, d) outputs and, in diagnostic mode, the probabilities (B, Hq, T, S)."""
@@ -100,6 +108,36 @@ class PairSubtract(torch.autograd.Function):
         g = _fp32(grad)
         grad_s = -(g * _fp32(o2)).sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
         return grad, (-s * g).to(o2.dtype), grad_s
+
+
+class PairSubtractProject(torch.autograd.Function):
+    """(o1 − s·o2) W_Oᵀ, as ``PairSubtract`` then ``o_proj``, for training. A linear layer keeps its input for
+    the weight gradient: here that input would be the h·d difference, an activation the baseline does not
+    have. Instead the backward recomputes it from o1 and o2, views of the attention output that SDPA's
+    backward keeps anyway (one elementwise pass, no extra matmul). o1, o2: (B, h, T, d); s: (B, h, T, 1)."""
+
+    @staticmethod
+    def forward(ctx, o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(o1, o2, s, weight)
+        return F.linear(_pair_difference(o1, o2, s), weight.to(o1.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        o1, o2, s, weight = ctx.saved_tensors
+        b, h, t, d = o1.shape
+        grad = grad.to(o1.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[3]:
+            diff = _pair_difference(o1, o2, s)
+            grad_weight = (grad.flatten(0, 1).T @ diff.flatten(0, 1)).to(weight.dtype)
+        g = _fp32((grad @ weight.to(o1.dtype)).view(b, t, h, d).transpose(1, 2))  # d(difference), (B, h, T, d)
+        grad_s = -(g * _fp32(o2)).sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
+        return g.to(o1.dtype), (-s * g).to(o2.dtype), grad_s, grad_weight
+
+
+def _pair_difference(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """o1 − s·o2 in fp32, back in o1's dtype, as the (B, T, h·d) context."""
+    return (_fp32(o1) - s * _fp32(o2)).to(o1.dtype).transpose(1, 2).flatten(2)
 
 
 def _record_maps(stats: dict[str, Any], a1: torch.Tensor, a2: torch.Tensor | None = None, weight=None) -> None:
@@ -157,28 +195,31 @@ class DiffV2Attention(AttentionBase):
         lam = _fp32(self.lambda_proj(x))
         return torch.sigmoid(lam) if self.lambda_mode == "sigmoid" else lam
 
-    def mix(self, q, k, v, x, mask, stats):
+    def mix_and_project(self, q, k, v, x, mask, stats):
         s = self.subtraction_weight(x).transpose(1, 2)  # (B, h, T)
         if stats is None and self.pairing == "interleaved":
             # fused kernels subtract each pair in their epilogue: the 2h head outputs are never written
             if fused_decode_applies(q, k, v, mask, self.backend):  # decode over a KV window
-                return decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=s).transpose(1, 2)
+                ctx = decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=s)
+                return self.project(ctx.transpose(1, 2), None)
             if (
                 self.backend == "triton"
                 and mask is None
                 and q.shape[-2] == k.shape[-2]
                 and diff_attention_supported(q, k, v)
             ):
-                return diff_attention(q, k, v, s).transpose(1, 2)  # training / prefill (causal, T == S)
+                return self.project(diff_attention(q, k, v, s).transpose(1, 2), None)  # causal, T == S
         out, probs = self.attend(q, k, v, mask, stats)
         o1, o2 = self.split_pairs(out)
         s = s[..., None]  # (B, h, T, 1)
-        ctx = PairSubtract.apply(o1, o2, s)
+        o_proj = self.o_proj  # a wrapped or hooked o_proj (adapters, probes) must see its input: no fusing then
+        if stats is None and type(o_proj) is nn.Linear and not (o_proj._forward_hooks or o_proj._forward_pre_hooks):
+            return PairSubtractProject.apply(o1, o2, s, o_proj.weight)
         if stats is not None:
             a1, a2 = self.split_pairs(probs)
             _record_maps(stats, a1, a2, s)
             stats["lambda_mean"], stats["lambda_std"] = s.mean().item(), s.std().item()
-        return ctx.transpose(1, 2)
+        return self.project(PairSubtract.apply(o1, o2, s).transpose(1, 2), stats)
 
 
 def lambda_init_fn(layer_idx: int) -> float:
