@@ -71,6 +71,11 @@ def make_inputs(b, hq, hkv, d, t, s, dtype, device="cpu", seed=0):
     return q, k, v, *windows(b, s, t, gen, device=device), pair_weight
 
 
+def as_lambda(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """λ in the model's dtype (what lambda_proj gives) for a kernel that applies σ itself (pair_sigmoid)."""
+    return torch.logit(w.clamp(0.02, 0.98)).to(dtype)
+
+
 def check(out, ref, dtype, *, pair=False):
     """|out − ref| <= atol + rtol·|ref| with the rounding of the input dtype (probabilities enter the second
     product in it, the result is cast to it); a DIFF V2 difference can cancel, so there rtol applies to the
@@ -94,6 +99,9 @@ def test_fallback_matches_eager(hq, hkv, t):
     if (hq // hkv) % 2 == 0:
         out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w)
         check(out, reference(q, k, v, start, end, w), q.dtype, pair=True)
+        lam = as_lambda(w, q.dtype)
+        out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=lam, pair_sigmoid=True)
+        check(out, reference(q, k, v, start, end, torch.sigmoid(lam.double())), q.dtype, pair=True)
     check(
         dt.decode_attention_triton(q, k, v, start, end, scale=0.3), reference(q, k, v, start, end, scale=0.3), q.dtype
     )
@@ -154,6 +162,9 @@ def test_interpreter_diff_v2_epilogue(case, dtype, num_splits):
     out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w, num_splits=num_splits)
     assert out.shape == (b, hq // 2, t, d)
     check(out, reference(q, k, v, start, end, w), dtype, pair=True)
+    lam = as_lambda(w, dtype)  # σ applied in the epilogue (both the direct and the combine kernel)
+    out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=lam, pair_sigmoid=True, num_splits=num_splits)
+    check(out, reference(q, k, v, start, end, torch.sigmoid(lam.double())), dtype, pair=True)
 
 
 @interpreter_only
@@ -238,6 +249,9 @@ def test_gpu_matches_eager(b, hq, hkv, d, t, num_splits, dtype):
     if (hq // hkv) % 2 == 0:
         out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w, num_splits=num_splits)
         check(out, reference(q, k, v, start, end, w), dtype, pair=True)
+        lam = as_lambda(w, dtype)
+        out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=lam, pair_sigmoid=True, num_splits=num_splits)
+        check(out, reference(q, k, v, start, end, torch.sigmoid(lam.double())), dtype, pair=True)
 
 
 @pytest.mark.gpu

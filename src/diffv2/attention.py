@@ -196,19 +196,18 @@ class DiffV2Attention(AttentionBase):
         return torch.sigmoid(lam) if self.lambda_mode == "sigmoid" else lam
 
     def mix_and_project(self, q, k, v, x, mask, stats):
+        if stats is None and self.pairing == "interleaved" and fused_decode_applies(q, k, v, mask, self.backend):
+            # decode over a KV window: the kernel subtracts each pair in its epilogue (the 2h head outputs are
+            # never written) and, for σ(λ), takes λ as it is (the cast and the sigmoid are two launches less)
+            sigmoid = self.lambda_mode == "sigmoid"
+            w = (self.lambda_proj(x) if sigmoid else self.subtraction_weight(x)).transpose(1, 2)  # (B, h, T)
+            ctx = decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=w, pair_sigmoid=sigmoid)
+            return self.project(ctx.transpose(1, 2), None)
         s = self.subtraction_weight(x).transpose(1, 2)  # (B, h, T)
-        if stats is None and self.pairing == "interleaved":
-            # fused kernels subtract each pair in their epilogue: the 2h head outputs are never written
-            if fused_decode_applies(q, k, v, mask, self.backend):  # decode over a KV window
-                ctx = decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=s)
-                return self.project(ctx.transpose(1, 2), None)
-            if (
-                self.backend == "triton"
-                and mask is None
-                and q.shape[-2] == k.shape[-2]
-                and diff_attention_supported(q, k, v)
-            ):
-                return self.project(diff_attention(q, k, v, s).transpose(1, 2), None)  # causal, T == S
+        fused_training = self.backend == "triton" and mask is None and q.shape[-2] == k.shape[-2]
+        if stats is None and self.pairing == "interleaved" and fused_training and diff_attention_supported(q, k, v):
+            # the fused training / prefill kernel (causal, T == S) also subtracts in its epilogue
+            return self.project(diff_attention(q, k, v, s).transpose(1, 2), None)
         out, probs = self.attend(q, k, v, mask, stats)
         o1, o2 = self.split_pairs(out)
         s = s[..., None]  # (B, h, T, 1)

@@ -51,7 +51,8 @@ class KVCache:
         if not self.static and start is None:
             return None
         begin = start if start is not None else torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        return KVWindow(begin, (self.slots[-1:] + 1).expand(self.batch))
+        # contiguous here, once per step: the kernel reads element b at offset b, and every layer would copy it
+        return KVWindow(begin, (self.slots[-1:] + 1).expand(self.batch).contiguous())
 
     def mask(self, start: torch.Tensor | None) -> torch.Tensor | None:
         """:meth:`window` as a boolean (B, 1, T, S) mask."""

@@ -72,6 +72,7 @@ def decode_attention_reference(
     kv_end: torch.Tensor,
     *,
     pair_weight: torch.Tensor | None = None,
+    pair_sigmoid: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """What the kernel computes, in PyTorch: eager attention (fp32, or fp64 for fp64 inputs) with a mask."""
@@ -83,7 +84,8 @@ def decode_attention_reference(
         qw = qw * (scale * math.sqrt(q.shape[-1]))
     out = eager_attention(qw, k, v, mask=window_mask(kv_start, kv_end, q.shape[-2], k.shape[-2]))[0]
     if pair_weight is not None:
-        out = out[:, 0::2] - pair_weight[..., None].to(wide) * out[:, 1::2]
+        w = pair_weight[..., None].to(wide)
+        out = out[:, 0::2] - (torch.sigmoid(w) if pair_sigmoid else w) * out[:, 1::2]
     return out.to(q.dtype)
 
 
@@ -150,12 +152,15 @@ def decode_attention_triton(
     kv_end: torch.Tensor | None = None,
     *,
     pair_weight: torch.Tensor | None = None,
+    pair_sigmoid: bool = False,
     scale: float | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of T (<= 16) queries per row over a KV cache window. q: (B, Hq, T, d); k, v: (B, Hkv, S, d)
     (strided views are fine); kv_start/kv_end: (B,) int tensors (default 0 and S). Returns (B, Hq, T, d), or
     with ``pair_weight`` (B, Hq/2, T) the DIFF V2 heads o_2i − w_i·o_2i+1, (B, Hq/2, T, d); in q's dtype.
+    ``pair_sigmoid``: ``pair_weight`` holds λ and the kernel takes w = σ(λ) itself (in fp32), which saves
+    decode two small launches per layer (the cast and the sigmoid).
     A row whose window is empty (for a query) gets zeros, as :func:`eager_attention` gives."""
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -174,13 +179,12 @@ def decode_attention_triton(
         )
     scale = d**-0.5 if scale is None else float(scale)
     if not triton_supported(q, k, v):
-        return decode_attention_reference(q, k, v, kv_start, kv_end, pair_weight=pair_weight, scale=scale)
+        return decode_attention_reference(q, k, v, kv_start, kv_end, pair_weight=pair_weight,
+                                          pair_sigmoid=pair_sigmoid, scale=scale)  # fmt: skip
     # the kernels index the last dim with unit stride; cache views (k[:, 0::2], k[layer]) already have it
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()  # the kernel reads element b at offset b
-    if pair_weight is not None:
-        pair_weight = pair_weight.to(torch.float32)
-    return torch.ops.diffv2.flash_decode(q, k, v, kv_start, kv_end, pair_weight, scale, num_splits or 0)
+    return torch.ops.diffv2.flash_decode(q, k, v, kv_start, kv_end, pair_weight, pair_sigmoid, scale, num_splits or 0)
 
 
 if HAS_TRITON:
@@ -192,7 +196,7 @@ if HAS_TRITON:
         stride_wb, stride_wh, stride_wt, stride_ob, stride_oh, stride_ot,
         seq_len, num_splits, qk_scale,
         G: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DIRECT: tl.constexpr, PAIR: tl.constexpr, PRECISION: tl.constexpr,
+        DIRECT: tl.constexpr, PAIR: tl.constexpr, SIGMOID: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         split, hk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b64 = b.to(tl.int64)  # batch offsets of a 64-row, 32k-slot cache overflow int32
@@ -246,6 +250,9 @@ if HAS_TRITON:
                 out_head = hk * (G // 2) + j
                 pr_ok = pr < (G // 2) * T
                 w = tl.load(W + b64 * stride_wb + out_head * stride_wh + tp * stride_wt, mask=pr_ok, other=0.0)
+                w = w.to(tl.float32)
+                if SIGMOID:
+                    w = tl.sigmoid(w)
                 res = o_even - w[:, None] * o_odd
                 o_ptrs = OUT + b64 * stride_ob + out_head[:, None].to(tl.int64) * stride_oh
                 o_ptrs += tp[:, None] * stride_ot + dd[None, :]
@@ -288,13 +295,15 @@ if HAS_TRITON:
     @triton.jit
     def _combine_kernel(
         PART, LSE, W, OUT, stride_wb, stride_wh, stride_wt, stride_ob, stride_oh, stride_ot, n_q_heads, num_splits,
-        T: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, PAIR: tl.constexpr,
+        T: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, PAIR: tl.constexpr, SIGMOID: tl.constexpr,
     ):  # fmt: skip
         t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b64 = b.to(tl.int64)
         if PAIR:  # output head h = query heads 2h and 2h+1, whose rows are T apart
             row = (b64 * n_q_heads + 2 * h) * T + t
-            w = tl.load(W + b64 * stride_wb + h * stride_wh + t * stride_wt)
+            w = tl.load(W + b64 * stride_wb + h * stride_wh + t * stride_wt).to(tl.float32)
+            if SIGMOID:
+                w = tl.sigmoid(w)
             o = _merge_row(PART, LSE, row, num_splits, D, BLOCK_S)
             o -= w * _merge_row(PART, LSE, row + T, num_splits, D, BLOCK_S)
         else:
@@ -305,8 +314,8 @@ if HAS_TRITON:
     @torch.library.custom_op(
         "diffv2::flash_decode",
         mutates_args=(),
-        schema="(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_end, Tensor? pair_weight, float scale, "
-        "int num_splits) -> Tensor",
+        schema="(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_end, Tensor? pair_weight, "
+        "bool pair_sigmoid, float scale, int num_splits) -> Tensor",
     )
     def _flash_decode(
         q: torch.Tensor,
@@ -315,6 +324,7 @@ if HAS_TRITON:
         kv_start: torch.Tensor,
         kv_end: torch.Tensor,
         pair_weight: torch.Tensor | None,
+        pair_sigmoid: bool,
         scale: float,
         num_splits: int,
     ) -> torch.Tensor:
@@ -341,6 +351,7 @@ if HAS_TRITON:
             v.stride(0), v.stride(1), v.stride(2), *w_strides, out.stride(0), out.stride(1), out.stride(2),
             s, ns, scale * math.log2(math.e),
             G=g, T=t, D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DIRECT=ns == 1, PAIR=pair,
+            SIGMOID=pair_sigmoid,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not TF32 products
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
@@ -349,11 +360,12 @@ if HAS_TRITON:
             block_s = triton.next_power_of_2(ns)
             _combine_kernel[(t, out.shape[1], b)](
                 part, lse, w, out, *w_strides, out.stride(0), out.stride(1), out.stride(2), hq, ns,
-                T=t, D=d, BLOCK_S=block_s, PAIR=pair, num_warps=4 if block_s * d <= 32 * 128 else 8,
+                T=t, D=d, BLOCK_S=block_s, PAIR=pair, SIGMOID=pair_sigmoid,
+                num_warps=4 if block_s * d <= 32 * 128 else 8,
             )  # fmt: skip
         return out
 
     @_flash_decode.register_fake
-    def _(q, k, v, kv_start, kv_end, pair_weight, scale, num_splits):
+    def _(q, k, v, kv_start, kv_end, pair_weight, pair_sigmoid, scale, num_splits):
         b, hq, t, d = q.shape
         return q.new_empty((b, hq // 2 if pair_weight is not None else hq, t, d))
