@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import Mask, apply_rope, as_mask, attend, decode_attention_triton, eager_attention, fused_decode_applies
+from .kernels import (
+    Mask,
+    apply_rope_qk,
+    as_mask,
+    attend,
+    decode_attention_triton,
+    eager_attention,
+    fused_decode_applies,
+)
 from .kernels.diff_attn_triton import diff_attention, diff_attention_supported
 
 
@@ -56,8 +64,9 @@ class AttentionBase(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         cos, sin = rope
-        q = apply_rope(self.q_proj(x).view(b, t, self.n_query_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_query_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k = (r.transpose(1, 2) for r in apply_rope_qk(q, k, cos, sin))
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)

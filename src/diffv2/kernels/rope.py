@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .rope_triton import rope_qk_triton, rope_triton_supported
+
 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
@@ -27,3 +29,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def apply_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rope` on q (B, T, Hq, d) and k (B, T, Hk, d). At inference on CUDA, outside
+    ``torch.compile``, one Triton launch does both (fourteen eager kernels otherwise: decode is launch-bound)."""
+    if not torch.compiler.is_compiling() and rope_triton_supported(q, k, cos):
+        return rope_qk_triton(q, k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
