@@ -1,8 +1,9 @@
 #!/bin/bash
 # One device call (<= 10 min) on nvidia-h200-x2: data-parallel scaling of the 350m DIFF V2 trainer under
 # torch.compile, 1 GPU vs DDP and FSDP2 on one rank and on two (bench/scaling.py), with a two-step profile per
-# rank (both ranks' tables come back). Extra arguments go to bench/scaling.py (e.g. --batch-size 16 --grad-accum 4). Usage on the GPU machine:
-# bash scripts/gpu/scaling.sh [ARGS]. The table, metrics and rank-0 profile tables land in $OUT.
+# rank. Extra arguments go to bench/scaling.py (e.g. --batch-size 16 --grad-accum 4); environment variables
+# (e.g. TORCH_NCCL_HIGH_PRIORITY=1) pass through. Usage on the GPU machine: bash scripts/gpu/scaling.sh [ARGS].
+# The table, both ranks' profile tables and the metrics land in $OUT.
 source scripts/gpu/setup.sh
 export PYTHONUNBUFFERED=1
 timeout 570 python3 bench/scaling.py --gpus 2 --compile --profile-steps 2 --steps 30 --log-every 5 --out /tmp/sc "$@" \
