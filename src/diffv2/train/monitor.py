@@ -144,8 +144,10 @@ class StepProfiler:
             torch.cuda.synchronize()
         self.prof.stop()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-        table = self.prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
-        (self.out_dir / f"rank{self.rank}.txt").write_text(table + "\n", encoding="utf-8")
+        averages = self.prof.key_averages()
+        tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=80)]
+        if torch.cuda.is_available():  # GPU time first; the CPU table shows host waits (syncs, launch-bound)
+            tables.insert(0, averages.table(sort_by="cuda_time_total", row_limit=50, max_name_column_width=80))
+        (self.out_dir / f"rank{self.rank}.txt").write_text("\n\n".join(tables) + "\n", encoding="utf-8")
         self.prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}.trace.json"))
         self.prof, self.enabled = None, False
