@@ -34,8 +34,20 @@ from diffv2.generate.step import DecodeStep
 from diffv2.kernels import decode_attention, decode_attention_triton
 
 
-def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> tuple[float, int]:
-    """Step time at ``context`` cached tokens (CUDA graph replay) and the bytes it must read."""
+def kernels_per_step(fn) -> int:
+    """GPU kernels one call of ``fn`` launches (torch.profiler, run eagerly): at batch 1 a step is bound by
+    launches rather than bytes, so this count explains much of its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> tuple[float, int, int]:
+    """Step time at ``context`` cached tokens (CUDA graph replay), the bytes it must read, and the kernels it
+    launches."""
     cfg = model.cfg
     cache = KVCache(cfg, batch, context, dtype=torch.bfloat16, device=torch.device("cuda"))
     for t in cache.keys + cache.values:
@@ -57,7 +69,7 @@ def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> t
         ms = graph_ms([fn], reps=20)
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "tok_embeddings" not in n)
     kv = cache.nbytes()  # every cached K/V byte, read once
-    return ms, weights + kv
+    return ms, weights + kv, kernels_per_step(fn)
 
 
 def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: float) -> list[dict]:
@@ -128,7 +140,7 @@ def main() -> None:
                     if path == "compiled" and (batch, context) not in compiled_points:
                         continue
                     try:
-                        ms, nbytes = decode_step_ms(model, batch, context, path)
+                        ms, nbytes, kernels = decode_step_ms(model, batch, context, path)
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()
                         rows.append({**point, "error": "out of memory"})
@@ -136,7 +148,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     gbs = nbytes / ms / 1e6
                     rows.append({**point, "ms": ms, "tok_s": batch * 1e3 / ms, "gb": nbytes / 1e9, "gbs": gbs,
-                                 "pct_copy": gbs / copy_gbs})  # fmt: skip
+                                 "pct_copy": gbs / copy_gbs, "kernels": kernels})  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)  # a run cut short still leaves its points
         del model
         torch.cuda.empty_cache()
@@ -166,6 +178,10 @@ def main() -> None:
                     ratios = (v2["tok_s"] / b["tok_s"], v2["tok_s"] / v1["tok_s"], v2["gb"] / b["gb"])
                     line += f" | {ratios[0]:>7.3f} {ratios[1]:>6.3f} {ratios[2]:>13.3f}"
                 print(line)
+    print("\nGPU kernels per decode step (batch 1, first context)")
+    for path in paths:
+        counts = {v: by.get((v, path, batches[0], contexts[0]), {}).get("kernels") for v in variants}
+        print(f"{path:<9}" + "  ".join(f"{v} {c}" for v, c in counts.items() if c is not None))
     if "prefix" in paths:
         print("\nstatic or compiled path / prefix path tokens/s (>1: generate's path beats stock SDPA over the prefix)")
         for (variant, path, batch, context), r in by.items():
