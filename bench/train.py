@@ -59,8 +59,9 @@ def matmul_peak_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 / ms / 1e9
 
 
-def kernel_split(step, device: torch.device) -> dict[str, float]:
-    """Share of GPU kernel time in attention, GEMMs and the rest, over two profiled steps."""
+def kernel_split(step, device: torch.device) -> dict[str, float | str]:
+    """Share of GPU kernel time in attention, GEMMs and the rest, over two profiled steps, and the attention
+    kernel that took the most time (which SDPA backend ran: cuDNN, flash, ...)."""
     if device.type != "cuda":
         return {}
     from torch.profiler import ProfilerActivity, profile
@@ -70,6 +71,7 @@ def kernel_split(step, device: torch.device) -> dict[str, float]:
             step()
         torch.cuda.synchronize()
     totals = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    top_attention = (0.0, "")
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if device_us <= 0:
@@ -78,8 +80,10 @@ def kernel_split(step, device: torch.device) -> dict[str, float]:
         kind = ("attention" if any(k in name for k in ATTENTION_KERNELS)
                 else "gemm" if any(k in name for k in GEMM_KERNELS) else "other")  # fmt: skip
         totals[kind] += device_us
+        if kind == "attention":
+            top_attention = max(top_attention, (device_us, event.key[:60]))
     total = sum(totals.values()) or 1.0
-    return {k: v / total for k, v in totals.items()}
+    return {**{k: v / total for k, v in totals.items()}, "attention_kernel": top_attention[1]}
 
 
 def measure(cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, device: torch.device) -> dict:
@@ -154,7 +158,7 @@ def main() -> None:
         json.dump({"device": name, "gemm_peak_tflops": peak, "rows": rows}, f, indent=1)
 
     print(f"\n{'shape':<6}{'seq':>6}{'mode':>8}{'variant':>15}{'tok/s':>11}{'vs base':>8}{'MFU meas':>9}"
-          f"{'MFU 989':>8}{'peak GB':>8}{'mem/base':>9}{'attn%':>7}{'gemm%':>7}")  # fmt: skip
+          f"{'MFU 989':>8}{'peak GB':>8}{'mem/base':>9}{'attn%':>7}{'gemm%':>7}  attention kernel")  # fmt: skip
     base = {(r["shape"], r["seq"], r["mode"]): r for r in rows if r["variant"] == "baseline" and "ms" in r}
     for r in rows:
         if "ms" not in r:
@@ -169,7 +173,7 @@ def main() -> None:
         print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>15}{r['tokens_per_s']:>11.0f}"
               f"{r['tokens_per_s'] / b['tokens_per_s'] if b else float('nan'):>8.3f}{mfu_meas:>9}"
               f"{flops / 989e12:>8.1%}{mem:>8}{mem_ratio:>9}{split.get('attention', 0):>7.0%}"
-              f"{split.get('gemm', 0):>7.0%}")  # fmt: skip
+              f"{split.get('gemm', 0):>7.0%}  {split.get('attention_kernel', '')[:40]}")  # fmt: skip
     wide = {(r["shape"], r["seq"], r["mode"]): r for r in rows if r["variant"] == "baseline_2h" and "ms" in r}
     for r in rows:
         w = wide.get((r["shape"], r["seq"], r["mode"]))
