@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffv2 import ModelConfig, Transformer
 from diffv2.attention import DiffV2Attention, build_attention, lambda_init_fn
@@ -251,6 +252,24 @@ def test_pair_subtract_gradients_match_autograd():
     out = torch.randn(2, 8, 5, 4, dtype=torch.float64, requires_grad=True)
     s = torch.rand(2, 4, 5, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda o, w: PairSubtract.apply(o[:, 0::2], o[:, 1::2], w), (out, s))
+
+
+def test_pair_subtract_project_gradients_match_autograd():
+    from diffv2.attention import PairSubtractProject
+
+    torch.manual_seed(12)
+    out = torch.randn(2, 8, 5, 3, dtype=torch.float64, requires_grad=True)  # (B, 2h, T, d)
+    s = torch.rand(2, 4, 5, 1, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4 * 3, dtype=torch.float64, requires_grad=True)
+
+    def fused(o, w, wo):
+        return PairSubtractProject.apply(o[:, 0::2], o[:, 1::2], w, wo)
+
+    def plain(o, w, wo):
+        return F.linear((o[:, 0::2] - w * o[:, 1::2]).transpose(1, 2).flatten(2), wo)
+
+    torch.testing.assert_close(fused(out, s, weight), plain(out, s, weight))
+    assert torch.autograd.gradcheck(fused, (out, s, weight))
 
 
 def test_diff_v2_keeps_no_fp32_copy_of_the_attention_output_for_backward():

@@ -204,6 +204,13 @@ class DiffV2Attention(AttentionBase):
         lam = _fp32(self.lambda_proj(x))
         return torch.sigmoid(lam) if self.lambda_mode == "sigmoid" else lam
 
+    def _plain_o_proj(self) -> bool:
+        """Whether ``o_proj`` is the bias-free Linear it was built as: a wrapped or hooked one (adapters, probes)
+        must see its input, so the difference is then not fused into it."""
+        o_proj = self.o_proj
+        hooked = o_proj._forward_hooks or o_proj._forward_pre_hooks
+        return type(o_proj) is nn.Linear and o_proj.bias is None and not hooked
+
     def mix_and_project(self, q, k, v, x, mask, stats):
         if stats is None and self.pairing == "interleaved" and fused_decode_applies(q, k, v, mask, self.backend):
             # decode over a KV window: the kernel subtracts each pair in its epilogue (the 2h head outputs are
@@ -220,9 +227,8 @@ class DiffV2Attention(AttentionBase):
         out, probs = self.attend(q, k, v, mask, stats)
         o1, o2 = self.split_pairs(out)
         s = s[..., None]  # (B, h, T, 1)
-        o_proj = self.o_proj  # a wrapped or hooked o_proj (adapters, probes) must see its input: no fusing then
-        if stats is None and type(o_proj) is nn.Linear and not (o_proj._forward_hooks or o_proj._forward_pre_hooks):
-            return PairSubtractProject.apply(o1, o2, s, o_proj.weight)
+        if stats is None and self._plain_o_proj():
+            return PairSubtractProject.apply(o1, o2, s, self.o_proj.weight)
         if stats is not None:
             a1, a2 = self.split_pairs(probs)
             _record_maps(stats, a1, a2, s)
