@@ -236,3 +236,25 @@ def test_a_failing_rank_ends_the_job_with_a_clear_message(data_dir, tmp_path, pa
         assert "diffv2: error: rank 0 of 2: a collective operation failed" in output, output[-3000:]
         assert "dist_timeout_s=8" in output
     assert time.monotonic() - start < 100
+
+
+def test_compile_scope_picks_what_is_compiled():
+    """ "model": one graph around the whole model; "block": each transformer block (what FSDP2 needs, and the
+    same code on one rank as on N). torch.compile is lazy, so nothing compiles here."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from diffv2 import ModelConfig
+    from diffv2.train.distributed import DistEnv, parallelize
+
+    cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=32)
+    cpu = torch.device("cpu")
+    for scope, whole in (("auto", True), ("model", True), ("block", False)):
+        model = Transformer(cfg)
+        par = parallelize(model, DistEnv(), cpu, compile=True, compile_scope=scope, activation_checkpointing=False,
+                          bf16=False)  # fmt: skip
+        assert isinstance(par.train_fn, OptimizedModule) == whole, scope
+        assert all(isinstance(block, OptimizedModule) for block in model.layers) == (not whole), scope
+    with pytest.raises(ConfigError, match="compile_scope"):
+        TrainConfig(parallel="fsdp", compile_scope="model")
+    with pytest.raises(ConfigError, match="compile_scope"):
+        TrainConfig(compile_scope="graph")

@@ -27,6 +27,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("none", "ddp", "fsdp")
+COMPILE_SCOPES = ("auto", "model", "block")
 
 
 @dataclass
@@ -60,7 +61,11 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False  # the whole model; each transformer block under fsdp
+    compile: bool = False  # torch.compile, over compile_scope
+    # "model": one graph (no overlap of DDP's all-reduce with the backward, the least Python per step);
+    # "block": each transformer block (DDP's buckets reduce as blocks finish; FSDP2 needs it); "auto": model in
+    # one process, block under ddp / fsdp
+    compile_scope: str = "auto"
     seed: int = 0
     # parallelism: "ddp" / "fsdp" (FSDP2) need torchrun (torchrun --nproc_per_node=N -m diffv2 train ...)
     parallel: str = "none"
@@ -116,6 +121,10 @@ class TrainConfig:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
         check_choice("parallel", self.parallel, PARALLEL)
+        check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
+        if self.parallel == "fsdp" and self.compile_scope == "model":
+            raise ConfigError("compile_scope='model' with parallel='fsdp': FSDP2 compiles each transformer block "
+                              "(its gathers sit between them); use compile_scope='block' or 'auto'")  # fmt: skip
         if self.preset not in PRESETS:
             raise ConfigError(f"preset={self.preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
         if not isinstance(self.model, dict):

@@ -3,8 +3,9 @@ the few collectives the loop needs. The model code knows nothing of it; ``parall
 
 Launch: ``torchrun --nproc_per_node=N -m diffv2 train --parallel ddp|fsdp ...``. torchrun sets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT; each process drives one device: ``cuda:LOCAL_RANK`` with NCCL, or the
-CPU with gloo. As in torchtitan: activation checkpointing, then ``torch.compile`` per transformer block (DDP and
-FSDP2), then for FSDP2 ``fully_shard`` per block and on the root, with
+CPU with gloo. As in torchtitan: activation checkpointing, then ``torch.compile`` per transformer block (FSDP2,
+and DDP by default; ``compile_scope="model"`` compiles DDP's model as one graph), then for FSDP2 ``fully_shard``
+per block and on the root, with
 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` when training in bf16.
 """
 
@@ -147,22 +148,28 @@ class Parallel:
         return nullcontext()
 
 
-def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile: bool,
+def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile: bool, compile_scope: str = "auto",
                 activation_checkpointing: bool, bf16: bool) -> Parallel:  # fmt: skip
     """Wrap a freshly built model (identical on every rank) for ``env.parallel``; build the optimizer after
     this, since FSDP2 replaces the parameters by sharded DTensors. Under fsdp, ``bf16`` means bf16 parameters
-    in compute with fp32 gradient reduction (no autocast needed); otherwise the caller autocasts."""
+    in compute with fp32 gradient reduction (no autocast needed); otherwise the caller autocasts.
+    ``compile_scope`` (with ``compile``): "model" = one graph, "block" = each transformer block, "auto" = model
+    in one process, block under ddp / fsdp."""
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         # The wrapper's state-dict hooks keep the parameter names, so checkpoints stay interchangeable.
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block)
-    if env.parallel != "none" and compile:
-        # per block, as torchtitan does: one graph serves every layer, the data-parallel hooks (FSDP's gathers,
-        # DDP's bucketed all-reduce as each block's gradients become ready) stay outside the graphs
+    scope = compile_scope if compile_scope != "auto" else ("model" if env.parallel == "none" else "block")
+    if env.parallel == "fsdp" and scope != "block":
+        raise ConfigError("FSDP2 compiles each transformer block: compile_scope must be 'block' or 'auto'")
+    if compile and scope == "block":
+        # as torchtitan does: one graph serves every layer, the data-parallel hooks (FSDP's gathers, DDP's
+        # bucketed all-reduce as each block's gradients become ready) stay outside the graphs
         for i, block in enumerate(model.layers):
             model.layers[i] = torch.compile(block)
+    whole = torch.compile(model) if compile and scope == "model" else model
     if env.parallel == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         last = len(model.layers) - 1
@@ -173,12 +180,12 @@ def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile
         return Parallel(model, model, model)
     if env.parallel == "ddp":
         # gradients as views of the all-reduce buckets: no copy into the buckets and back, one gradient-sized
-        # buffer less
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        # buffer less. Around a whole-model graph the buckets reduce after the backward, not during it: one
+        # fast burst on NVLink, against the Python cost of per-block graphs at small micro-batches.
+        ddp = nn.parallel.DistributedDataParallel(whole, device_ids=[device.index] if device.type == "cuda" else None,
                                                   gradient_as_bucket_view=True)  # fmt: skip
-        return Parallel(model, ddp, model, ddp)
-    compiled = torch.compile(model) if compile else model  # one process: the whole model in one graph
-    return Parallel(model, compiled, compiled)
+        return Parallel(model, ddp, whole, ddp)
+    return Parallel(model, whole, whole)
 
 
 def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
