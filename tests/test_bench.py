@@ -1,0 +1,44 @@
+"""The benchmark scripts' CPU modes, so a script broken here is not first found on a lent GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_train_bench_on_cpu(tmp_path):
+    out = run_script("bench/train.py", "--device", "cpu", "--shapes", "tiny", "--seqs", "64", "--batch-tokens", "256",
+                     "--steps", "1", "--modes", "eager", "--variants", "baseline,baseline_2h,diff_v2",
+                     "--out", str(tmp_path))  # fmt: skip
+    rows = json.loads((tmp_path / "train_bench.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["baseline", "baseline_2h", "diff_v2"]
+    assert all(r["tokens_per_s"] > 0 and r["params"] > 0 for r in rows)
+    assert rows[1]["flops_per_token"] > rows[0]["flops_per_token"]  # 2h query heads
+    assert "diff_v2 / baseline_2h (tiny, 64, eager)" in out
+
+
+@pytest.mark.slow
+def test_scaling_bench_on_cpu(tmp_path):
+    """One process, then DDP and FSDP2 on two gloo ranks, then the FSDP checkpoint resumed in one process: in
+    fp32 on the CPU the losses agree."""
+    out = run_script("bench/scaling.py", "--device", "cpu", "--preset", "tiny", "--tokenizer", "byte", "--steps", "4",
+                     "--batch-size", "2", "--seq-len", "32", "--grad-accum", "2", "--log-every", "2",
+                     "--modes", "ddp,fsdp", "--no-one-rank", "--out", str(tmp_path))  # fmt: skip
+    rows = {r["run"]: r for r in json.loads((tmp_path / "scaling.json").read_text())}
+    assert set(rows) == {"1 GPU", "ddp x2", "fsdp x2", "fsdp x2 -> 1"}
+    for name in ("ddp x2", "fsdp x2", "fsdp x2 -> 1"):
+        assert rows[name]["max_abs_dloss"] < 1e-4, name
+    assert rows["ddp x2"]["scaling_efficiency"] > 0
+    assert "fsdp x2 -> 1" in out
