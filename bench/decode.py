@@ -72,6 +72,19 @@ def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> t
     return ms, weights + kv, kernels_per_step(fn)
 
 
+def gemv_floor(model: Transformer, batch: int, copy_gbs: float) -> dict:
+    """Every weight matrix of a step (all but the embedding) multiplied by ``batch`` rows, back to back in one
+    CUDA graph, and nothing else: the time a decode step cannot beat with these GEMVs however few other kernels
+    it launches."""
+    weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in n]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device="cuda", dtype=w.dtype) for w in weights}
+    with torch.no_grad():
+        ms = graph_ms([lambda w=w: F.linear(inputs[w.shape[1]], w) for w in weights], reps=20) * len(weights)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    return {"batch": batch, "matrices": len(weights), "ms": ms, "gbs": nbytes / ms / 1e6,
+            "pct_copy": nbytes / ms / 1e6 / copy_gbs}  # fmt: skip
+
+
 def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: float) -> list[dict]:
     hq = 2 * cfg.n_heads
     q = torch.randn(batch, hq, 1, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
@@ -127,12 +140,13 @@ def main() -> None:
     paths, variants = args.paths.split(","), args.variants.split(",")
     compiled_points = {tuple(int(x) for x in p.split("x")) for p in args.compiled_points.split(",")}
     torch._dynamo.config.cache_size_limit = 64  # one compiled step per variant and point
-    rows = []
+    rows, floors = [], {}
     for variant in variants:
         cfg = ModelConfig.preset(args.preset, attention=variant, vocab_size=args.vocab_size,
                                  max_seq_len=max(contexts))  # fmt: skip
         torch.manual_seed(0)
         model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
+        floors[variant] = gemv_floor(model, batches[0], copy_gbs)
         for path in paths:
             for batch in batches:
                 for context in contexts:
@@ -158,7 +172,7 @@ def main() -> None:
         for context in contexts:
             op_rows += attention_op_rows(cfg, batch, context, copy_gbs)
     with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump({"copy_gbs": copy_gbs, "model": rows, "attention": op_rows}, f, indent=1)
+        json.dump({"copy_gbs": copy_gbs, "model": rows, "gemv_floor": floors, "attention": op_rows}, f, indent=1)
 
     by = {(r["variant"], r["path"], r["batch"], r["context"]): r for r in rows if "ms" in r}
     for path in paths:
@@ -178,6 +192,9 @@ def main() -> None:
                     ratios = (v2["tok_s"] / b["tok_s"], v2["tok_s"] / v1["tok_s"], v2["gb"] / b["gb"])
                     line += f" | {ratios[0]:>7.3f} {ratios[1]:>6.3f} {ratios[2]:>13.3f}"
                 print(line)
+    print(f"\nthe weights alone: every matrix times {batches[0]} row(s), back to back in one CUDA graph")
+    for variant, r in floors.items():
+        print(f"{variant:<9} {r['matrices']} GEMVs {r['ms']:.3f} ms  {r['gbs']:.0f} GB/s  {r['pct_copy']:.1%} of copy")
     print("\nGPU kernels per decode step (batch 1, first context)")
     for path in paths:
         counts = {v: by.get((v, path, batches[0], contexts[0]), {}).get("kernels") for v in variants}
