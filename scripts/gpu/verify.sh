@@ -1,8 +1,9 @@
 #!/bin/bash
 # One device call (<= 10 min) on nvidia-h200-x2 that checks this tree's GPU paths and re-times what changed
 # since the last full runs (docs/benchmarks.md): on GPU 0 every GPU test, then the whole decode benchmark
-# (batch 1, 16, 64 x context 1k, 8k, 32k; the compiled step at batch 1); on GPU 1 the training benchmark at 4096 tokens (1b and 350m; baseline,
-# baseline with 2h query heads, DIFF V2 with SDPA and with the fused kernel). On one GPU the two run in turn.
+# (batch 1, 16, 64 x context 1k, 8k, 32k; the compiled step at batch 1); on GPU 1 the training benchmark at
+# 4096 tokens (1b and 350m; baseline, baseline with 2h query heads, DIFF V2 with SDPA and with the fused
+# kernel). On one GPU the two run in turn.
 # Usage on the GPU machine: bash scripts/gpu/verify.sh (carry .whl). Logs land in $OUT.
 T0=$(date +%s)
 source scripts/gpu/setup.sh
