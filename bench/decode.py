@@ -93,9 +93,11 @@ def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: floa
     mask = torch.ones(1, 1, 1, context, dtype=torch.bool, device="cuda")
     compiled = torch.compile(decode_attention, dynamic=True)
     w = torch.rand(batch, cfg.n_heads, 1, device="cuda")
+    lam = torch.randn(batch, cfg.n_heads, 1, device="cuda", dtype=torch.bfloat16)  # as lambda_proj gives it
     candidates = {
         "triton window": lambda: decode_attention_triton(q, k, v),
         "triton window +pair": lambda: decode_attention_triton(q, k, v, pair_weight=w),
+        "triton window +pair σ(λ)": lambda: decode_attention_triton(q, k, v, pair_weight=lam, pair_sigmoid=True),
         "sdpa (default)": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "sdpa flash": lambda: _with(SDPBackend.FLASH_ATTENTION, q, k, v),
         "sdpa cudnn": lambda: _with(SDPBackend.CUDNN_ATTENTION, q, k, v),
