@@ -125,6 +125,8 @@ def test_rejects_bad_shapes():
         dt.decode_attention_triton(q, k, v, start, end, pair_weight=w[:, :2])
     with pytest.raises(ValueError):
         dt.decode_attention_triton(q, k, v, start[:1], end)
+    with pytest.raises(ValueError, match="pair_sigmoid"):
+        dt.decode_attention_triton(q, k, v, start, end, pair_sigmoid=True)
 
 
 # ---------------------------------------------------------------- Triton interpreter (CPU)

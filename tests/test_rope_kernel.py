@@ -62,6 +62,18 @@ def test_interpreter_matches_pytorch(b, t, hq, hk, d, per_row, dtype):
 
 
 @interpreter_only
+def test_interpreter_mismatched_shapes_take_the_pytorch_path():
+    """The kernel indexes q, k and the tables by q's (B, T, d): anything else must not reach it."""
+    q, k, cos, _ = make(2, 3, 4, 2, 16, torch.float32)
+    with torch.no_grad():
+        assert rt.rope_triton_supported(q, k, cos)
+        assert not rt.rope_triton_supported(q, k[:1], cos)  # another batch
+        assert not rt.rope_triton_supported(q, k[:, :2], cos)  # another length
+        assert not rt.rope_triton_supported(q, k, cos[:, :2])  # tables for another length
+        assert not rt.rope_triton_supported(q[..., :8], k[..., :8], cos)  # another head_dim
+
+
+@interpreter_only
 @pytest.mark.usefixtures("interpreter")
 def test_interpreter_compile_keeps_the_pytorch_path():
     """Under torch.compile the dispatcher leaves RoPE to inductor (which fuses it with the cache write)."""

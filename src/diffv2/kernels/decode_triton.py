@@ -166,6 +166,8 @@ def decode_attention_triton(
     hkv, s = k.shape[1], k.shape[2]
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or hq % hkv:
         raise ValueError(f"decode_attention_triton: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if pair_sigmoid and pair_weight is None:
+        raise ValueError("pair_sigmoid=True needs pair_weight: the λ whose sigmoid weighs each pair")
     if pair_weight is not None and (pair_weight.shape != (b, hq // 2, t) or (hq // hkv) % 2):
         raise ValueError(f"pair_weight must be (B, Hq/2, T) = {(b, hq // 2, t)} with an even group size")
     if kv_start is None:

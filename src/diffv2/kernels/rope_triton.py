@@ -36,7 +36,10 @@ def rope_triton_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and k.dtype == q.dtype
         and cos.dtype == torch.float32
+        and k.shape[:2] == q.shape[:2]
         and k.shape[-1] == d
+        and cos.shape[-2:] == (q.shape[1], d)
+        and cos.shape[0] in (1, q.shape[0])
         and 4 <= d <= 256
         and d & (d - 1) == 0
         and q.stride(-1) == 1
