@@ -18,7 +18,7 @@ import torch
 from diffv2 import ModelConfig, Transformer, baseline_ffn_matched
 from diffv2.cli import compare as compare_cli
 from diffv2.cli import inspect as inspect_cli
-from diffv2.compare import VARIANTS, CompareConfig, capture_maps, expand_grid, run_grid, run_state, write_report
+from diffv2.compare import OPT_IN, VARIANTS, CompareConfig, capture_maps, expand_grid, run_grid, run_state, write_report
 from diffv2.compare import runner as runner_module
 from diffv2.compare.loading import checkpoint_dir
 from diffv2.compare.probe import probe_run
@@ -81,9 +81,10 @@ def text_dir(tmp_path_factory) -> Path:
 def test_grid_has_every_variant_lr_and_seed_with_unique_dirs(tmp_path):
     cfg = make_config("unused", tmp_path / "out", lrs=[1e-3, 3e-3], seeds=[0, 1, 2])
     specs = expand_grid(cfg, data_dir=tmp_path / "data")
-    assert cfg.variants == list(VARIANTS) and len(VARIANTS) == 7
+    default = [v for v in VARIANTS if v not in OPT_IN]  # controls for a question run only when named
+    assert cfg.variants == default and len(default) == 7
     assert len(specs) == 7 * 2 * 3
-    assert {(s.variant, s.lr, s.seed) for s in specs} == {(v, lr, s) for v in VARIANTS for lr in (1e-3, 3e-3)
+    assert {(s.variant, s.lr, s.seed) for s in specs} == {(v, lr, s) for v in default for lr in (1e-3, 3e-3)
                                                           for s in (0, 1, 2)}  # fmt: skip
     assert len({s.run_dir for s in specs}) == len(specs)
     assert specs[0].run_dir == tmp_path / "out" / "baseline_matched" / "lr0.001" / "seed0"
@@ -110,6 +111,22 @@ def test_parameter_matching(tmp_path, preset):
     lambda_proj = v2.n_layers * v2.n_heads * v2.d_model
     assert n["baseline_1p5h"] == n["diff_v2"] - lambda_proj == n["v2_no_lambda"]
     assert n["v2_split"] == n["v2_linear"] == n["diff_v2"]
+
+
+def test_small_output_baseline_differs_from_the_matched_baseline_only_in_o_proj_init(tmp_path):
+    """The control for "is DIFF V2's gain its smaller attention output at init": the matched baseline, its o_proj
+    initialised at half the scale (σ(λ) ≈ 0.5 halves DIFF V2's output at init), nothing else changed."""
+    cfg = make_config("unused", tmp_path / "out", variants=["baseline_matched", "baseline_small_out"])
+    specs = {s.variant: s.train.model_config(vocab_size=64) for s in expand_grid(cfg, data_dir=tmp_path)}
+    small, matched = specs["baseline_small_out"], specs["baseline_matched"]
+    assert small.replace(o_proj_init_scale=1.0) == matched and small.o_proj_init_scale == 0.5
+    stds = {}
+    for name, model_cfg in (("small", small), ("matched", matched)):
+        torch.manual_seed(0)
+        layer = Transformer(model_cfg).layers[0]
+        stds[name] = (layer.attn.o_proj.weight.std().item(), layer.mlp.down_proj.weight.std().item())
+    assert stds["small"][0] == pytest.approx(0.5 * stds["matched"][0], rel=0.05)
+    assert stds["small"][1] == pytest.approx(stds["matched"][1], rel=0.05)  # the MLP's output init is unchanged
 
 
 def test_bad_compare_configs_fail_early(tmp_path):
@@ -181,11 +198,11 @@ def test_report_has_every_variant_and_readable_figures(grid):
     text = report.read_text(encoding="utf-8")
     for lr in grid.lrs:
         assert f"### lr = {lr:g}" in text
-    for variant in VARIANTS:
+    for variant in grid.variants:
         rows = [line for line in text.splitlines() if line.startswith(f"| {variant} |")]
         assert len(rows) == 2 + len(grid.lrs), variant  # parameters + one final-loss table per lr + best lr
     best = text.split("## Each variant at its best learning rate")[1].split("## ")[0]
-    for variant in VARIANTS:
+    for variant in grid.variants:
         row = next(line for line in best.splitlines() if line.startswith(f"| {variant} |"))
         runs = [r for r in load_grid(grid.out_dir).runs if r.variant == variant and r.final_val_loss is not None]
         means = {lr: statistics.mean(r.final_val_loss for r in runs if r.lr == lr) for lr in {r.lr for r in runs}}

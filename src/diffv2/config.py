@@ -50,6 +50,8 @@ class ModelConfig:
     # "triton": DIFF V2's fused training/prefill kernel where it applies (CUDA, causal, interleaved), else sdpa.
     backend: Backend = "sdpa"
     init_std: float = 0.02
+    # o_proj's init std relative to the residual-output rule (init only; the compare grid's small-output baseline)
+    o_proj_init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -66,7 +68,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("max_seq_len", self.max_seq_len)
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "norm_eps", "init_std", "o_proj_init_scale"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive number")

@@ -4,8 +4,9 @@ The attention variant comes from ``cfg.attention``; everything else is identical
 comparison isolates the attention change. Parallelism, caching policy and training live elsewhere.
 
 Init (GPT-2/Megatron style): embeddings and linear weights N(0, init_std); the two residual-branch outputs
-(``o_proj``, ``down_proj``) N(0, init_std/√(2·n_layers)); ``lambda_proj`` keeps the PyTorch default
-U(±1/√D) of the reference code so σ(λ) starts near 0.5 (spec §6 Q2); DIFF V1's λ vectors N(0, 0.1); norms 1.
+(``o_proj``, ``down_proj``) N(0, init_std/√(2·n_layers)), o_proj's times ``o_proj_init_scale`` (default 1);
+``lambda_proj`` keeps the PyTorch default U(±1/√D) of the reference code so σ(λ) starts near 0.5 (spec §6 Q2);
+DIFF V1's λ vectors N(0, 0.1); norms 1.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Linear):
                 if name.endswith("lambda_proj"):
                     module.reset_parameters()  # PyTorch default, as in the reference code
-                elif name.endswith(("o_proj", "down_proj")):
+                elif name.endswith("o_proj"):
+                    nn.init.normal_(module.weight, 0.0, out_std * self.cfg.o_proj_init_scale)
+                elif name.endswith("down_proj"):
                     nn.init.normal_(module.weight, 0.0, out_std)
                 elif not (self.cfg.tie_embeddings and module is self.lm_head):
                     nn.init.normal_(module.weight, 0.0, std)

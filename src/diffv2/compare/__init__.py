@@ -5,7 +5,7 @@ into ``report.md`` + figures, and ``capture_maps`` reads per-head attention maps
 Plotting needs matplotlib (``pip install 'diffv2[plots]'``); everything else does not.
 """
 
-from .grid import VARIANTS, CompareConfig, RunSpec, expand_grid, load_compare_config, variant_model
+from .grid import OPT_IN, VARIANTS, CompareConfig, RunSpec, expand_grid, load_compare_config, variant_model
 from .maps import LayerMaps, capture_maps, sigma_lambda
 from .report import write_report
 from .results import Grid, RunResult, load_grid
@@ -13,6 +13,7 @@ from .runner import RunOutcome, run_grid, run_state
 from .stats import summarize, welch
 
 __all__ = [
+    "OPT_IN",
     "VARIANTS",
     "CompareConfig",
     "Grid",

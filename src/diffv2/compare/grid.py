@@ -36,7 +36,12 @@ VARIANTS: dict[str, tuple[str, Callable[[ModelConfig], ModelConfig]]] = {
     "v2_split": ("DIFF V2 pairing heads i and i+h (blog ablation 1)", lambda v2: v2.replace(pairing="split")),
     "v2_no_lambda": ("DIFF V2 with weight 1, no σ(λ) (blog ablation 2)", lambda v2: v2.replace(lambda_mode="none")),
     "v2_linear": ("DIFF V2 with λ, no sigmoid (blog ablation 3)", lambda v2: v2.replace(lambda_mode="linear")),
+    "baseline_small_out": ("baseline_matched with o_proj initialised ×0.5: DIFF V2's smaller attention output at "
+                           "init (σ(λ) ≈ 0.5), without the subtraction",
+                           lambda v2: baseline_ffn_matched(v2).replace(o_proj_init_scale=0.5)),
 }  # fmt: skip
+# listed only when a grid names them: controls for a question, not part of the blog's comparison
+OPT_IN = ("baseline_small_out",)
 DEFAULT_BASELINE = "baseline_matched"
 _COMPARE_KEYS = ("variants", "seeds", "lrs", "out_dir", "baseline")
 
@@ -59,7 +64,7 @@ class CompareConfig:
             # e.g. 1.5·12 = 18 heads cannot share 4 KV heads: the default grid leaves such a variant out (and the
             # report says so) instead of refusing the whole grid; a variant listed explicitly must build
             self.variants = []
-            for name in VARIANTS:
+            for name in (v for v in VARIANTS if v not in OPT_IN):
                 try:
                     variant_model(self.base, name, vocab_size=2)
                     self.variants.append(name)

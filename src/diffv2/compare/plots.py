@@ -19,7 +19,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 from .grid import VARIANTS
 from .results import Grid, RunResult, seed_band
 
-_COLORS = dict(zip(VARIANTS, ("#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c", "#8c564b"),
+_COLORS = dict(zip(VARIANTS, ("#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c", "#8c564b", "#7f7f7f"),
                    strict=True))  # fmt: skip
 DPI = 110
 

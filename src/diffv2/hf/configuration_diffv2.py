@@ -55,6 +55,7 @@ class DiffV2Config(PretrainedConfig):
     attention: str = "diff_v2"
     pairing: str = "interleaved"
     lambda_mode: str = "sigmoid"
+    o_proj_init_scale: float = 1.0  # init only
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

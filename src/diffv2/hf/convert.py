@@ -53,6 +53,7 @@ def to_hf_config(cfg: ModelConfig, **extra: Any) -> DiffV2Config:
         attention=cfg.attention,
         pairing=cfg.pairing,
         lambda_mode=cfg.lambda_mode,
+        o_proj_init_scale=cfg.o_proj_init_scale,
         **extra,
     )
     config._attn_implementation = "eager" if cfg.backend == "eager" else "sdpa"
@@ -86,6 +87,7 @@ def from_hf_config(config: Any) -> ModelConfig:
         lambda_mode=data.get("lambda_mode", "sigmoid"),
         backend="eager" if impl == "eager" else "sdpa",
         init_std=data.get("initializer_range", 0.02),
+        o_proj_init_scale=data.get("o_proj_init_scale", 1.0),
     )
 
 
