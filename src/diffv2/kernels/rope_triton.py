@@ -2,7 +2,7 @@
 
 Why: in eager PyTorch :func:`~diffv2.kernels.rope.apply_rope` is seven elementwise kernels per tensor (upcast,
 negate, concatenate, two products, a sum, the downcast), fourteen per layer for q and k. A batch-1 decode
-step is bound by kernel launches, not bytes, so those launches cost more than the layer's GEMVs read. Here
+step is bound by kernel launches more than by bytes (docs/benchmarks.md), so each launch saved counts. Here
 one program rotates every head of one token of q and of k, in fp32, and writes both in the inputs' dtype.
 
 Training and ``torch.compile`` keep the PyTorch version: it has autograd, and inductor fuses it (with the KV
