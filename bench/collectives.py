@@ -14,19 +14,7 @@ import os
 
 import torch
 import torch.distributed as dist
-
-
-def time_ms(fn, iters: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+from common import cuda_time_ms
 
 
 def main() -> None:
@@ -46,7 +34,7 @@ def main() -> None:
                 "reduce_scatter": (lambda f=full, s=shard: dist.reduce_scatter_tensor(s, f), (n - 1) / n),
             }
             for name, (fn, factor) in ops.items():
-                ms = time_ms(fn)
+                ms = cuda_time_ms(fn, iters=10)
                 algbw = full.numel() * full.element_size() / ms / 1e6
                 rows.append((name, str(dtype).removeprefix("torch."), mib, ms, algbw, algbw * factor))
     if rank == 0:

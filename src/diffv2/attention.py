@@ -109,7 +109,7 @@ class PairSubtract(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(o2, s)
-        return (_fp32(o1) - s * _fp32(o2)).to(o1.dtype)
+        return _pair_difference(o1, o2, s)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -128,7 +128,7 @@ class PairSubtractProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(o1, o2, s, weight)
-        return F.linear(_pair_difference(o1, o2, s), weight.to(o1.dtype))
+        return F.linear(_pair_difference(o1, o2, s).transpose(1, 2).flatten(2), weight.to(o1.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -137,7 +137,7 @@ class PairSubtractProject(torch.autograd.Function):
         grad = grad.to(o1.dtype)
         grad_weight = None
         if ctx.needs_input_grad[3]:
-            diff = _pair_difference(o1, o2, s)
+            diff = _pair_difference(o1, o2, s).transpose(1, 2).flatten(2)
             grad_weight = (grad.flatten(0, 1).T @ diff.flatten(0, 1)).to(weight.dtype)
         g = _fp32((grad @ weight.to(o1.dtype)).view(b, t, h, d).transpose(1, 2))  # d(difference), (B, h, T, d)
         grad_s = -(g * _fp32(o2)).sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
@@ -145,8 +145,8 @@ class PairSubtractProject(torch.autograd.Function):
 
 
 def _pair_difference(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """o1 − s·o2 in fp32, back in o1's dtype, as the (B, T, h·d) context."""
-    return (_fp32(o1) - s * _fp32(o2)).to(o1.dtype).transpose(1, 2).flatten(2)
+    """o1 − s·o2 in fp32 (both terms can be tiny for diffuse heads), back in o1's dtype; (B, h, T, d)."""
+    return (_fp32(o1) - s * _fp32(o2)).to(o1.dtype)
 
 
 def _record_maps(stats: dict[str, Any], a1: torch.Tensor, a2: torch.Tensor | None = None, weight=None) -> None:
