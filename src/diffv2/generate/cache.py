@@ -28,10 +28,26 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.batch, self.device = batch, torch.device(device)
-        self.static = static
-        self.slots = torch.zeros(0, dtype=torch.long, device=device)
-        self.length = 0
-        self.layers = [_LayerView(self, i) for i in range(cfg.n_layers)]
+        # the per-step state lives in a cursor that the layer views share: views pointing back at the cache would
+        # make a reference cycle, and a dropped cache would hold its memory until the cyclic GC ran
+        self._cursor = _Cursor(static, torch.zeros(0, dtype=torch.long, device=device))
+        self.layers = [_LayerView(self._cursor, k, v) for k, v in zip(self.keys, self.values, strict=True)]
+
+    @property
+    def static(self) -> bool:
+        return self._cursor.static
+
+    @static.setter
+    def static(self, value: bool) -> None:
+        self._cursor.static = value
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self._cursor.slots
+
+    @property
+    def length(self) -> int:
+        return self._cursor.length
 
     @property
     def max_len(self) -> int:
@@ -41,7 +57,7 @@ class KVCache:
         """This step writes ``slots`` (T,) and, in prefix mode, attends to the first ``length`` slots."""
         if length > self.max_len:
             raise ConfigError(f"KV cache full: {length} slots needed, {self.max_len} allocated")
-        self.slots, self.length = slots, length
+        self._cursor.slots, self._cursor.length = slots, length
 
     def window(self, start: torch.Tensor | None) -> KVWindow | None:
         """The valid slots of each row for the current step: ``[start[b], slots[-1] + 1)``, hiding each row's
@@ -63,13 +79,19 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
+class _Cursor:
+    """What the current step writes (``slots``) and sees (``length`` in prefix mode; all slots when ``static``)."""
+
+    def __init__(self, static: bool, slots: torch.Tensor) -> None:
+        self.static, self.slots, self.length = static, slots, 0
+
+
 class _LayerView:
-    def __init__(self, cache: KVCache, index: int) -> None:
-        self.cache, self.index = cache, index
+    def __init__(self, cursor: _Cursor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.cursor, self.keys, self.values = cursor, keys, values
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache
-        keys, values = c.keys[self.index], c.values[self.index]
+        c, keys, values = self.cursor, self.keys, self.values
         keys.index_copy_(2, c.slots, k.to(keys.dtype))
         values.index_copy_(2, c.slots, v.to(values.dtype))
         if c.static:

@@ -44,7 +44,9 @@ class DecodeStep:
         self.start = start.to(device=device, dtype=torch.long).clone()
         cache.static = True  # from now on attention sees the whole buffer, windowed per row
         cache.advance(self.slot, cache.max_len)
-        self.forward = torch.compile(self._forward, fullgraph=True, dynamic=False) if compile else self._forward
+        # a module-level function, not a bound method kept on self: that would make a reference cycle, and the
+        # cache (tens of GB at long contexts) would outlive the step until Python's cyclic GC happened to run
+        self._compiled = torch.compile(_step_forward, fullgraph=True, dynamic=False) if compile else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         if compile or cuda_graph:
@@ -54,10 +56,9 @@ class DecodeStep:
             with torch.cuda.graph(self.graph), torch.no_grad():
                 self.logits = self.forward()
 
-    def _forward(self) -> torch.Tensor:
-        positions = (self.slot[None, :] - self.start[:, None]).clamp(min=0)  # (B, 1): RoPE from each row's start
-        window = self.cache.window(self.start)
-        return self.model(self.tokens, positions=positions, mask=window, caches=self.cache.layers)[:, -1]
+    def forward(self) -> torch.Tensor:
+        """One step on the current input buffers (compiled if asked), outside any CUDA graph."""
+        return _step_forward(self) if self._compiled is None else self._compiled(self)
 
     @torch.no_grad()
     def _warm_up(self) -> None:
@@ -84,3 +85,9 @@ class DecodeStep:
             return self.forward()
         self.graph.replay()
         return self.logits
+
+
+def _step_forward(step: DecodeStep) -> torch.Tensor:
+    positions = (step.slot[None, :] - step.start[:, None]).clamp(min=0)  # (B, 1): RoPE from each row's start
+    window = step.cache.window(step.start)
+    return step.model(step.tokens, positions=positions, mask=window, caches=step.cache.layers)[:, -1]
