@@ -7,19 +7,20 @@ Each point times one-token decode steps at a fixed context length: the KV cache 
 values (a real prefill of 64 x 32k tokens would only cost time), the step is captured in a CUDA graph and
 replayed. Three paths (``--paths``): ``static`` is what ``diffv2 generate`` runs on CUDA (the
 ``DecodeStep`` over the whole pre-allocated cache with per-row windows: the Triton split-KV kernel, DIFF V2's
-pair subtraction in its epilogue); ``compiled`` is the same step under ``torch.compile`` (``diffv2 generate
---compile``; one compilation per shape, so only at the ``--compiled-points``); ``prefix`` is the model
-forward over exactly the filled prefix with stock SDPA (no mask, so no padding support: the best stock SDPA
-can do). Bytes per step = weights read (all but the
-embedding table) + the K/V cache read once; GB/s = bytes / step time; the device's copy bandwidth is measured
-in the same run. A second table times the attention op alone at the same shapes: SDPA (default choice, flash,
-cuDNN), the Triton kernel (with and without the pair epilogue) and the compiled masked fallback
-``decode_attention``, against reading K and V once.
+pair subtraction in its epilogue, the input projections fused by ``Transformer.fused_projections``);
+``compiled`` is the same step under ``torch.compile`` (``diffv2 generate --compile``; one compilation per
+shape, so only at the ``--compiled-points``); ``prefix`` is the model forward over exactly the filled prefix
+with stock SDPA and unfused projections (no mask, so no padding support: the best stock SDPA can do).
+Bytes per step = weights read (all but the embedding table) + the K/V cache read once; GB/s = bytes / step
+time; the device's copy bandwidth is measured in the same run. A second table times the attention op alone at
+the same shapes: SDPA (default choice, flash, cuDNN), the Triton kernel (with and without the pair epilogue)
+and the compiled masked fallback ``decode_attention``, against reading K and V once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -30,6 +31,7 @@ from common import copy_bandwidth_gbs, cuda_time_ms, graph_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffv2 import ModelConfig, Transformer
+from diffv2.fused import FusableInputs
 from diffv2.generate import KVCache
 from diffv2.generate.step import DecodeStep
 from diffv2.kernels import decode_attention, decode_attention_triton
@@ -54,6 +56,12 @@ def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> t
     for t in cache.keys + cache.values:
         t.normal_()
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
+    fused = model.fused_projections() if path in ("static", "compiled") else contextlib.nullcontext()
+    with fused:  # as generate runs it: one matmul for q/k/v(/λ), one for gate/up per layer
+        return _time_step(model, cache, tokens, batch, context, path)
+
+
+def _time_step(model, cache, tokens, batch, context, path) -> tuple[float, int, int]:
     if path in ("static", "compiled"):
         start = torch.zeros(batch, dtype=torch.long, device="cuda")
         step = DecodeStep(model, cache, start, compile=path == "compiled")
@@ -73,16 +81,22 @@ def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> t
     return ms, weights + kv, kernels_per_step(fn)
 
 
-def gemv_floor(model: Transformer, batch: int, copy_gbs: float) -> dict:
+def gemv_floor(model: Transformer, batch: int, copy_gbs: float, fused: bool) -> dict:
     """Every weight matrix of a step (all but the embedding) multiplied by ``batch`` rows, back to back in one
     CUDA graph, and nothing else: the time a decode step cannot beat with these GEMVs however few other kernels
-    it launches."""
+    it launches. ``fused``: the matrices of ``Transformer.fused_projections`` (generate's), else one per
+    parameter."""
     weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in n]
+    if fused:
+        groups = [m for m in model.modules() if isinstance(m, FusableInputs)]
+        inside = {id(lin.weight) for m in groups for lin in m.input_linears()}
+        weights = [w for w in weights if id(w) not in inside]
+        weights += [torch.cat([lin.weight for lin in m.input_linears()]) for m in groups]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device="cuda", dtype=w.dtype) for w in weights}
     with torch.no_grad():
         ms = graph_ms([lambda w=w: F.linear(inputs[w.shape[1]], w) for w in weights], reps=20) * len(weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    return {"batch": batch, "matrices": len(weights), "ms": ms, "gbs": nbytes / ms / 1e6,
+    return {"batch": batch, "fused": fused, "matrices": len(weights), "ms": ms, "gbs": nbytes / ms / 1e6,
             "pct_copy": nbytes / ms / 1e6 / copy_gbs}  # fmt: skip
 
 
@@ -149,7 +163,7 @@ def main() -> None:
                                  max_seq_len=max(contexts))  # fmt: skip
         torch.manual_seed(0)
         model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
-        floors[variant] = gemv_floor(model, batches[0], copy_gbs)
+        floors[variant] = [gemv_floor(model, batches[0], copy_gbs, fused) for fused in (False, True)]
         for path in paths:
             for batch in batches:
                 for context in contexts:
@@ -198,8 +212,11 @@ def main() -> None:
                     line += f" | {ratios[0]:>7.3f} {ratios[1]:>6.3f} {ratios[2]:>13.3f}"
                 print(line)
     print(f"\nthe weights alone: every matrix times {batches[0]} row(s), back to back in one CUDA graph")
-    for variant, r in floors.items():
-        print(f"{variant:<9} {r['matrices']} GEMVs {r['ms']:.3f} ms  {r['gbs']:.0f} GB/s  {r['pct_copy']:.1%} of copy")
+    for variant, pair in floors.items():
+        for r in pair:
+            kind = "fused  " if r["fused"] else "unfused"
+            line = f"{r['matrices']:>3} GEMVs {r['ms']:.3f} ms  {r['gbs']:.0f} GB/s  {r['pct_copy']:.1%} of copy"
+            print(f"{variant:<9} {kind} {line}")
     print("\nGPU kernels per decode step (batch 1, first context)")
     for path in paths:
         counts = {v: by.get((v, path, batches[0], contexts[0]), {}).get("kernels") for v in variants}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fused import FusableInputs, plain_linear
 from .kernels import (
     Mask,
     apply_rope_qk,
@@ -37,7 +38,7 @@ class KVCacheLayer(Protocol):
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class AttentionBase(nn.Module):
+class AttentionBase(FusableInputs):
     kind: str  # "baseline" | "diff_v1" | "diff_v2"
     n_query_heads: int
 
@@ -64,17 +65,22 @@ class AttentionBase(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         cos, sin = rope
-        q = self.q_proj(x).view(b, t, self.n_query_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v, *lam = self.project_inputs(x)  # lam: DIFF V2's λ (B, T, h), before the sigmoid
+        q = q.view(b, t, self.n_query_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
         q, k = (r.transpose(1, 2) for r in apply_rope_qk(q, k, cos, sin))
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
-        return self.mix_and_project(q, k, v, x, mask, stats)
+        return self.mix_and_project(q, k, v, lam[0] if lam else None, mask, stats)
 
-    def mix_and_project(self, q, k, v, x, mask, stats) -> torch.Tensor:
+    def input_linears(self) -> list[nn.Linear]:
+        """The projections of the layer input (one matmul once fused, see ``diffv2.fused``)."""
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def mix_and_project(self, q, k, v, lam, mask, stats) -> torch.Tensor:
         """The layer's output (B, T, D): ``o_proj`` of the context that ``mix`` makes."""
-        return self.project(self.mix(q, k, v, x, mask, stats), stats)
+        return self.project(self.mix(q, k, v, mask, stats), stats)
 
     def project(self, ctx: torch.Tensor, stats: dict[str, Any] | None) -> torch.Tensor:
         """``o_proj`` of a context (B, T, h_out, d_out) with h_out·d_out = h·d."""
@@ -90,7 +96,7 @@ class AttentionBase(nn.Module):
         stats["max_logit"] = logits.masked_fill(logits.isinf(), 0.0).abs().amax().item()
         return out, probs
 
-    def mix(self, q, k, v, x, mask, stats) -> torch.Tensor:
+    def mix(self, q, k, v, mask, stats) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -168,7 +174,7 @@ class BaselineAttention(AttentionBase):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx, n_query_heads=cfg.n_heads)
 
-    def mix(self, q, k, v, x, mask, stats):
+    def mix(self, q, k, v, mask, stats):
         out, probs = self.attend(q, k, v, mask, stats)
         if stats is not None:
             _record_maps(stats, probs)
@@ -197,29 +203,30 @@ class DiffV2Attention(AttentionBase):
             return heads[:, 0::2], heads[:, 1::2]
         return heads[:, : self.n_heads], heads[:, self.n_heads :]
 
+    def input_linears(self) -> list[nn.Linear]:
+        return super().input_linears() + ([self.lambda_proj] if self.lambda_mode != "none" else [])
+
     def subtraction_weight(self, x: torch.Tensor) -> torch.Tensor:
         """σ(λ) per token and head, (B, T, h), in fp32."""
-        if self.lambda_mode == "none":
-            return torch.ones(*x.shape[:2], self.n_heads, device=x.device, dtype=_fp32(x).dtype)
-        lam = _fp32(self.lambda_proj(x))
-        return torch.sigmoid(lam) if self.lambda_mode == "sigmoid" else lam
+        return self._weight_of(self.lambda_proj(x) if self.lambda_mode != "none" else None, x)
 
-    def _plain_o_proj(self) -> bool:
-        """Whether ``o_proj`` is the bias-free Linear it was built as: a wrapped or hooked one (adapters, probes)
-        must see its input, so the difference is then not fused into it."""
-        o_proj = self.o_proj
-        hooked = o_proj._forward_hooks or o_proj._forward_pre_hooks
-        return type(o_proj) is nn.Linear and o_proj.bias is None and not hooked
+    def _weight_of(self, lam: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The subtraction weight (B, T, h), fp32, from λ = x W_λᵀ (None without ``lambda_proj``); ``like``
+        is the layer input (B, T, D)."""
+        if lam is None:
+            return torch.ones(*like.shape[:2], self.n_heads, device=like.device, dtype=_fp32(like).dtype)
+        return torch.sigmoid(_fp32(lam)) if self.lambda_mode == "sigmoid" else _fp32(lam)
 
-    def mix_and_project(self, q, k, v, x, mask, stats):
+    def mix_and_project(self, q, k, v, lam, mask, stats):
+        like = q.transpose(1, 2)  # (B, T, Hq, d): batch, length, device and dtype of the layer input
         if stats is None and self.pairing == "interleaved" and fused_decode_applies(q, k, v, mask, self.backend):
             # decode over a KV window: the kernel subtracts each pair in its epilogue (the 2h head outputs are
             # never written) and, for σ(λ), takes λ as it is (the cast and the sigmoid are two launches less)
             sigmoid = self.lambda_mode == "sigmoid"
-            w = (self.lambda_proj(x) if sigmoid else self.subtraction_weight(x)).transpose(1, 2)  # (B, h, T)
+            w = (lam if sigmoid else self._weight_of(lam, like)).transpose(1, 2)  # (B, h, T)
             ctx = decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=w, pair_sigmoid=sigmoid)
             return self.project(ctx.transpose(1, 2), None)
-        s = self.subtraction_weight(x).transpose(1, 2)  # (B, h, T)
+        s = self._weight_of(lam, like).transpose(1, 2)  # (B, h, T)
         fused_training = self.backend == "triton" and mask is None and q.shape[-2] == k.shape[-2]
         if stats is None and self.pairing == "interleaved" and fused_training and diff_attention_supported(q, k, v):
             # the fused training / prefill kernel (causal, T == S) also subtracts in its epilogue
@@ -227,7 +234,7 @@ class DiffV2Attention(AttentionBase):
         out, probs = self.attend(q, k, v, mask, stats)
         o1, o2 = self.split_pairs(out)
         s = s[..., None]  # (B, h, T, 1)
-        if stats is None and self._plain_o_proj():
+        if stats is None and plain_linear(self.o_proj):
             return PairSubtractProject.apply(o1, o2, s, self.o_proj.weight)
         if stats is not None:
             a1, a2 = self.split_pairs(probs)
@@ -296,7 +303,7 @@ class DiffV1Attention(AttentionBase):
         attn2 = torch.cat((out_b[:, :, 1], out_a[:, :, 1]), dim=-1)  # a2 @ [v_2g, v_2g+1]
         return attn1.reshape(b, hq // 2, t, 2 * d), attn2.reshape(b, hq // 2, t, 2 * d), probs
 
-    def mix(self, q, k, v, x, mask, stats):
+    def mix(self, q, k, v, mask, stats):
         b, hq, t, d = q.shape
         attn1, attn2, probs = self.two_maps(q, k, v, mask, stats)
         lam = self.lambda_full()

@@ -86,38 +86,39 @@ def stream_batch(
     cuda_graph = static and device.type == "cuda" if cuda_graph is None else cuda_graph
     if cuda_graph and not (static and device.type == "cuda"):
         raise ConfigError(f"cuda_graph=True: needs static=True and a model on a CUDA device (it is on {device})")
-    batch = len(prompts)
-    start = torch.tensor([width - len(p) for p in prompts], device=device)  # first real slot per row
-    tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
-    padding = start if any(len(p) < width for p in prompts) else None
-    cache = KVCache(cfg, batch, width + max_new_tokens, dtype=next(model.parameters()).dtype, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    with model.fused_projections():  # per layer one matmul for q/k/v(/λ), one for gate/up: fewer launches
+        batch = len(prompts)
+        start = torch.tensor([width - len(p) for p in prompts], device=device)  # first real slot per row
+        tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
+        padding = start if any(len(p) < width for p in prompts) else None
+        cache = KVCache(cfg, batch, width + max_new_tokens, dtype=next(model.parameters()).dtype, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    def sample(logits: torch.Tensor) -> torch.Tensor:
-        return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        def sample(logits: torch.Tensor) -> torch.Tensor:
+            return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    # prefill: the prompt in one forward over the cache's filled prefix
-    slots = torch.arange(width, device=device)
-    cache.advance(slots, width)
-    positions = (slots[None, :] - start[:, None]).clamp(min=0)
-    nxt = sample(model(tokens, positions=positions, mask=cache.window(padding), caches=cache.layers)[:, -1])
-    if static:
-        step = DecodeStep(model, cache, start, cuda_graph=cuda_graph, compile=compile)
-    else:
-        step = _GrowingStep(model, cache, start, padding)
-    finished = [False] * batch
-    for i in range(max_new_tokens):
-        host = _HostCopy(nxt)
-        if i + 1 < max_new_tokens:
-            following = sample(step(nxt, width + i))  # queued before this step's tokens are read
-        values = host.get()
-        yield [None if done else tok for tok, done in zip(values, finished, strict=True)]
-        if eos_id is not None:
-            finished = [done or tok == eos_id for tok, done in zip(values, finished, strict=True)]
-            if all(finished):
-                return
-        if i + 1 < max_new_tokens:
-            nxt = following
+        # prefill: the prompt in one forward over the cache's filled prefix
+        slots = torch.arange(width, device=device)
+        cache.advance(slots, width)
+        positions = (slots[None, :] - start[:, None]).clamp(min=0)
+        nxt = sample(model(tokens, positions=positions, mask=cache.window(padding), caches=cache.layers)[:, -1])
+        if static:
+            step = DecodeStep(model, cache, start, cuda_graph=cuda_graph, compile=compile)
+        else:
+            step = _GrowingStep(model, cache, start, padding)
+        finished = [False] * batch
+        for i in range(max_new_tokens):
+            host = _HostCopy(nxt)
+            if i + 1 < max_new_tokens:
+                following = sample(step(nxt, width + i))  # queued before this step's tokens are read
+            values = host.get()
+            yield [None if done else tok for tok, done in zip(values, finished, strict=True)]
+            if eos_id is not None:
+                finished = [done or tok == eos_id for tok, done in zip(values, finished, strict=True)]
+                if all(finished):
+                    return
+            if i + 1 < max_new_tokens:
+                nxt = following
 
 
 class _GrowingStep:
