@@ -125,29 +125,43 @@ class PairSubtract(torch.autograd.Function):
         return grad, (-s * g).to(o2.dtype), grad_s
 
 
-class PairSubtractProject(torch.autograd.Function):
+@torch.library.custom_op("diffv2::pair_subtract_project", mutates_args=())
+def pair_subtract_project(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(o1 − s·o2) W_Oᵀ, as ``PairSubtract`` then ``o_proj``, for training. A linear layer keeps its input for
     the weight gradient: here that input would be the h·d difference, an activation the baseline does not
     have. Instead the backward recomputes it from o1 and o2, views of the attention output that SDPA's
-    backward keeps anyway (one elementwise pass, no extra matmul). o1, o2: (B, h, T, d); s: (B, h, T, 1)."""
+    backward keeps anyway (one elementwise pass, no extra matmul). A custom op, not an autograd.Function: under
+    torch.compile the partitioner chose to keep the difference anyway (1.14× the baseline's memory at 350m on
+    the H200, 2026-11-30); inside an opaque op it never exists outside it. o1, o2: (B, h, T, d); s: (B, h, T, 1);
+    returns (B, T, D)."""
+    return F.linear(_pair_difference(o1, o2, s).transpose(1, 2).flatten(2), weight.to(o1.dtype))
 
-    @staticmethod
-    def forward(ctx, o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(o1, o2, s, weight)
-        return F.linear(_pair_difference(o1, o2, s).transpose(1, 2).flatten(2), weight.to(o1.dtype))
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        o1, o2, s, weight = ctx.saved_tensors
-        b, h, t, d = o1.shape
-        grad = grad.to(o1.dtype)
-        grad_weight = None
-        if ctx.needs_input_grad[3]:
-            diff = _pair_difference(o1, o2, s).transpose(1, 2).flatten(2)
-            grad_weight = (grad.flatten(0, 1).T @ diff.flatten(0, 1)).to(weight.dtype)
-        g = _fp32((grad @ weight.to(o1.dtype)).view(b, t, h, d).transpose(1, 2))  # d(difference), (B, h, T, d)
-        grad_s = -(g * _fp32(o2)).sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
-        return g.to(o1.dtype), (-s * g).to(o2.dtype), grad_s, grad_weight
+@pair_subtract_project.register_fake
+def _(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    b, _, t, _ = o1.shape
+    return o1.new_empty(b, t, weight.shape[0])
+
+
+def _pair_subtract_project_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _pair_subtract_project_backward(ctx, grad: torch.Tensor):
+    o1, o2, s, weight = ctx.saved_tensors
+    b, h, t, d = o1.shape
+    grad = grad.to(o1.dtype)
+    grad_weight = grad_s = None
+    if ctx.needs_input_grad[3]:
+        diff = _pair_difference(o1, o2, s).transpose(1, 2).flatten(2)
+        grad_weight = (grad.flatten(0, 1).T @ diff.flatten(0, 1)).to(weight.dtype)
+    g = _fp32((grad @ weight.to(o1.dtype)).view(b, t, h, d).transpose(1, 2))  # d(difference), (B, h, T, d)
+    if ctx.needs_input_grad[2]:
+        grad_s = -(g * _fp32(o2)).sum(-1, keepdim=True).to(s.dtype)
+    return g.to(o1.dtype), (-s * g).to(o2.dtype), grad_s, grad_weight
+
+
+pair_subtract_project.register_autograd(_pair_subtract_project_backward, setup_context=_pair_subtract_project_setup)
 
 
 def _pair_difference(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -235,7 +249,7 @@ class DiffV2Attention(AttentionBase):
         o1, o2 = self.split_pairs(out)
         s = s[..., None]  # (B, h, T, 1)
         if stats is None and plain_linear(self.o_proj):
-            return PairSubtractProject.apply(o1, o2, s, self.o_proj.weight)
+            return pair_subtract_project(o1, o2, s, self.o_proj.weight)
         if stats is not None:
             a1, a2 = self.split_pairs(probs)
             _record_maps(stats, a1, a2, s)
