@@ -31,8 +31,10 @@ from diffv2.data import prepare_dataset
 
 
 def train_cmd(args: argparse.Namespace, data: Path, run_dir: Path, mode: str, gpus: int) -> list[str]:
-    """``mode``: "none", "ddp", "fsdp", or "ddp-model" (DDP around the whole model compiled as one graph)."""
-    parallel, _, scope = mode.partition("-")
+    """``mode``: "none", "ddp", "fsdp", "ddp-model" (DDP around the whole model compiled as one graph), or
+    "fsdp-never" / "fsdp-always" (FSDP2 with that ``fsdp_reshard_after_forward`` policy)."""
+    parallel, _, suffix = mode.partition("-")
+    scope, reshard = (None, suffix) if parallel == "fsdp" else (suffix, None)
     flags = ["train", "--data", str(data), "--out_dir", str(run_dir), "--parallel", parallel, "--device", args.device,
              "--preset", args.preset, "--attention", args.attention, "--steps", str(args.steps),
              "--batch_size", str(args.batch_size), "--grad_accum", str(args.grad_accum), "--seq_len", str(args.seq_len),
@@ -42,6 +44,7 @@ def train_cmd(args: argparse.Namespace, data: Path, run_dir: Path, mode: str, gp
              "--no-progress"]  # fmt: skip
     flags += ["--compile"] if args.compile else []
     flags += ["--compile_scope", scope] if scope else []
+    flags += ["--fsdp_reshard_after_forward", reshard] if reshard else []
     flags += ["--activation_checkpointing"] if args.activation_checkpointing else []
     flags += ["--no-fsdp_bf16_params"] if args.fsdp_fp32_params else []
     # a torch.profiler trace of a few steps per rank (RUN/profile/rank<r>.txt): where a slow run spends its time
@@ -96,7 +99,11 @@ def main() -> None:
     p.add_argument("--preset", default="350m")
     p.add_argument("--attention", default="diff_v2")
     p.add_argument("--gpus", type=int, default=2, help="ranks of the distributed runs")
-    p.add_argument("--modes", default="ddp,fsdp", help="ddp, fsdp, ddp-model (DDP around one whole-model graph)")
+    p.add_argument(
+        "--modes",
+        default="ddp,fsdp",
+        help="ddp, fsdp, ddp-model (DDP around one whole-model graph), fsdp-never (ZeRO-2), fsdp-always",
+    )
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=8, help="rows per micro-step and rank")
     p.add_argument("--grad-accum", type=int, default=8, help="micro-steps per optimizer step, all ranks together")

@@ -31,14 +31,15 @@ def test_train_bench_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_scaling_bench_on_cpu(tmp_path):
-    """One process, then DDP and FSDP2 on two gloo ranks, then the FSDP checkpoint resumed in one process: in
-    fp32 on the CPU the losses agree."""
+    """One process, then DDP and FSDP2 (default and ZeRO-2 resharding) on two gloo ranks, then the FSDP
+    checkpoint resumed in one process: in fp32 on the CPU the losses agree."""
     out = run_script("bench/scaling.py", "--device", "cpu", "--preset", "tiny", "--tokenizer", "byte", "--steps", "4",
                      "--batch-size", "2", "--seq-len", "32", "--grad-accum", "2", "--log-every", "2",
-                     "--modes", "ddp,fsdp", "--no-one-rank", "--out", str(tmp_path))  # fmt: skip
+                     "--modes", "ddp,fsdp,fsdp-never", "--no-one-rank", "--out", str(tmp_path))  # fmt: skip
     rows = {r["run"]: r for r in json.loads((tmp_path / "scaling.json").read_text())}
-    assert set(rows) == {"1 GPU", "ddp x2", "fsdp x2", "fsdp x2 -> 1"}
-    for name in ("ddp x2", "fsdp x2", "fsdp x2 -> 1"):
+    assert set(rows) == {"1 GPU", "ddp x2", "fsdp x2", "fsdp-never x2", "fsdp x2 -> 1"}
+    assert "--fsdp_reshard_after_forward never" in out
+    for name in ("ddp x2", "fsdp x2", "fsdp-never x2", "fsdp x2 -> 1"):
         assert rows[name]["max_abs_dloss"] < 1e-4, name
     assert rows["ddp x2"]["scaling_efficiency"] > 0
     assert "fsdp x2 -> 1" in out

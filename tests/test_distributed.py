@@ -73,14 +73,17 @@ def launched(data_dir, tmp_path_factory):  # noqa: F811
     """``launched(parallel)``: the run dir of a two-rank run with that parallelism (run once per module)."""
     runs: dict[str, Path] = {}
 
-    def launch(parallel: str) -> Path:
-        if parallel not in runs:
-            out = tmp_path_factory.mktemp(parallel) / "run"
+    def launch(mode: str) -> Path:
+        """``mode``: "ddp", "fsdp" or "fsdp-<reshard policy>"."""
+        if mode not in runs:
+            out = tmp_path_factory.mktemp(mode) / "run"
+            parallel, _, reshard = mode.partition("-")
             # activation checkpointing must not change the numbers either
-            cfg = config(data_dir, out, parallel=parallel, activation_checkpointing=parallel == "fsdp")
+            cfg = config(data_dir, out, parallel=parallel, activation_checkpointing=mode == "fsdp",
+                         fsdp_reshard_after_forward=reshard or "default")  # fmt: skip
             mp.spawn(_rank_main, args=(free_port(), cfg.to_dict(), str(out / "probe.pt")), nprocs=WORLD)
-            runs[parallel] = out
-        return runs[parallel]
+            runs[mode] = out
+        return runs[mode]
 
     return launch
 
@@ -101,7 +104,7 @@ def assert_same_trajectory(got: Path, want: Path) -> None:
             assert norm == pytest.approx(norm_ref, rel=1e-5), (kind, step)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp-never"])  # never: ZeRO-2, gathered once per step
 def test_two_ranks_follow_the_single_process_trajectory(reference, launched, parallel):
     run = launched(parallel)
     assert_same_trajectory(run, reference)

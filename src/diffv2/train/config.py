@@ -28,6 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("none", "ddp", "fsdp")
 COMPILE_SCOPES = ("auto", "model", "block")
+RESHARD_POLICIES = ("default", "always", "never")
 
 
 @dataclass
@@ -73,6 +74,11 @@ class TrainConfig:
     # fsdp in bf16: True = bf16 parameters and activations, fp32 gradient reduction (torchtitan; half the
     # all-gather bytes); False = fp32 parameters under bf16 autocast, the numerics of one GPU and of ddp
     fsdp_bf16_params: bool = True
+    # fsdp: when a block's gathered parameters are freed after its forward. "always": every block (ZeRO-3, the
+    # least memory); "default": all but the last, which backward needs at once (torchtitan); "never": they stay
+    # gathered until the step's last backward (ZeRO-2: one all-gather per block per optimizer step, however many
+    # micro-steps, for one unsharded copy of the bf16 parameters per GPU)
+    fsdp_reshard_after_forward: str = "default"
     dist_timeout_s: float = 600.0  # a collective waiting this long fails the job (a rank died or hangs)
     # evaluation, logging, diagnostics, checkpoints
     eval_every: int = 100
@@ -122,6 +128,7 @@ class TrainConfig:
         check_choice("device", self.device, DEVICES)
         check_choice("parallel", self.parallel, PARALLEL)
         check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
+        check_choice("fsdp_reshard_after_forward", self.fsdp_reshard_after_forward, RESHARD_POLICIES)
         if self.parallel == "fsdp" and self.compile_scope == "model":
             raise ConfigError("compile_scope='model' with parallel='fsdp': FSDP2 compiles each transformer block "
                               "(its gathers sit between them); use compile_scope='block' or 'auto'")  # fmt: skip

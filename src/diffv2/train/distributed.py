@@ -149,12 +149,14 @@ class Parallel:
 
 
 def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile: bool, compile_scope: str = "auto",
-                activation_checkpointing: bool, bf16: bool) -> Parallel:  # fmt: skip
+                activation_checkpointing: bool, bf16: bool,
+                reshard_after_forward: str = "default") -> Parallel:  # fmt: skip
     """Wrap a freshly built model (identical on every rank) for ``env.parallel``; build the optimizer after
     this, since FSDP2 replaces the parameters by sharded DTensors. Under fsdp, ``bf16`` means bf16 parameters
     in compute with fp32 gradient reduction (no autocast needed); otherwise the caller autocasts.
     ``compile_scope`` (with ``compile``): "model" = one graph, "block" = each transformer block, "auto" = model
-    in one process, block under ddp / fsdp."""
+    in one process, block under ddp / fsdp. ``reshard_after_forward`` (fsdp): "default", "always" or "never",
+    as ``TrainConfig.fsdp_reshard_after_forward``."""
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -174,9 +176,11 @@ def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         last = len(model.layers) - 1
         for i, block in enumerate(model.layers):
-            # as torchtitan: the last block is not resharded after forward, since backward needs it at once
-            fully_shard(block, mp_policy=mp, reshard_after_forward=i < last)
-        fully_shard(model, mp_policy=mp)  # embedding, final norm and LM head (tied or not) form the root group
+            # default, as torchtitan: the last block is not resharded after forward, backward needs it at once
+            reshard = {"always": True, "never": False}.get(reshard_after_forward, i < last)
+            fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
+        # the root group: embedding, final norm and LM head (tied or not)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward != "never")
         return Parallel(model, model, model)
     if env.parallel == "ddp":
         # gradients as views of the all-reduce buckets: no copy into the buckets and back, one gradient-sized

@@ -116,7 +116,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
     model = model.to(device)
     fsdp_casts = use_bf16 and cfg.parallel == "fsdp" and cfg.fsdp_bf16_params  # else autocast does it
     par = parallelize(model, env, device, compile=cfg.compile, compile_scope=cfg.compile_scope,
-                      activation_checkpointing=cfg.activation_checkpointing, bf16=fsdp_casts)  # fmt: skip
+                      activation_checkpointing=cfg.activation_checkpointing, bf16=fsdp_casts,
+                      reshard_after_forward=cfg.fsdp_reshard_after_forward)  # fmt: skip
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
