@@ -47,8 +47,10 @@ def train_cmd(args: argparse.Namespace, data: Path, run_dir: Path, mode: str, gp
     flags += ["--fsdp_reshard_after_forward", reshard] if reshard else []
     flags += ["--activation_checkpointing"] if args.activation_checkpointing else []
     flags += ["--no-fsdp_bf16_params"] if args.fsdp_fp32_params else []
-    # a torch.profiler trace of a few steps per rank (RUN/profile/rank<r>.txt): where a slow run spends its time
-    flags += ["--profile_steps", str(args.profile_steps), "--profile_start", str(args.steps // 2)]
+    # a torch.profiler trace of a few steps per rank (RUN/profile/rank<r>.txt): where a slow run spends its time.
+    # Two steps clear of the mid-run checkpoint (saved after step steps // 2), whose file writes on rank 0 may
+    # leave the ranks out of step
+    flags += ["--profile_steps", str(args.profile_steps), "--profile_start", str(args.steps // 2 + 2)]
     if parallel == "none":
         return [sys.executable, "-m", "diffv2", *flags]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
