@@ -275,6 +275,9 @@ def test_generate_cli_streams_from_a_checkpoint(tmp_path, capsys):
                  "--temperature", "0"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert out.startswith("In the") and len(out) > len("In the")
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "In the", "--max_new_tokens", "10",
+                 "--temperature", "0"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == out  # the Python keyword's spelling works too, as for ``diffv2 train``
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "In the", "--prompt", "And",
                  "--max-new-tokens", "6", "--temperature", "0", "--no-stop", "--stats"]) == 0  # fmt: skip
     assert re.search(r"first token after \d+ ms; 5 decode steps at [\d.]+ steps/s \([\d.]+ tokens/s over 2 prompts\)",
