@@ -9,8 +9,22 @@ from ..errors import DiffV2Error
 from . import compare, convert, data, evaluate, generate, inspect, models, train
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every ``--long-option`` also answers to ``--long_option`` (and the reverse): the Python keywords and
+    config fields are spelled with underscores, shell habits with dashes. Subcommand parsers inherit it."""
+
+    def add_argument(self, *names: str, **kwargs):  # type: ignore[override]
+        alternates = [
+            "--" + (n[2:].replace("-", "_") if "-" in n[2:] else n[2:].replace("_", "-"))
+            for n in names
+            if n.startswith("--")
+        ]
+        extra = [a for a in dict.fromkeys(alternates) if a not in names]
+        return super().add_argument(*names, *extra, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffv2", description="DIFF V2 / DIFF V1 / baseline language models")
+    parser = _Parser(prog="diffv2", description="DIFF V2 / DIFF V1 / baseline language models")
     sub = parser.add_subparsers(dest="command", required=True)
     models.add_parser(sub)
     data.add_parser(sub)

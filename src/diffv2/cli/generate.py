@@ -14,20 +14,19 @@ from ..train.pretrained import load_pretrained
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    # each option also takes its Python keyword's spelling (--max_new_tokens), as ``diffv2 train`` does
     p = sub.add_parser("generate", help="generate text from a checkpoint (a run dir or a checkpoint dir)")
     p.add_argument("--checkpoint", required=True, help="run dir (its latest checkpoint) or checkpoint dir")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", "--top_k", type=int, default=50)
-    p.add_argument("--top-p", "--top_p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-stop", "--no_stop", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; slow to start)")
     p.add_argument("--stats", action="store_true", help="print time to first token and decode tokens/s to stderr")
-    p.add_argument("--no-cuda-graph", "--no_cuda_graph", action="store_true",
+    p.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA: run each decode step eagerly instead of replaying one captured CUDA graph")  # fmt: skip
     p.set_defaults(func=run)
 
