@@ -246,7 +246,7 @@ def test_diagnose_reports_per_layer_stats():
 
 
 def test_pair_subtract_gradients_match_autograd():
-    from diffv2.attention import PairSubtract
+    from diffv2.kernels.pair_subtract import PairSubtract
 
     torch.manual_seed(11)
     out = torch.randn(2, 8, 5, 4, dtype=torch.float64, requires_grad=True)
@@ -254,22 +254,51 @@ def test_pair_subtract_gradients_match_autograd():
     assert torch.autograd.gradcheck(lambda o, w: PairSubtract.apply(o[:, 0::2], o[:, 1::2], w), (out, s))
 
 
-def test_pair_subtract_project_gradients_match_autograd():
-    from diffv2.attention import pair_subtract_project
+def _plain_pair_project(out, s, weight, interleaved):
+    h = out.shape[1] // 2
+    o1, o2 = (out[:, 0::2], out[:, 1::2]) if interleaved else (out[:, :h], out[:, h:])
+    return F.linear((o1 - s * o2).transpose(1, 2).flatten(2), weight)
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "split"])
+def test_pair_subtract_project_gradients_match_autograd(interleaved):
+    from diffv2.kernels.pair_subtract import pair_subtract_project
 
     torch.manual_seed(12)
-    out = torch.randn(2, 8, 5, 3, dtype=torch.float64, requires_grad=True)  # (B, 2h, T, d)
+    # the attention output in SDPA's memory layout, (B, T, 2h, d) seen as (B, 2h, T, d)
+    out = torch.randn(2, 5, 8, 3, dtype=torch.float64).transpose(1, 2).requires_grad_()
     s = torch.rand(2, 4, 5, 1, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, 4 * 3, dtype=torch.float64, requires_grad=True)
 
     def fused(o, w, wo):
-        return pair_subtract_project(o[:, 0::2], o[:, 1::2], w, wo)
+        return pair_subtract_project(o, w, wo, interleaved)
 
-    def plain(o, w, wo):
-        return F.linear((o[:, 0::2] - w * o[:, 1::2]).transpose(1, 2).flatten(2), wo)
-
-    torch.testing.assert_close(fused(out, s, weight), plain(out, s, weight))
+    torch.testing.assert_close(fused(out, s, weight), _plain_pair_project(out, s, weight, interleaved))
     assert torch.autograd.gradcheck(fused, (out, s, weight))
+
+
+def test_pair_subtract_project_compiled_helpers_match(monkeypatch):
+    """On CUDA the op's elementwise parts run through torch.compile: forced here, they give the values and
+    gradients of the eager helpers (checked against float64 above) on bf16 inputs, as training gives them."""
+    import diffv2.kernels.pair_subtract as ps
+
+    torch.manual_seed(13)
+    out = torch.randn(2, 7, 8, 16).to(torch.bfloat16).transpose(1, 2).requires_grad_()
+    s = torch.rand(2, 4, 7, 1, requires_grad=True)
+    weight = torch.randn(24, 4 * 16, requires_grad=True)
+    grad_y = torch.randn(2, 7, 24).to(torch.bfloat16)
+
+    def run():
+        y = ps.pair_subtract_project(out, s, weight, True)
+        return (y, *torch.autograd.grad(y, (out, s, weight), grad_y))
+
+    eager = run()
+    monkeypatch.setattr(ps, "_fused", lambda fn, x: torch.compile(fn, dynamic=True))
+    compiled = run()
+    assert [t.dtype for t in compiled] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4 if got.dtype == torch.float32 else None,
+                                   atol=1e-4 if got.dtype == torch.float32 else None)  # fmt: skip
 
 
 def test_diff_v2_keeps_no_fp32_copy_of_the_attention_output_for_backward():

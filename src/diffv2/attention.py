@@ -30,6 +30,7 @@ from .kernels import (
     fused_decode_applies,
 )
 from .kernels.diff_attn_triton import diff_attention, diff_attention_supported
+from .kernels.pair_subtract import PairSubtract, pair_subtract_project, split_pairs, upcast
 
 
 class KVCacheLayer(Protocol):
@@ -100,75 +101,6 @@ class AttentionBase(FusableInputs):
         raise NotImplementedError
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    """Upcast half-precision tensors to fp32; leave fp32/fp64 as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-class PairSubtract(torch.autograd.Function):
-    """o1 − s·o2 in fp32 (both terms can be tiny for diffuse heads), cast back to the inputs' dtype.
-
-    Autograd would keep an fp32 copy of o2 for the backward (as large as the whole 2h-head attention output
-    in bf16); this keeps only o2 itself, a view of the attention output that SDPA's backward holds anyway.
-    """
-
-    @staticmethod
-    def forward(ctx, o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(o2, s)
-        return _pair_difference(o1, o2, s)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        o2, s = ctx.saved_tensors
-        g = _fp32(grad)
-        grad_s = -(g * _fp32(o2)).sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
-        return grad, (-s * g).to(o2.dtype), grad_s
-
-
-@torch.library.custom_op("diffv2::pair_subtract_project", mutates_args=())
-def pair_subtract_project(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(o1 − s·o2) W_Oᵀ, as ``PairSubtract`` then ``o_proj``, for training. A linear layer keeps its input for
-    the weight gradient: here that input would be the h·d difference, an activation the baseline does not
-    have. Instead the backward recomputes it from o1 and o2, views of the attention output that SDPA's
-    backward keeps anyway (one elementwise pass, no extra matmul). A custom op, not an autograd.Function: under
-    torch.compile the partitioner chose to keep the difference anyway (1.14× the baseline's memory at 350m on
-    the H200, 2026-11-30); inside an opaque op it never exists outside it. o1, o2: (B, h, T, d); s: (B, h, T, 1);
-    returns (B, T, D)."""
-    return F.linear(_pair_difference(o1, o2, s).transpose(1, 2).flatten(2), weight.to(o1.dtype))
-
-
-@pair_subtract_project.register_fake
-def _(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    b, _, t, _ = o1.shape
-    return o1.new_empty(b, t, weight.shape[0])
-
-
-def _pair_subtract_project_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _pair_subtract_project_backward(ctx, grad: torch.Tensor):
-    o1, o2, s, weight = ctx.saved_tensors
-    b, h, t, d = o1.shape
-    grad = grad.to(o1.dtype)
-    grad_weight = grad_s = None
-    if ctx.needs_input_grad[3]:
-        diff = _pair_difference(o1, o2, s).transpose(1, 2).flatten(2)
-        grad_weight = (grad.flatten(0, 1).T @ diff.flatten(0, 1)).to(weight.dtype)
-    g = _fp32((grad @ weight.to(o1.dtype)).view(b, t, h, d).transpose(1, 2))  # d(difference), (B, h, T, d)
-    if ctx.needs_input_grad[2]:
-        grad_s = -(g * _fp32(o2)).sum(-1, keepdim=True).to(s.dtype)
-    return g.to(o1.dtype), (-s * g).to(o2.dtype), grad_s, grad_weight
-
-
-pair_subtract_project.register_autograd(_pair_subtract_project_backward, setup_context=_pair_subtract_project_setup)
-
-
-def _pair_difference(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """o1 − s·o2 in fp32 (both terms can be tiny for diffuse heads), back in o1's dtype; (B, h, T, d)."""
-    return (_fp32(o1) - s * _fp32(o2)).to(o1.dtype)
-
-
 def _record_maps(stats: dict[str, Any], a1: torch.Tensor, a2: torch.Tensor | None = None, weight=None) -> None:
     """Diagnostics of the effective attention weights a1 − weight·a2 (a1 alone for the baseline), (B, h, T, S):
     the sink mass = mean weight on key 0 over queries t >= 1 (query 0 can only see key 0), per output head.
@@ -213,9 +145,7 @@ class DiffV2Attention(AttentionBase):
 
     def split_pairs(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 2h, ...) → the two members of each pair, (B, h, ...) each."""
-        if self.pairing == "interleaved":
-            return heads[:, 0::2], heads[:, 1::2]
-        return heads[:, : self.n_heads], heads[:, self.n_heads :]
+        return split_pairs(heads, self.pairing == "interleaved")
 
     def input_linears(self) -> list[nn.Linear]:
         return super().input_linears() + ([self.lambda_proj] if self.lambda_mode != "none" else [])
@@ -228,8 +158,8 @@ class DiffV2Attention(AttentionBase):
         """The subtraction weight (B, T, h), fp32, from λ = x W_λᵀ (None without ``lambda_proj``); ``like``
         is the layer input (B, T, D)."""
         if lam is None:
-            return torch.ones(*like.shape[:2], self.n_heads, device=like.device, dtype=_fp32(like).dtype)
-        return torch.sigmoid(_fp32(lam)) if self.lambda_mode == "sigmoid" else _fp32(lam)
+            return torch.ones(*like.shape[:2], self.n_heads, device=like.device, dtype=upcast(like).dtype)
+        return torch.sigmoid(upcast(lam)) if self.lambda_mode == "sigmoid" else upcast(lam)
 
     def mix_and_project(self, q, k, v, lam, mask, stats):
         like = q.transpose(1, 2)  # (B, T, Hq, d): batch, length, device and dtype of the layer input
@@ -246,10 +176,10 @@ class DiffV2Attention(AttentionBase):
             # the fused training / prefill kernel (causal, T == S) also subtracts in its epilogue
             return self.project(diff_attention(q, k, v, s).transpose(1, 2), None)
         out, probs = self.attend(q, k, v, mask, stats)
-        o1, o2 = self.split_pairs(out)
         s = s[..., None]  # (B, h, T, 1)
         if stats is None and plain_linear(self.o_proj):
-            return pair_subtract_project(o1, o2, s, self.o_proj.weight)
+            return pair_subtract_project(out, s, self.o_proj.weight, self.pairing == "interleaved")
+        o1, o2 = self.split_pairs(out)
         if stats is not None:
             a1, a2 = self.split_pairs(probs)
             _record_maps(stats, a1, a2, s)
@@ -291,8 +221,8 @@ class DiffV1Attention(AttentionBase):
             nn.init.normal_(p, mean=0.0, std=0.1)
 
     def lambda_full(self) -> torch.Tensor:
-        lam1 = torch.exp((_fp32(self.lambda_q1) * _fp32(self.lambda_k1)).sum())
-        lam2 = torch.exp((_fp32(self.lambda_q2) * _fp32(self.lambda_k2)).sum())
+        lam1 = torch.exp((upcast(self.lambda_q1) * upcast(self.lambda_k1)).sum())
+        lam2 = torch.exp((upcast(self.lambda_q2) * upcast(self.lambda_k2)).sum())
         return lam1 - lam2 + self.lambda_init
 
     def two_maps(self, q, k, v, mask, stats):
@@ -321,7 +251,7 @@ class DiffV1Attention(AttentionBase):
         b, hq, t, d = q.shape
         attn1, attn2, probs = self.two_maps(q, k, v, mask, stats)
         lam = self.lambda_full()
-        diff = _fp32(attn1) - lam * _fp32(attn2)  # (B, h/2, T, 2d)
+        diff = upcast(attn1) - lam * upcast(attn2)  # (B, h/2, T, 2d)
         normed = F.rms_norm(diff, (2 * d,), self.subln.weight.to(diff.dtype), self.subln.eps)
         ctx = (normed * (1.0 - self.lambda_init)).to(q.dtype)
         if stats is not None:

@@ -1,0 +1,113 @@
+"""DIFF V2's pair subtraction, o1 − σ(λ)·o2, on the 2h-head attention output: alone (``PairSubtract``, for the
+diagnostic and wrapped-``o_proj`` paths) and fused with ``o_proj`` (``pair_subtract_project``, training's path).
+
+The difference is computed in fp32 (both terms can be tiny for diffuse heads) and cast back. Pairs are heads
+(2i, 2i+1) (``interleaved``) or (i, i+h) (the ``split`` ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to fp32; fp32/fp64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def split_pairs(heads: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2h, ...) → the two members of each pair, (B, h, ...) each (views)."""
+    if interleaved:
+        return heads[:, 0::2], heads[:, 1::2]
+    h = heads.shape[1] // 2
+    return heads[:, :h], heads[:, h:]
+
+
+def pair_difference(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """o1 − s·o2 in fp32, back in o1's dtype; (B, h, T, d) with s (B, h, T, 1)."""
+    return (upcast(o1) - s * upcast(o2)).to(o1.dtype)
+
+
+class PairSubtract(torch.autograd.Function):
+    """``pair_difference`` with a hand-written backward: autograd would keep an fp32 copy of o2 (as large as the
+    whole 2h-head output in bf16); this keeps only o2, a view of the attention output SDPA's backward holds."""
+
+    @staticmethod
+    def forward(ctx, o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(o2, s)
+        return pair_difference(o1, o2, s)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        o2, s = ctx.saved_tensors
+        g = upcast(grad)
+        grad_s = -(g * upcast(o2)).sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad, (-s * g).to(o2.dtype), grad_s
+
+
+# ---------------------------------------------------------------------- fused with o_proj, for training
+def _context(out: torch.Tensor, s: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The h·d context o_proj reads, (B, T, h·d), from the attention output (B, 2h, T, d)."""
+    return pair_difference(*split_pairs(out, interleaved), s).transpose(1, 2).flatten(2)
+
+
+def _input_grads(grad_ctx: torch.Tensor, out: torch.Tensor, s: torch.Tensor, interleaved: bool):
+    """d(out) (B, 2h, T, d) in one tensor and d(s) (B, h, T, 1) fp32, from d(context) (B, T, h·d)."""
+    b, hq, t, d = out.shape
+    g = upcast(grad_ctx.view(b, t, hq // 2, d).transpose(1, 2))  # (B, h, T, d)
+    grad_s = -(g * upcast(split_pairs(out, interleaved)[1])).sum(-1, keepdim=True)
+    pair = (g.to(out.dtype), (-s * g).to(out.dtype))
+    grad_out = torch.stack(pair, 2).flatten(1, 2) if interleaved else torch.cat(pair, 1)
+    return grad_out, grad_s
+
+
+_FUSED: dict = {}
+
+
+def _fused(fn, x: torch.Tensor):
+    """On CUDA ``fn`` through torch.compile (dynamic shapes), so its casts, products and layout change are one
+    kernel, as they were when inductor saw them inline; elsewhere ``fn`` itself."""
+    if not x.is_cuda:
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True)
+    return _FUSED[fn]
+
+
+@torch.library.custom_op("diffv2::pair_subtract_project", mutates_args=())
+def pair_subtract_project(out: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """(o1 − s·o2) W_Oᵀ from the attention output ``out`` (B, 2h, T, d) and s (B, h, T, 1); returns (B, T, D).
+
+    A linear layer keeps its input for the weight gradient: here that input would be the h·d difference, an
+    activation the baseline does not have. The backward recomputes it from ``out``, which SDPA's backward keeps
+    anyway. A custom op, opaque to torch.compile's partitioner: as an inlined autograd.Function the partitioner
+    chose to keep the difference after all (1.14× the baseline's peak memory at 350m on the H200, 2026-11-30).
+    Its elementwise parts go through their own small compiled kernels on CUDA (``_fused``), and the gradient of
+    ``out`` comes back as one tensor, not as two slices autograd would scatter into zeros."""
+    return F.linear(_fused(_context, out)(out, s, interleaved), weight.to(out.dtype))
+
+
+@pair_subtract_project.register_fake
+def _(out: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    b, _, t, _ = out.shape
+    return out.new_empty(b, t, weight.shape[0])
+
+
+def _setup(ctx, inputs, output) -> None:
+    out, s, weight, ctx.interleaved = inputs
+    ctx.save_for_backward(out, s, weight)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    out, s, weight = ctx.saved_tensors
+    grad = grad.to(out.dtype)
+    grad_weight = None
+    if ctx.needs_input_grad[2]:
+        context = _fused(_context, out)(out, s, ctx.interleaved)
+        grad_weight = (grad.flatten(0, 1).T @ context.flatten(0, 1)).to(weight.dtype)
+    grad_out, grad_s = _fused(_input_grads, out)(grad @ weight.to(out.dtype), out, s, ctx.interleaved)
+    return grad_out, grad_s.to(s.dtype) if ctx.needs_input_grad[1] else None, grad_weight, None
+
+
+pair_subtract_project.register_autograd(_backward, setup_context=_setup)
