@@ -201,10 +201,14 @@ def test_interpreter_dynamo_fullgraph():
 
 @interpreter_only
 @pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("attention", ["baseline", "diff_v1", "diff_v2"])
-def test_interpreter_model_decode_through_the_kernel(attention, monkeypatch):
+def test_interpreter_model_decode_through_the_kernel(attention, fused, monkeypatch):
     """Wired in: a model's static-cache decode steps reach the kernel (DIFF V2 with the pair epilogue; DIFF V1
-    on strided head views) and give the full forward's logits."""
+    on strided head views) and give the full forward's logits, also with generation's fused projections (q, k
+    and λ then reach the RoPE and decode kernels as column blocks of one matmul's output)."""
+    import contextlib
+
     from diffv2 import Transformer
     from diffv2.generate.step import DecodeStep
 
@@ -227,9 +231,10 @@ def test_interpreter_model_decode_through_the_kernel(attention, monkeypatch):
         cache = KVCache(cfg, 2, 12, dtype=torch.float32, device=torch.device("cpu"))
         cache.advance(torch.arange(5), 5)
         model(seq[:, :5], caches=cache.layers)
-        step = DecodeStep(model, cache, torch.tensor([0, 0]))
-        for slot in range(5, 9):
-            torch.testing.assert_close(step(seq[:, slot], slot), full[:, slot], rtol=1e-4, atol=1e-4)
+        with model.fused_projections() if fused else contextlib.nullcontext():
+            step = DecodeStep(model, cache, torch.tensor([0, 0]))
+            for slot in range(5, 9):
+                torch.testing.assert_close(step(seq[:, slot], slot), full[:, slot], rtol=1e-4, atol=1e-4)
     per_step = {"baseline": [False], "diff_v1": [False] * 4, "diff_v2": [True]}[attention] * cfg.n_layers
     assert calls == per_step * 4
 

@@ -62,6 +62,23 @@ def test_interpreter_matches_pytorch(b, t, hq, hk, d, per_row, dtype):
 
 
 @interpreter_only
+@pytest.mark.usefixtures("interpreter")
+def test_interpreter_reads_q_and_k_as_views_of_one_fused_projection():
+    """Generation's fused q/k/v(/λ) matmul gives q and k as column blocks of one (B, T, W) output: their rows
+    are W apart, wider than the heads themselves."""
+    b, t, hq, hk, d, lam = 2, 3, 8, 2, 16, 4
+    fused = torch.randn(b, t, (hq + 2 * hk) * d + lam)
+    q = fused[..., : hq * d].view(b, t, hq, d)
+    k = fused[..., hq * d : (hq + hk) * d].view(b, t, hk, d)
+    cos, sin = rope_cos_sin(torch.randint(0, 5000, (b, t)), d, 10000.0)
+    with torch.no_grad():
+        assert rt.rope_triton_supported(q, k, cos)
+        got_q, got_k = rt.rope_qk_triton(q, k, cos, sin)
+    expect_close(got_q, apply_rope(q, cos, sin), torch.float32)
+    expect_close(got_k, apply_rope(k, cos, sin), torch.float32)
+
+
+@interpreter_only
 def test_interpreter_mismatched_shapes_take_the_pytorch_path():
     """The kernel indexes q, k and the tables by q's (B, T, d): anything else must not reach it."""
     q, k, cos, _ = make(2, 3, 4, 2, 16, torch.float32)
