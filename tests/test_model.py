@@ -301,6 +301,28 @@ def test_pair_subtract_project_compiled_helpers_match(monkeypatch):
                                    atol=1e-4 if got.dtype == torch.float32 else None)  # fmt: skip
 
 
+def test_pair_subtract_helpers_fall_back_when_compiling_fails(monkeypatch):
+    """A compiler failure on the GPU costs speed, not the run: one warning, then the eager helpers."""
+    from types import SimpleNamespace
+
+    import diffv2.kernels.pair_subtract as ps
+
+    def broken_compile(fn, dynamic):
+        def run(*args):
+            raise RuntimeError("no working compiler here")
+
+        return run
+
+    monkeypatch.setattr(ps, "_FUSED", {})
+    monkeypatch.setattr(ps.torch, "compile", broken_compile)
+    out, s = torch.randn(2, 8, 5, 4), torch.rand(2, 4, 5, 1)
+    on_gpu = SimpleNamespace(is_cuda=True)
+    with pytest.warns(UserWarning, match="_context failed .*no working compiler"):
+        got = ps._fused(ps._context, on_gpu)(out, s, True)
+    torch.testing.assert_close(got, ps._context(out, s, True))
+    assert ps._fused(ps._context, on_gpu) is ps._context  # no second attempt
+
+
 def test_diff_v2_keeps_no_fp32_copy_of_the_attention_output_for_backward():
     """Saved activations: the 2h-head output in bf16 (SDPA's own), never an fp32 copy of half of it."""
     from diffv2.kernels import rope_cos_sin

@@ -7,6 +7,8 @@ The difference is computed in fp32 (both terms can be tiny for diffuse heads) an
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -67,12 +69,27 @@ _FUSED: dict = {}
 
 def _fused(fn, x: torch.Tensor):
     """On CUDA ``fn`` through torch.compile (dynamic shapes), so its casts, products and layout change are one
-    kernel, as they were when inductor saw them inline; elsewhere ``fn`` itself."""
-    if not x.is_cuda:
+    kernel, as they were when inductor saw them inline; elsewhere, or once compiling it has failed, ``fn``
+    itself (the same values, more kernels) after one warning."""
+    if not x.is_cuda or _FUSED.get("failed"):
         return fn
     if fn not in _FUSED:
         _FUSED[fn] = torch.compile(fn, dynamic=True)
-    return _FUSED[fn]
+    compiled = _FUSED[fn]
+
+    def call(*args):
+        try:
+            return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # a compiler failure must not stop training: it only costs speed
+            reason = f"{type(err).__name__}: {str(err)[:200]}"
+            warnings.warn(f"diffv2: torch.compile of {fn.__name__} failed ({reason}); the pair subtraction runs "
+                          "uncompiled from now on", stacklevel=2)  # fmt: skip
+            _FUSED["failed"] = True
+            return fn(*args)
+
+    return call
 
 
 @torch.library.custom_op("diffv2::pair_subtract_project", mutates_args=())
