@@ -16,6 +16,7 @@ token come from ``Transformer.flops_per_token`` (2h query heads counted for DIFF
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -86,7 +87,10 @@ def kernel_split(step, device: torch.device) -> dict[str, float | str]:
     return {**{k: v / total for k, v in totals.items()}, "attention_kernel": top_attention[1]}
 
 
-def measure(cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, device: torch.device) -> dict:
+def measure(cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, device: torch.device,
+            micro_batches: int = 1) -> dict:  # fmt: skip
+    """One optimizer step over ``batch`` rows, in ``micro_batches`` forward/backward passes (gradient
+    accumulation: the same tokens per step with less activation memory)."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
     fused = device.type == "cuda"
@@ -96,9 +100,10 @@ def measure(cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, d
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> None:
-        with autocast:
-            _, loss = forward(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
+        for chunk in tokens.split(batch // micro_batches):
+            with autocast:
+                _, loss = forward(chunk[:, :-1], chunk[:, 1:])
+            (loss / micro_batches).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -131,6 +136,8 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step (batch = this / seq)")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="passes per step to start with; doubled while a point runs out of memory")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -145,19 +152,28 @@ def main() -> None:
             for mode in args.modes.split(","):
                 for variant in args.variants.split(","):
                     cfg = model_config(shape, variant, seq, args.vocab_size)
-                    try:
-                        r = measure(cfg, seq, batch, mode == "compile", args.steps, device)
-                    except torch.OutOfMemoryError:
-                        r = {"error": "out of memory"}
+                    micro = min(args.micro_batches, batch)
+                    while True:
+                        try:
+                            r = measure(cfg, seq, batch, mode == "compile", args.steps, device, micro)
+                            break
+                        except torch.OutOfMemoryError:
+                            r = {"error": f"out of memory at {micro} micro-batches"}
+                        gc.collect()
                         torch.cuda.empty_cache()
+                        if micro * 2 > batch or batch % (micro * 2):
+                            break
+                        micro *= 2  # the same tokens per step in smaller passes
                     if device.type == "cuda":
+                        gc.collect()
                         torch.cuda.empty_cache()  # the last model's memory, before the next is built
-                    rows.append(dict(shape=shape, seq=seq, batch=batch, mode=mode, variant=variant, **r))
+                    rows.append(dict(shape=shape, seq=seq, batch=batch, micro_batches=micro, mode=mode,
+                                     variant=variant, **r))  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "train_bench.json"), "w") as f:
         json.dump({"device": name, "gemm_peak_tflops": peak, "rows": rows}, f, indent=1)
 
-    print(f"\n{'shape':<6}{'seq':>6}{'mode':>8}{'variant':>15}{'tok/s':>11}{'vs base':>8}{'MFU meas':>9}"
+    print(f"\n{'shape':<6}{'seq':>6}{'mode':>8}{'variant':>15}{'micro':>6}{'tok/s':>11}{'vs base':>8}{'MFU meas':>9}"
           f"{'MFU 989':>8}{'peak GB':>8}{'mem/base':>9}{'attn%':>7}{'gemm%':>7}  attention kernel")  # fmt: skip
     base = {(r["shape"], r["seq"], r["mode"]): r for r in rows if r["variant"] == "baseline" and "ms" in r}
     for r in rows:
@@ -168,9 +184,10 @@ def main() -> None:
         flops = r["tokens_per_s"] * r["flops_per_token"]
         mfu_meas = f"{flops / (peak * 1e12):.1%}" if peak else "-"
         mem = f"{r['peak_gb']:.1f}" if r["peak_gb"] else "-"
-        mem_ratio = f"{r['peak_gb'] / b['peak_gb']:.3f}" if b and r["peak_gb"] else "-"
+        same_passes = b and b["micro_batches"] == r["micro_batches"]  # else peak memory is not comparable
+        mem_ratio = f"{r['peak_gb'] / b['peak_gb']:.3f}" if same_passes and r["peak_gb"] else "-"
         split = r["split"] or {}
-        print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>15}{r['tokens_per_s']:>11.0f}"
+        print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>15}{r['micro_batches']:>6}{r['tokens_per_s']:>11.0f}"
               f"{r['tokens_per_s'] / b['tokens_per_s'] if b else float('nan'):>8.3f}{mfu_meas:>9}"
               f"{flops / 989e12:>8.1%}{mem:>8}{mem_ratio:>9}{split.get('attention', 0):>7.0%}"
               f"{split.get('gemm', 0):>7.0%}  {split.get('attention_kernel', '')[:40]}")  # fmt: skip

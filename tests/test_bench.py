@@ -21,9 +21,10 @@ def run_script(*args: str) -> str:
 def test_train_bench_on_cpu(tmp_path):
     out = run_script("bench/train.py", "--device", "cpu", "--shapes", "tiny", "--seqs", "64", "--batch-tokens", "256",
                      "--steps", "1", "--modes", "eager", "--variants", "baseline,baseline_2h,diff_v2",
-                     "--out", str(tmp_path))  # fmt: skip
+                     "--micro-batches", "2", "--out", str(tmp_path))  # fmt: skip
     rows = json.loads((tmp_path / "train_bench.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["baseline", "baseline_2h", "diff_v2"]
+    assert all(r["batch"] == 4 and r["micro_batches"] == 2 for r in rows)  # 4 rows a step, in 2 passes
     assert all(r["tokens_per_s"] > 0 and r["params"] > 0 for r in rows)
     assert rows[1]["flops_per_token"] > rows[0]["flops_per_token"]  # 2h query heads
     assert "diff_v2 / baseline_2h (tiny, 64, eager)" in out
