@@ -138,14 +138,9 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def _diff_attn_fwd_kernel(
-        Q, K, V, W, OUT, O2, LSE,
-        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt, sob, soh, sot, s2b, s2h, s2t,
-        n_pairs, T, qk_scale,
-        GROUP_PAIRS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        # the last query blocks (the most keys) first: the short ones fill the tail of the launch
+    def _query_pair_block(Q, sqb, sqh, sqt, n_pairs, T, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """This program's batch b, pair i and BLOCK_M query rows (the last blocks, with the most keys, first:
+        the short ones fill the tail of the launch), and both queries of the pair for those rows."""
         pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
         b, i = (pid_bh // n_pairs).to(tl.int64), pid_bh % n_pairs
         start_m = pid_m * BLOCK_M
@@ -155,6 +150,17 @@ if HAS_TRITON:
         q_ptrs = Q + b * sqb + (2 * i).to(tl.int64) * sqh + rows[:, None] * sqt + dd[None, :]
         q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
+        return b, i, start_m, rows, row_ok, dd, q1, q2
+
+    @triton.jit
+    def _diff_attn_fwd_kernel(
+        Q, K, V, W, OUT, O2, LSE,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt, sob, soh, sot, s2b, s2h, s2t,
+        n_pairs, T, qk_scale,
+        GROUP_PAIRS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        b, i, start_m, rows, row_ok, dd, q1, q2 = _query_pair_block(Q, sqb, sqh, sqt, n_pairs, T, D, BLOCK_M)
         hk = (i // GROUP_PAIRS).to(tl.int64)
         k_base, v_base = K + b * skb + hk * skh, V + b * svb + hk * svh
         # a finite start keeps exp2(m_old − m_new) free of (−inf) − (−inf); every row sees key 0 first
@@ -295,15 +301,7 @@ if HAS_TRITON:
         GROUP_PAIRS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)  # longest first
-        b, i = (pid_bh // n_pairs).to(tl.int64), pid_bh % n_pairs
-        start_m = pid_m * BLOCK_M
-        rows = start_m + tl.arange(0, BLOCK_M)
-        ok = rows < T
-        dd = tl.arange(0, D)
-        q_ptrs = Q + b * sqb + (2 * i).to(tl.int64) * sqh + rows[:, None] * sqt + dd[None, :]
-        q1 = tl.load(q_ptrs, mask=ok[:, None], other=0.0)
-        q2 = tl.load(q_ptrs + sqh, mask=ok[:, None], other=0.0)
+        b, i, start_m, rows, ok, dd, q1, q2 = _query_pair_block(Q, sqb, sqh, sqt, n_pairs, T, D, BLOCK_M)
         do = tl.load(DOUT + b * sdb + i * sdh + rows[:, None] * sdt + dd[None, :], mask=ok[:, None], other=0.0)
         w = tl.load(W + b * swb + i * swh + rows * swt, mask=ok, other=0.0)
         stat = (b * 2 * n_pairs + 2 * i) * T + rows
