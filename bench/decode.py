@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 
@@ -173,11 +172,9 @@ def main() -> None:
                     try:
                         ms, nbytes, kernels = decode_step_ms(model, batch, context, path)
                     except torch.OutOfMemoryError:
-                        gc.collect()
                         torch.cuda.empty_cache()
                         rows.append({**point, "error": "out of memory"})
                         continue
-                    gc.collect()  # the point's cache (69 GB at 1b, B=64, 32k) must be gone before the next one
                     torch.cuda.empty_cache()
                     gbs = nbytes / ms / 1e6
                     rows.append({**point, "ms": ms, "tok_s": batch * 1e3 / ms, "gb": nbytes / 1e9, "gbs": gbs,

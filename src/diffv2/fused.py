@@ -1,9 +1,10 @@
 """Inference-time fusion of the linear layers that read the same input into one matmul.
 
 At decode batch 1 a step is a chain of GEMVs, and each costs a launch and a ramp-up whatever its size: on the
-H200 (2026-11-30) DIFF V2's 16 ``lambda_proj`` GEMVs of a 1b step took ~2.7 µs each for 64 kB each, 4% of the
-step's GEMV time for 0.05% of its bytes. Fused, a layer runs one GEMV for q/k/v(/λ) and one for SwiGLU's
-gate/up, as gpt-fast's ``wqkv`` and ``w1``/``w3`` do, and DIFF V2 launches exactly what the baseline launches.
+H200 (2026-11-30) DIFF V2's 16 ``lambda_proj`` GEMVs of a 1b step came to ~2.7 µs each for 64 kB each
+(inferred from the GEMV floors ``bench/decode.py`` measured), 4% of the step's GEMV time for 0.05% of its
+bytes. Fused, a layer runs one GEMV for q/k/v(/λ) and one for SwiGLU's gate/up, as gpt-fast's ``wqkv`` and
+``w1``/``w3`` do, and DIFF V2 launches exactly what the baseline launches.
 
 The parameters keep their names and shapes (checkpoints and HF export see no change): fusing rebinds
 each weight as a view into one concatenated tensor, so in-place updates (optimizer steps, ``load_state_dict``)

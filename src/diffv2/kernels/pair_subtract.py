@@ -74,8 +74,12 @@ def _fused(fn, x: torch.Tensor):
     if not x.is_cuda or _FUSED.get("failed"):
         return fn
     if fn not in _FUSED:
-        _FUSED[fn] = torch.compile(fn, dynamic=True)
-    compiled = _FUSED[fn]
+        _FUSED[fn] = _compiled_or_eager(fn)
+    return _FUSED[fn]
+
+
+def _compiled_or_eager(fn):
+    compiled = torch.compile(fn, dynamic=True)
 
     def call(*args):
         try:
