@@ -56,6 +56,7 @@ def test_bf16_matches_fp32_on_gpu(attention, head_dim):
 
 
 @pytest.mark.parametrize("attention", VARIANTS)
+@pytest.mark.filterwarnings("error:diffv2")  # e.g. the pair subtraction's helpers falling back to eager
 def test_bf16_training_step_and_compile(attention):
     torch.manual_seed(2)
     model = Transformer(_cfg(attention)).cuda()

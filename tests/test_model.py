@@ -301,6 +301,38 @@ def test_pair_subtract_project_compiled_helpers_match(monkeypatch):
                                    atol=1e-4 if got.dtype == torch.float32 else None)  # fmt: skip
 
 
+def test_pair_subtract_project_inside_torch_compile_traces_its_helpers_inline(monkeypatch):
+    """Under an outer torch.compile, AOTAutograd traces the op's backward with fake tensors: the helpers must be
+    traced inline, not called as compiled functions (which cannot be traced: the H200 run of 2026-11-30 warned
+    and fell back to eager). The GPU branch is forced here on the CPU; no warning, the eager values."""
+    import warnings
+
+    import diffv2.kernels.pair_subtract as ps
+
+    monkeypatch.setattr(ps, "_FUSED", {})
+    monkeypatch.setattr(ps, "_on_gpu", lambda x: True)
+    torch.manual_seed(14)
+    out = torch.randn(2, 6, 8, 16).transpose(1, 2).requires_grad_()
+    s = torch.rand(2, 4, 6, 1, requires_grad=True)
+    weight = torch.randn(24, 4 * 16, requires_grad=True)
+
+    def loss(out, s, weight):
+        return ps.pair_subtract_project(out, s, weight, True).square().sum()
+
+    def step(fn):
+        value = fn(out, s, weight)
+        return (value, *torch.autograd.grad(value, (out, s, weight)))
+
+    want = step(loss)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="diffv2")
+        got = step(torch.compile(loss))
+    assert not ps._FUSED.get("failed")
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_pair_subtract_helpers_fall_back_when_compiling_fails(monkeypatch):
     """A compiler failure on the GPU costs speed, not the run: one warning, then the eager helpers."""
     from types import SimpleNamespace

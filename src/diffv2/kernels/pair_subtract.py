@@ -11,6 +11,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
@@ -71,11 +72,22 @@ def _fused(fn, x: torch.Tensor):
     """On CUDA ``fn`` through torch.compile (dynamic shapes), so its casts, products and layout change are one
     kernel, as they were when inductor saw them inline; elsewhere, or once compiling it has failed, ``fn``
     itself (the same values, more kernels) after one warning."""
-    if not x.is_cuda or _FUSED.get("failed"):
+    if not _on_gpu(x) or _FUSED.get("failed") or _tracing(x):
         return fn
     if fn not in _FUSED:
         _FUSED[fn] = _compiled_or_eager(fn)
     return _FUSED[fn]
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """Inside an outer torch.compile: dynamo, or AOTAutograd tracing this op's backward with fake tensors. The
+    helpers are then traced inline and inductor fuses them with the rest; a compiled function cannot be traced
+    (it raised "FX to symbolically trace a dynamo-optimized function" on the H200, 2026-11-30)."""
+    return torch.compiler.is_compiling() or is_fake(x)
 
 
 def _compiled_or_eager(fn):
