@@ -277,6 +277,24 @@ def test_pair_subtract_project_gradients_match_autograd(interleaved):
     assert torch.autograd.gradcheck(fused, (out, s, weight))
 
 
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "split"])
+def test_pair_subtract_project_returns_the_gradient_in_sdpas_output_layout(interleaved):
+    """cuDNN's SDPA backward copies a gradient whose strides differ from its output's: the op's gradient for
+    the attention output must come back with the strides SDPA gave that output."""
+    from diffv2.kernels.pair_subtract import pair_subtract_project
+
+    torch.manual_seed(15)
+    q = torch.randn(2, 7, 8, 16).transpose(1, 2)  # as the model projects them: (B, T, heads, d) in memory
+    k, v = (torch.randn(2, 7, 4, 16).transpose(1, 2) for _ in range(2))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).detach().requires_grad_()
+    s = torch.rand(2, 7, 4).transpose(1, 2)[..., None].requires_grad_()
+    weight = torch.randn(24, 4 * 16, requires_grad=True)
+    y = pair_subtract_project(out, s, weight, interleaved)
+    grad_out, grad_s = torch.autograd.grad(y, (out, s), torch.randn_like(y))
+    assert out.transpose(1, 2).is_contiguous() and grad_out.stride() == out.stride()
+    assert grad_s.shape == s.shape
+
+
 def test_pair_subtract_project_compiled_helpers_match(monkeypatch):
     """On CUDA the op's elementwise parts run through torch.compile: forced here, they give the values and
     gradients of the eager helpers (checked against float64 above) on bf16 inputs, as training gives them."""

@@ -56,13 +56,17 @@ def _context(out: torch.Tensor, s: torch.Tensor, interleaved: bool) -> torch.Ten
 
 
 def _input_grads(grad_ctx: torch.Tensor, out: torch.Tensor, s: torch.Tensor, interleaved: bool):
-    """d(out) (B, 2h, T, d) in one tensor and d(s) (B, h, T, 1) fp32, from d(context) (B, T, h·d)."""
+    """d(out) (B, 2h, T, d) in one tensor and d(s) (B, h, T, 1) fp32, from d(context) (B, T, h·d).
+
+    d(out) is laid out as SDPA lays out its output, (B, T, 2h, d) in memory: cuDNN's backward copies a
+    gradient whose strides differ from its output's, one more pass over the 2h-head output per layer."""
     b, hq, t, d = out.shape
-    g = upcast(grad_ctx.view(b, t, hq // 2, d).transpose(1, 2))  # (B, h, T, d)
-    grad_s = -(g * upcast(split_pairs(out, interleaved)[1])).sum(-1, keepdim=True)
-    pair = (g.to(out.dtype), (-s * g).to(out.dtype))
-    grad_out = torch.stack(pair, 2).flatten(1, 2) if interleaved else torch.cat(pair, 1)
-    return grad_out, grad_s
+    g = upcast(grad_ctx.view(b, t, hq // 2, d))  # (B, T, h, d)
+    o2 = split_pairs(out, interleaved)[1].transpose(1, 2)
+    grad_s = -(g * upcast(o2)).sum(-1, keepdim=True).transpose(1, 2)
+    pair = (g.to(out.dtype), (-s.transpose(1, 2) * g).to(out.dtype))
+    grad_out = torch.stack(pair, 3).flatten(2, 3) if interleaved else torch.cat(pair, 2)  # (B, T, 2h, d)
+    return grad_out.transpose(1, 2), grad_s
 
 
 _FUSED: dict = {}
