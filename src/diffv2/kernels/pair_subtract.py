@@ -112,7 +112,12 @@ def _compiled_or_eager(fn):
     return call
 
 
-@torch.library.custom_op("diffv2::pair_subtract_project", mutates_args=())
+# torch.compile's caches know a custom op by its name, not by its backward (pytorch/pytorch#144344): a changed
+# backward under an old name is served stale from the cache of a user who ran the old one. Bump on every change.
+_REVISION = 2
+
+
+@torch.library.custom_op(f"diffv2::pair_subtract_project_r{_REVISION}", mutates_args=())
 def pair_subtract_project(out: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """(o1 − s·o2) W_Oᵀ from the attention output ``out`` (B, 2h, T, d) and s (B, h, T, 1); returns (B, T, D).
 
