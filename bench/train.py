@@ -60,9 +60,10 @@ def matmul_peak_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 / ms / 1e9
 
 
-def kernel_split(step, device: torch.device) -> dict[str, float | str]:
-    """Share of GPU kernel time in attention, GEMMs and the rest, over two profiled steps, and the attention
-    kernel that took the most time (which SDPA backend ran: cuDNN, flash, ...)."""
+def kernel_split(step, device: torch.device) -> dict[str, float | str | list]:
+    """Share of GPU kernel time in attention, GEMMs and the rest, over two profiled steps, the attention
+    kernel that took the most time (which SDPA backend ran: cuDNN, flash, ...), and the eight costliest of the
+    rest with their ms per step (where a variant's elementwise time goes)."""
     if device.type != "cuda":
         return {}
     from torch.profiler import ProfilerActivity, profile
@@ -73,6 +74,7 @@ def kernel_split(step, device: torch.device) -> dict[str, float | str]:
         torch.cuda.synchronize()
     totals = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
     top_attention = (0.0, "")
+    others = []
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if device_us <= 0:
@@ -83,8 +85,11 @@ def kernel_split(step, device: torch.device) -> dict[str, float | str]:
         totals[kind] += device_us
         if kind == "attention":
             top_attention = max(top_attention, (device_us, event.key[:60]))
+        elif kind == "other":
+            others.append((round(device_us / 2e3, 2), event.key[:80]))
     total = sum(totals.values()) or 1.0
-    return {**{k: v / total for k, v in totals.items()}, "attention_kernel": top_attention[1]}
+    top_other = [[name, ms] for ms, name in sorted(others, reverse=True)[:8]]
+    return {**{k: v / total for k, v in totals.items()}, "attention_kernel": top_attention[1], "top_other": top_other}
 
 
 def measure(cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, device: torch.device,
