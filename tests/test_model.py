@@ -279,8 +279,8 @@ def test_pair_subtract_project_gradients_match_autograd(interleaved):
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "split"])
 def test_pair_subtract_project_returns_the_gradient_in_sdpas_output_layout(interleaved):
-    """cuDNN's SDPA backward copies a gradient whose strides differ from its output's: the op's gradient for
-    the attention output must come back with the strides SDPA gave that output."""
+    """PyTorch's cuDNN SDPA backward copies a gradient whose strides differ from its output's (cuDNN < 9.5.1):
+    the op's gradient for the attention output comes back with the strides SDPA gave that output."""
     from diffv2.kernels.pair_subtract import pair_subtract_project
 
     torch.manual_seed(15)

@@ -58,8 +58,9 @@ def _context(out: torch.Tensor, s: torch.Tensor, interleaved: bool) -> torch.Ten
 def _input_grads(grad_ctx: torch.Tensor, out: torch.Tensor, s: torch.Tensor, interleaved: bool):
     """d(out) (B, 2h, T, d) in one tensor and d(s) (B, h, T, 1) fp32, from d(context) (B, T, h·d).
 
-    d(out) is laid out as SDPA lays out its output, (B, T, 2h, d) in memory: cuDNN's backward copies a
-    gradient whose strides differ from its output's, one more pass over the 2h-head output per layer."""
+    d(out) is laid out as SDPA lays out its output, (B, T, 2h, d) in memory: with cuDNN older than 9.5.1,
+    PyTorch's cuDNN backward copies a gradient whose strides differ from its output's (one more pass over the
+    2h-head output per layer); newer cuDNN takes either layout."""
     b, hq, t, d = out.shape
     g = upcast(grad_ctx.view(b, t, hq // 2, d))  # (B, T, h, d)
     o2 = split_pairs(out, interleaved)[1].transpose(1, 2)
