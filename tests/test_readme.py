@@ -21,7 +21,7 @@ def test_readme_python_examples_run_and_match_their_comments(capsys):
     torch.manual_seed(0)
     scope: dict = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), scope)  # noqa: S102 - our own README
+        exec(compile(block, str(README), "exec"), scope)  # our own README
     assert scope["logits"].shape == (2, 63, 1000) and scope["loss"].ndim == 0
     assert torch.isfinite(scope["loss"])
     assert scope["baseline"].num_params()["total"] == scope["model"].num_params()["total"]
