@@ -4,6 +4,7 @@
     python bench/train.py --shapes small --seqs 1024 --modes eager      # a quick look
     python bench/train.py --variants baseline,diff_v2,diff_v2+triton    # +triton: the fused DIFF V2 kernel
     python bench/train.py --variants baseline_2h,diff_v2                # against 2h query heads (same query width)
+    python bench/train.py --variants diff_v2,diff_v2_keep               # keep the pair difference (no recompute)
     python bench/train.py --device cpu --shapes tiny --seqs 128 --batch-tokens 2048 --steps 3   # CPU smoke test
 
 One step = forward + backward + fused AdamW on random tokens (the data pipeline is not what is measured), in
@@ -40,15 +41,16 @@ GEMM_KERNELS = ("gemm", "xmma", "nvjet", "cutlass", "matmul", "mm_")
 def model_config(shape: str, variant: str, seq: int, vocab: int) -> ModelConfig:
     """``variant``: an attention kind, optionally ``+triton`` (DIFF V2's fused Triton kernel instead of SDPA), or
     ``baseline_2h``: the baseline with 2h query heads, DIFF V2's query width (the blog's claim 11 compares the
-    two: "same attention kernel speed", DIFF V2 with a smaller output projection)."""
+    two: "same attention kernel speed", DIFF V2 with a smaller output projection), or ``diff_v2_keep``: DIFF
+    V2 with ``recompute_pair_difference=False``."""
     spec = dict(SHAPES[shape])
     preset = spec.pop("preset", None)
     attention, _, backend = variant.partition("+")
-    doubled = attention == "baseline_2h"
-    attention = "baseline" if doubled else attention
+    doubled, keep = attention == "baseline_2h", attention == "diff_v2_keep"
+    attention = "baseline" if doubled else "diff_v2" if keep else attention
     fields = dict(attention=attention, backend=backend or "sdpa", vocab_size=vocab, max_seq_len=seq, **spec)
     cfg = ModelConfig.preset(preset, **fields) if preset else ModelConfig(**fields)
-    return cfg.replace(n_heads=2 * cfg.n_heads) if doubled else cfg
+    return cfg.replace(n_heads=2 * cfg.n_heads) if doubled else cfg.replace(recompute_pair_difference=not keep)
 
 
 def matmul_peak_tflops(device: torch.device) -> float | None:

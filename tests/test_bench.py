@@ -20,13 +20,14 @@ def run_script(*args: str) -> str:
 
 def test_train_bench_on_cpu(tmp_path):
     out = run_script("bench/train.py", "--device", "cpu", "--shapes", "tiny", "--seqs", "64", "--batch-tokens", "256",
-                     "--steps", "1", "--modes", "eager", "--variants", "baseline,baseline_2h,diff_v2",
+                     "--steps", "1", "--modes", "eager", "--variants", "baseline,baseline_2h,diff_v2,diff_v2_keep",
                      "--micro-batches", "2", "--out", str(tmp_path))  # fmt: skip
     rows = json.loads((tmp_path / "train_bench.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["baseline", "baseline_2h", "diff_v2"]
+    assert [r["variant"] for r in rows] == ["baseline", "baseline_2h", "diff_v2", "diff_v2_keep"]
     assert all(r["batch"] == 4 and r["micro_batches"] == 2 for r in rows)  # 4 rows a step, in 2 passes
     assert all(r["tokens_per_s"] > 0 and r["params"] > 0 for r in rows)
     assert rows[1]["flops_per_token"] > rows[0]["flops_per_token"]  # 2h query heads
+    assert rows[3]["params"] == rows[2]["params"] and rows[3]["flops_per_token"] == rows[2]["flops_per_token"]
     assert "diff_v2 / baseline_2h (tiny, 64, eager)" in out
 
 
@@ -44,3 +45,16 @@ def test_scaling_bench_on_cpu(tmp_path):
         assert rows[name]["max_abs_dloss"] < 1e-4, name
     assert rows["ddp x2"]["scaling_efficiency"] > 0
     assert "fsdp x2 -> 1" in out
+
+
+def test_train_bench_variants_name_the_configs_they_build(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+
+    bench_train = importlib.import_module("train")
+    build = bench_train.model_config
+    v2, keep, wide = (build("tiny", name, 64, 256) for name in ("diff_v2", "diff_v2_keep", "baseline_2h"))
+    assert v2.recompute_pair_difference and not keep.recompute_pair_difference
+    assert keep.replace(recompute_pair_difference=True) == v2
+    assert wide.attention == "baseline" and wide.n_heads == 2 * v2.n_heads
+    assert build("tiny", "diff_v2+triton", 64, 256).backend == "triton"

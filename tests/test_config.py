@@ -123,6 +123,7 @@ def test_derived_fields():
         (dict(pairing="chunk"), "pairing"),
         (dict(lambda_mode="tanh"), "lambda_mode"),
         (dict(backend="flash"), "backend"),
+        (dict(recompute_pair_difference="no"), "recompute_pair_difference"),
         (dict(d_model=0), "d_model"),
         (dict(vocab_size=-5), "vocab_size"),
         (dict(norm_eps=0.0), "norm_eps"),
@@ -144,3 +145,16 @@ def test_from_dict_rejects_unknown_fields_and_round_trips():
         ModelConfig.from_dict({"n_head": 4})
     with pytest.raises(ConfigError, match="preset"):
         ModelConfig.preset("7b")
+
+
+def test_init_from_takes_the_checkpoints_architecture_and_only_runtime_fields():
+    from diffv2.train.config import TrainConfig
+
+    saved = ModelConfig.preset("tiny", attention="diff_v2")
+    runtime = TrainConfig.from_dict(
+        {"init_from": "runs/first", "model": {"recompute_pair_difference": False, "backend": "eager"}}
+    )
+    assert runtime.init_model_config(saved) == saved.replace(recompute_pair_difference=False, backend="eager")
+    architecture = TrainConfig.from_dict({"init_from": "runs/first", "model": {"n_layers": 3}})
+    with pytest.raises(ValueError, match=r"\['n_layers'\].*only backend, recompute_pair_difference"):
+        architecture.init_model_config(saved)

@@ -419,6 +419,32 @@ def _saved_activation_bytes(cfg: ModelConfig, batch: int, t: int, compile: bool 
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_recompute_pair_difference_false_keeps_the_difference_and_changes_nothing_else(compile):
+    """``recompute_pair_difference=False`` trades memory for the recompute: the layer keeps one (B, T, h·d) unit
+    more, and its outputs and gradients are the recomputing layer's."""
+    cfg = tiny(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16)
+    batch, t = 2, 48
+    lean = _saved_activation_bytes(cfg, batch, t, compile)
+    keep = _saved_activation_bytes(cfg.replace(recompute_pair_difference=False), batch, t, compile)
+    unit = batch * t * cfg.n_heads * cfg.head_dim * 4  # one fp32 (B, T, h·d) tensor
+    assert unit // 2 < keep - lean < 3 * unit // 2, (keep, lean, unit)
+
+    from diffv2.kernels import rope_cos_sin
+
+    torch.manual_seed(16)
+    x = torch.randn(batch, t, cfg.d_model, dtype=torch.float64, requires_grad=True)
+    rope = rope_cos_sin(torch.arange(t)[None], cfg.head_dim, cfg.rope_theta)
+    results = []
+    for recompute in (True, False):
+        torch.manual_seed(17)
+        attn = build_attention(cfg.replace(recompute_pair_difference=recompute), 0).double()
+        y = attn(x, rope)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (x, *attn.parameters()))))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_diff_v2_keeps_no_more_for_backward_than_a_2h_head_baseline(compile):
     """The h·d pair difference that o_proj reads is recomputed in the backward, not kept: DIFF V2 saves what a
     baseline with its 2h query heads saves, plus σ(λ) (B, T, h). Kept, it would add B·T·h·d more, as it did

@@ -140,6 +140,7 @@ class DiffV2Attention(AttentionBase):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx, n_query_heads=2 * cfg.n_heads)
         self.pairing, self.lambda_mode = cfg.pairing, cfg.lambda_mode
+        self.recompute_difference = cfg.recompute_pair_difference
         if cfg.lambda_mode != "none":
             self.lambda_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
 
@@ -177,7 +178,7 @@ class DiffV2Attention(AttentionBase):
             return self.project(diff_attention(q, k, v, s).transpose(1, 2), None)
         out, probs = self.attend(q, k, v, mask, stats)
         s = s[..., None]  # (B, h, T, 1)
-        if stats is None and plain_linear(self.o_proj):
+        if stats is None and self.recompute_difference and plain_linear(self.o_proj):
             return pair_subtract_project(out, s, self.o_proj.weight, self.pairing == "interleaved")
         o1, o2 = self.split_pairs(out)
         if stats is not None:

@@ -18,6 +18,8 @@ LambdaMode = Literal["sigmoid", "none", "linear"]
 Backend = Literal["sdpa", "eager", "triton"]
 
 ATTENTION_KINDS = ("baseline", "diff_v1", "diff_v2")
+# fields that choose how the model runs, not what it is: they may differ from a checkpoint's
+RUNTIME_FIELDS = ("backend", "recompute_pair_difference", "max_seq_len")
 PAIRINGS = ("interleaved", "split")
 LAMBDA_MODES = ("sigmoid", "none", "linear")
 BACKENDS = ("sdpa", "eager", "triton")
@@ -49,6 +51,9 @@ class ModelConfig:
     # "sdpa": torch's fused kernels (cuDNN/flash on GPU); "eager": explicit softmax, can return probabilities;
     # "triton": DIFF V2's fused training/prefill kernel where it applies (CUDA, causal, interleaved), else sdpa.
     backend: Backend = "sdpa"
+    # DIFF V2 training: o_proj's backward recomputes the h·d pair difference from the attention output, so DIFF
+    # V2 keeps what a 2h-head baseline keeps; False keeps the difference instead (more memory, fewer passes).
+    recompute_pair_difference: bool = True
     init_std: float = 0.02
     # o_proj's init std relative to the residual-output rule (init only; the compare grid's small-output baseline)
     o_proj_init_scale: float = 1.0
@@ -76,6 +81,8 @@ class ModelConfig:
         check_choice("pairing", self.pairing, PAIRINGS)
         check_choice("lambda_mode", self.lambda_mode, LAMBDA_MODES)
         check_choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.recompute_pair_difference, bool):
+            raise ConfigError(f"recompute_pair_difference={self.recompute_pair_difference!r}: must be true or false")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}: n_heads must be divisible by n_kv_heads "

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, ModelConfig, check_choice, check_positive_int
+from ..config import PRESETS, RUNTIME_FIELDS, ModelConfig, check_choice, check_positive_int
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -147,13 +147,14 @@ class TrainConfig:
         return cfg
 
     def init_model_config(self, saved: ModelConfig) -> ModelConfig:
-        """With ``init_from`` the architecture is the checkpoint's; only the backend may change, and
-        ``max_seq_len`` grows to ``seq_len`` (RoPE extends; say so rather than refuse)."""
-        fixed = sorted(k for k in self.model if k not in ("backend", "max_seq_len", "preset"))
+        """With ``init_from`` the architecture is the checkpoint's; only the fields that choose how it runs may
+        change (``RUNTIME_FIELDS``), and ``max_seq_len`` grows to ``seq_len`` (RoPE extends; say so rather than
+        refuse)."""
+        fixed = sorted(k for k in self.model if k not in (*RUNTIME_FIELDS, "preset"))
         if fixed:
             raise ConfigError(f"init_from={self.init_from!r}: the model comes from that checkpoint; drop the model "
-                              f"field(s) {fixed} (only backend and max_seq_len may be set)")  # fmt: skip
-        cfg = saved.replace(**{k: v for k, v in self.model.items() if k in ("backend", "max_seq_len")})
+                              f"field(s) {fixed} (only {', '.join(RUNTIME_FIELDS)} may be set)")  # fmt: skip
+        cfg = saved.replace(**{k: v for k, v in self.model.items() if k in RUNTIME_FIELDS})
         return cfg if cfg.max_seq_len >= self.seq_len else cfg.replace(max_seq_len=self.seq_len)
 
     def micro_steps_per_rank(self, world_size: int) -> int:
