@@ -55,11 +55,15 @@ def test_bf16_matches_fp32_on_gpu(attention, head_dim):
     assert err < 2e-2
 
 
-@pytest.mark.parametrize("attention", VARIANTS)
+@pytest.mark.parametrize(
+    ("attention", "kw"),
+    [(name, {}) for name in VARIANTS] + [("diff_v2", {"recompute_pair_difference": False})],
+    ids=[*VARIANTS, "diff_v2-keep"],
+)
 @pytest.mark.filterwarnings("error:diffv2")  # e.g. the pair subtraction's helpers falling back to eager
-def test_bf16_training_step_and_compile(attention):
+def test_bf16_training_step_and_compile(attention, kw):
     torch.manual_seed(2)
-    model = Transformer(_cfg(attention)).cuda()
+    model = Transformer(_cfg(attention, **kw)).cuda()
     tokens = torch.randint(0, 1024, (2, 257), device="cuda")
     compiled = torch.compile(model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
