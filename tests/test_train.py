@@ -216,3 +216,25 @@ def test_init_from_continues_a_trained_model_with_its_tokenizer(data_dir, tmp_pa
     # the architecture is the checkpoint's: overriding it is refused, naming the field
     with pytest.raises(ValueError, match="n_layers"):
         train(small_cfg(data_dir, tmp_path / "third", init_from=str(tmp_path / "first")), progress=False)
+
+
+def test_resume_from_a_checkpoint_written_before_a_model_field_existed(data_dir, tmp_path, monkeypatch):
+    """A checkpoint's config lacks the model fields added since it was written: they take their defaults, so
+    the run resumes; a field that really differs is still refused, by name."""
+    import diffv2.train.setup as setup
+
+    cfg = small_cfg(data_dir, tmp_path / "run", steps=6, save_every=2, eval_every=0, diag_every=0)
+    train(cfg, stop_after=4, progress=False)
+    real = setup.read_checkpoint_meta
+
+    def written_before(path):
+        state, cfg = real(path)
+        cfg["model"].pop("recompute_pair_difference")
+        return state, cfg
+
+    monkeypatch.setattr(setup, "read_checkpoint_meta", written_before)
+    train(cfg, resume=True, progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    other = cfg.replace(model={**SMALL_MODEL, "n_layers": 3})
+    with pytest.raises(ValueError, match=r"model config differs .* \['n_layers'\]"):
+        train(other, resume=True, progress=False)
