@@ -143,9 +143,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
 def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     saved_state, saved_cfg = read_checkpoint_meta(ckpt)
     # through ModelConfig: a field added since the checkpoint was written takes its default
-    saved_model = ModelConfig.from_dict(saved_cfg.get("model", {})).to_dict()
-    if saved_model != run.model_cfg.to_dict():
-        diff = sorted(k for k in saved_model if saved_model[k] != run.model_cfg.to_dict()[k])
+    saved_model, now = ModelConfig.from_dict(saved_cfg.get("model", {})).to_dict(), run.model_cfg.to_dict()
+    if saved_model != now:
+        diff = sorted(k for k in saved_model if saved_model[k] != now[k])
         raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}; resume with the same model")
     if saved_state.get("tokenizer_sha256") != run.tokenizer.sha256():
         raise CheckpointError(f"{ckpt}: was trained with another tokenizer than {run.data_dir / 'tokenizer.json'}")
