@@ -7,14 +7,14 @@ Each point times one-token decode steps at a fixed context length: the KV cache 
 values (a real prefill of 64 x 32k tokens would only cost time), the step is captured in a CUDA graph and
 replayed. Three paths (``--paths``): ``static`` is what ``diffv2 generate`` runs on CUDA (the
 ``DecodeStep`` over the whole pre-allocated cache with per-row windows: the Triton split-KV kernel, DIFF V2's
-pair subtraction in its epilogue, the input projections fused by ``Transformer.fused_projections``);
+pair subtraction in its epilogue, the input projections fused by ``diffv2.generate.fused_projections``);
 ``compiled`` is the same step under ``torch.compile`` (``diffv2 generate --compile``; one compilation per
 shape, so only at the ``--compiled-points``); ``prefix`` is the model forward over exactly the filled prefix
 with stock SDPA and unfused projections (no mask, so no padding support: the best stock SDPA can do).
 Bytes per step = weights read (all but the embedding table) + the K/V cache read once; GB/s = bytes / step
 time; the device's copy bandwidth is measured in the same run. A second table times the attention op alone at
 the same shapes: SDPA (default choice, flash, cuDNN), the Triton kernel (with and without the pair epilogue)
-and the compiled masked fallback ``decode_attention``, against reading K and V once.
+and the compiled masked fallback ``masked_decode``, against reading K and V once.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from common import copy_bandwidth_gbs, cuda_time_ms, graph_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffv2 import ModelConfig, Transformer
-from diffv2.fused import FusableInputs
-from diffv2.generate import KVCache
+from diffv2.generate import KVCache, fused_projections
 from diffv2.generate.step import DecodeStep
-from diffv2.kernels import decode_attention, decode_attention_triton
+from diffv2.kernels import decode_attention_triton, masked_decode
 
 
 def kernels_per_step(fn) -> int:
@@ -55,7 +54,7 @@ def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> t
     for t in cache.keys + cache.values:
         t.normal_()
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
-    fused = model.fused_projections() if path in ("static", "compiled") else contextlib.nullcontext()
+    fused = fused_projections(model) if path in ("static", "compiled") else contextlib.nullcontext()
     with fused:  # as generate runs it: one matmul for q/k/v(/λ), one for gate/up per layer
         return _time_step(model, cache, tokens, batch, context, path)
 
@@ -83,14 +82,14 @@ def _time_step(model, cache, tokens, batch, context, path) -> tuple[float, int, 
 def gemv_floor(model: Transformer, batch: int, copy_gbs: float, fused: bool) -> dict:
     """Every weight matrix of a step (all but the embedding) multiplied by ``batch`` rows, back to back in one
     CUDA graph, and nothing else: the time a decode step cannot beat with these GEMVs however few other kernels
-    it launches. ``fused``: the matrices of ``Transformer.fused_projections`` (generate's), else one per
-    parameter."""
+    it launches. ``fused``: the matrices of ``fused_projections`` (generate's), else one per parameter."""
     weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in n]
     if fused:
-        groups = [m for m in model.modules() if isinstance(m, FusableInputs)]
-        inside = {id(lin.weight) for m in groups for lin in m.input_linears()}
+        groups = [[getattr(m, n) for n in m.input_projections if getattr(m, n, None) is not None]
+                  for m in model.modules() if hasattr(m, "input_projections")]  # fmt: skip
+        inside = {id(lin.weight) for group in groups for lin in group}
         weights = [w for w in weights if id(w) not in inside]
-        weights += [torch.cat([lin.weight for lin in m.input_linears()]) for m in groups]
+        weights += [torch.cat([lin.weight for lin in group]) for group in groups]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device="cuda", dtype=w.dtype) for w in weights}
     with torch.no_grad():
         ms = graph_ms([lambda w=w: F.linear(inputs[w.shape[1]], w) for w in weights], reps=20) * len(weights)
@@ -105,7 +104,7 @@ def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: floa
     k = torch.randn(batch, cfg.n_kv_heads, context, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     mask = torch.ones(1, 1, 1, context, dtype=torch.bool, device="cuda")
-    compiled = torch.compile(decode_attention, dynamic=True)
+    compiled = torch.compile(masked_decode, dynamic=True)
     w = torch.rand(batch, cfg.n_heads, 1, device="cuda")
     lam = torch.randn(batch, cfg.n_heads, 1, device="cuda", dtype=torch.bfloat16)  # as lambda_proj gives it
     candidates = {
@@ -115,7 +114,7 @@ def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: floa
         "sdpa (default)": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "sdpa flash": lambda: _with(SDPBackend.FLASH_ATTENTION, q, k, v),
         "sdpa cudnn": lambda: _with(SDPBackend.CUDNN_ATTENTION, q, k, v),
-        "decode_attention (compiled)": lambda: compiled(q, k, v, mask),
+        "masked_decode (compiled)": lambda: compiled(q, k, v, mask),
     }
     rows = []
     kv_bytes = 2 * k.numel() * k.element_size()

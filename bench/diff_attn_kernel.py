@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from common import cuda_time_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffv2.attention import PairSubtract
+from diffv2.attention.diff_v2_ops import PairSubtract
 from diffv2.kernels import diff_attn_triton as dat
-from diffv2.kernels.attention import fused_sdpa_backends
+from diffv2.kernels import fused_sdpa_backends
 
 SHAPES = [(32, 8), (16, 4)]  # (2h, h_kv)
 DEVICE = "cuda"

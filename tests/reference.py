@@ -1,6 +1,7 @@
-"""Independent float64 reference of the three variants, written head by head from the spec's equations.
+"""Independent float64 reference of every variant, written head by head from the equations (docs/design.md).
 
-It reads only the weights of a :class:`diffv2.Transformer` (by name) and uses none of the package's code.
+It reads only the weights of a :class:`diffv2.Transformer` (by name) and uses none of the package's code. Given
+weights that require grad, it is differentiable, so gradients are checked against it too.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     """x: (T, H, d). HF Llama layout: channel c pairs with c + d/2, frequency theta^(-2c/d)."""
     t, _, d = x.shape
-    out = torch.empty_like(x)
-    for pos in range(t):
-        for c in range(d // 2):
-            angle = pos * theta ** (-2 * c / d)
-            cos, sin = math.cos(angle), math.sin(angle)
-            a, b = x[pos, :, c], x[pos, :, c + d // 2]
-            out[pos, :, c] = a * cos - b * sin
-            out[pos, :, c + d // 2] = b * cos + a * sin
-    return out
+    pos = torch.arange(t, dtype=F64)[:, None]
+    first, second = [], []
+    for c in range(d // 2):
+        angle = pos * theta ** (-2 * c / d)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        a, b = x[:, :, c], x[:, :, c + d // 2]
+        first.append(a * cos - b * sin)
+        second.append(b * cos + a * sin)
+    return torch.stack(first + second, dim=-1)
 
 
 def softmax_causal(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -48,14 +49,17 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg, layer_idx: int) 
     k = rope((x @ w["k_proj"].T).view(t, hkv, d), cfg.rope_theta)
     v = (x @ w["v_proj"].T).view(t, hkv, d)
     heads = []
-    if kind == "baseline":
+    if kind in ("baseline", "gated"):
         for j in range(h):
             kv = j // (h // hkv)
-            heads.append(softmax_causal(q[:, j], k[:, kv]) @ v[:, kv])
+            head = softmax_causal(q[:, j], k[:, kv]) @ v[:, kv]
+            if kind == "gated":  # a per-token sigmoid gate on each head's output
+                head = torch.sigmoid(x @ w["gate_proj"][j])[:, None] * head
+            heads.append(head)
     elif kind == "diff_v2":
         group = 2 * h // hkv  # query heads per KV head
-        if cfg.lambda_mode == "none":
-            lam = torch.ones(t, h, dtype=F64)
+        if cfg.lambda_mode in ("none", "const"):
+            lam = torch.full((t, h), 1.0 if cfg.lambda_mode == "none" else 0.5, dtype=F64)
         else:
             raw = x @ w["lambda_proj"].T  # (T, h)
             lam = torch.sigmoid(raw) if cfg.lambda_mode == "sigmoid" else raw
@@ -67,8 +71,8 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg, layer_idx: int) 
     else:  # diff_v1, flash semantics: head i, group g = i // (h/hkv); k1, k2 = K heads 2g, 2g+1
         lam_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
         lam = (
-            math.exp((w["lambda_q1"] * w["lambda_k1"]).sum().item())
-            - math.exp((w["lambda_q2"] * w["lambda_k2"]).sum().item())
+            torch.exp((w["lambda_q1"] * w["lambda_k1"]).sum())
+            - torch.exp((w["lambda_q2"] * w["lambda_k2"]).sum())
             + lam_init
         )
         for i in range(h // 2):
@@ -81,10 +85,16 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], cfg, layer_idx: int) 
     return torch.cat(heads, dim=-1) @ w["o_proj"].T
 
 
-def forward(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) in float64 from the model's weights."""
+def weights(model) -> dict[str, torch.Tensor]:
+    """The model's weights as float64 leaves that require grad, by state-dict name."""
+    return {k: v.detach().to("cpu", F64).requires_grad_() for k, v in model.state_dict().items()}
+
+
+def forward(model, tokens: torch.Tensor, sd: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits (B, T, V) in float64 from the model's weights (or ``sd``, e.g. from :func:`weights`)."""
     cfg = model.cfg
-    sd = {k: v.detach().to(F64) for k, v in model.state_dict().items()}
+    if sd is None:
+        sd = {k: v.detach().to("cpu", F64) for k, v in model.state_dict().items()}
     out = []
     for seq in tokens:
         hid = sd["tok_embeddings.weight"][seq]
@@ -105,3 +115,32 @@ def forward(model, tokens: torch.Tensor) -> torch.Tensor:
         hid = rms_norm(hid, sd["norm.weight"], cfg.norm_eps)
         out.append(hid @ sd["lm_head.weight"].T)
     return torch.stack(out)
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Softmax attention in float64, head by head: q (B, Hq, T, d), k/v (B, Hkv, S, d); query head j reads K/V head
+    j // (Hq/Hkv). ``mask`` (B, 1, T, S), True = may attend (default: causal, queries aligned to the last T keys);
+    a query with no key gets zeros."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    if mask is None:
+        mask = (torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None])[None, None].expand(b, 1, t, s)
+    out = torch.zeros(b, hq, t, v.shape[-1], dtype=F64)
+    for row in range(b):
+        for j in range(hq):
+            kv = j // (hq // hkv)
+            scores = (q[row, j].to("cpu", F64) @ k[row, kv].to("cpu", F64).T) * scale
+            scores = scores.masked_fill(~mask[row, 0].cpu(), float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            out[row, j] = probs @ v[row, kv].to("cpu", F64)
+    return out
+
+
+def subtract_pairs(out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """DIFF V2's output heads from the 2h query heads' outputs (B, 2h, T, d): head i = out[2i] − weight[i]·out[2i+1],
+    weight (B, h, T)."""
+    weight = weight.to("cpu", F64)
+    heads = [out[:, 2 * i] - weight[:, i, :, None] * out[:, 2 * i + 1] for i in range(out.shape[1] // 2)]
+    return torch.stack(heads, dim=1)

@@ -1,7 +1,7 @@
 """The split-KV decode kernel (``diffv2.kernels.decode_triton``) against eager attention with an explicit mask.
 
 Three tiers, so that CI without a GPU stays green and fast:
-- always: the PyTorch fallback path (what runs off CUDA) and the window ↔ mask equivalence with the KV cache;
+- always: argument checks and the window ↔ mask equivalence with the KV cache;
 - ``TRITON_INTERPRET=1`` with triton installed: the Triton kernels themselves on CPU tensors (fp32, fp16),
   with the ``interpreter`` fixture of ``conftest.py`` working around two bugs of Triton 3.6's interpreter;
 - CUDA: bf16/fp16/fp32 at larger shapes, torch.compile(fullgraph=True) and CUDA-graph capture.
@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from diffv2 import ModelConfig
-from diffv2.generate import KVCache
+from diffv2.generate import KVCache, fused_projections
 from diffv2.kernels import decode_triton as dt
-from diffv2.kernels import eager_attention
+from diffv2.kernels import window_mask
+
+from . import reference as ref64
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and dt.HAS_TRITON
 CUDA = torch.cuda.is_available() and dt.HAS_TRITON
@@ -40,13 +42,10 @@ def explicit_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, t: int, s: int) 
 
 
 def reference(q, k, v, kv_start, kv_end, pair_weight=None, scale=None):
-    """fp64 eager attention with the explicit mask; the DIFF V2 heads in two steps, as DiffV2Attention does."""
-    q64 = q.double() * (1.0 if scale is None else scale * q.shape[-1] ** 0.5)
-    mask = explicit_mask(kv_start.cpu(), kv_end.cpu(), q.shape[-2], k.shape[-2]).to(q.device)
-    out = eager_attention(q64, k.double(), v.double(), mask=mask)[0]
-    if pair_weight is None:
-        return out
-    return out[:, 0::2] - pair_weight[..., None].double() * out[:, 1::2]
+    """The float64 head-by-head reference with the explicit mask; the DIFF V2 heads from its pair subtraction."""
+    mask = explicit_mask(kv_start.cpu(), kv_end.cpu(), q.shape[-2], k.shape[-2])
+    out = ref64.gqa_attention(q.cpu(), k.cpu(), v.cpu(), mask, scale)
+    return out if pair_weight is None else ref64.subtract_pairs(out, pair_weight.cpu())
 
 
 def windows(b: int, s: int, t: int, gen: torch.Generator, dtype=torch.int64, device="cpu"):
@@ -82,29 +81,21 @@ def check(out, ref, dtype, *, pair=False):
     largest |ref| instead."""
     atol, rtol = TOL[dtype]
     assert out.shape == ref.shape and out.dtype == dtype
-    err = (out.double() - ref).abs()
+    err = (out.double().cpu() - ref).abs()
     bound = atol + rtol * (ref.abs().max() if pair else ref.abs())
     worst = (err - bound).argmax()
     assert (err <= bound).all(), f"error {err.flatten()[worst]:.3e} > bound {bound.flatten()[worst]:.3e}"
 
 
-# ---------------------------------------------------------------- always (CPU fallback path)
+# ---------------------------------------------------------------- always
 
 
-@pytest.mark.skipif(INTERPRET, reason="with TRITON_INTERPRET=1 CPU tensors take the kernel path")
-@pytest.mark.parametrize(("hq", "hkv", "t"), [(4, 4, 1), (8, 2, 1), (16, 2, 4)])
-def test_fallback_matches_eager(hq, hkv, t):
-    q, k, v, start, end, w = make_inputs(3, hq, hkv, 32, t, 40, torch.float32)
-    check(dt.decode_attention_triton(q, k, v, start, end), reference(q, k, v, start, end), q.dtype)
-    if (hq // hkv) % 2 == 0:
-        out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w)
-        check(out, reference(q, k, v, start, end, w), q.dtype, pair=True)
-        lam = as_lambda(w, q.dtype)
-        out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=lam, pair_sigmoid=True)
-        check(out, reference(q, k, v, start, end, torch.sigmoid(lam.double())), q.dtype, pair=True)
-    check(
-        dt.decode_attention_triton(q, k, v, start, end, scale=0.3), reference(q, k, v, start, end, scale=0.3), q.dtype
-    )
+@pytest.mark.skipif(INTERPRET or CUDA, reason="here Triton can run the kernel")
+def test_refuses_inputs_triton_cannot_run():
+    q, k, v, start, end, _ = make_inputs(2, 8, 2, 32, 1, 16, torch.float32)
+    assert not dt.triton_supported(q, k, v)
+    with pytest.raises(ValueError, match="triton_supported"):
+        dt.decode_attention_triton(q, k, v, start, end)
 
 
 @pytest.mark.parametrize("t", [1, 3])
@@ -115,7 +106,7 @@ def test_window_mask_equals_static_cache_mask(t):
     cache.advance(torch.arange(9, 9 + t), 9 + t)
     start = torch.tensor([0, 4, 7])
     expected = cache.mask(start)
-    assert torch.equal(dt.window_mask(start, (cache.slots[-1] + 1).expand(3), t, 20), expected)
+    assert torch.equal(window_mask(start, (cache.slots[-1] + 1).expand(3), t, 20), expected)
     assert torch.equal(explicit_mask(start, torch.full((3,), 9 + t), t, 20), expected)
 
 
@@ -203,24 +194,16 @@ def test_interpreter_dynamo_fullgraph():
 @pytest.mark.usefixtures("interpreter")
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("attention", ["baseline", "diff_v1", "diff_v2"])
-def test_interpreter_model_decode_through_the_kernel(attention, fused, monkeypatch):
+def test_interpreter_model_decode_through_the_kernel(attention, fused):
     """Wired in: a model's static-cache decode steps reach the kernel (DIFF V2 with the pair epilogue; DIFF V1
     on strided head views) and give the full forward's logits, also with generation's fused projections (q, k
     and λ then reach the RoPE and decode kernels as column blocks of one matmul's output)."""
     import contextlib
 
     from diffv2 import Transformer
+    from diffv2.attention import traced_routes
     from diffv2.generate.step import DecodeStep
 
-    calls = []
-    original = dt.decode_attention_triton
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("pair_weight") is not None)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr("diffv2.kernels.attention.decode_attention_triton", spy)
-    monkeypatch.setattr("diffv2.attention.decode_attention_triton", spy)
     cfg = ModelConfig(vocab_size=50, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=64,
                       max_seq_len=32, attention=attention)  # fmt: skip
     torch.manual_seed(0)
@@ -231,12 +214,13 @@ def test_interpreter_model_decode_through_the_kernel(attention, fused, monkeypat
         cache = KVCache(cfg, 2, 12, dtype=torch.float32, device=torch.device("cpu"))
         cache.advance(torch.arange(5), 5)
         model(seq[:, :5], caches=cache.layers)
-        with model.fused_projections() if fused else contextlib.nullcontext():
+        with fused_projections(model) if fused else contextlib.nullcontext(), traced_routes() as taken:
             step = DecodeStep(model, cache, torch.tensor([0, 0]))
             for slot in range(5, 9):
                 torch.testing.assert_close(step(seq[:, slot], slot), full[:, slot], rtol=1e-4, atol=1e-4)
-    per_step = {"baseline": [False], "diff_v1": [False] * 4, "diff_v2": [True]}[attention] * cfg.n_layers
-    assert calls == per_step * 4
+    route = {"baseline": ["split_kv_decode"], "diff_v1": ["split_kv_decode"] * 4,
+             "diff_v2": ["diff_v2_decode_kernel"]}[attention]  # fmt: skip
+    assert taken == route * cfg.n_layers * 4
 
 
 # ---------------------------------------------------------------- CUDA

@@ -1,7 +1,7 @@
 """The fused DIFF V2 training kernel (``diffv2.kernels.diff_attn_triton``) against a float64 head-by-head reference.
 
 Three tiers, so that CI without a GPU stays green and fast:
-- always: the PyTorch fallback (what runs off CUDA), forward and gradients, and the argument checks;
+- always: the argument checks;
 - ``TRITON_INTERPRET=1`` with triton installed: the Triton kernels themselves on CPU tensors (fp32, fp16, bf16;
   the fixture below makes the 3.6 interpreter compute bf16 dots on values rather than on the raw uint16 bits);
 - CUDA: bf16 at training shapes, fp32, and torch.compile(fullgraph=True) with the backward.
@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from diffv2.kernels import diff_attn_triton as da
+
+from . import reference as ref64
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and da.HAS_TRITON
 CUDA = torch.cuda.is_available() and da.HAS_TRITON
@@ -31,17 +33,8 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-5), torch.float16
 
 
 def reference(q, k, v, w, scale=None):
-    """float64, one head at a time: explicit causal mask and softmax, query head j reads KV head j // G."""
-    _, hq, t, d = q.shape
-    group = hq // k.shape[1]
-    scale = d**-0.5 if scale is None else scale
-    allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    heads = []
-    for j in range(hq):
-        logits = q[:, j].double() @ k[:, j // group].double().transpose(-1, -2) * scale
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        heads.append(probs @ v[:, j // group].double())
-    return torch.stack([heads[2 * i] - w[:, i, :, None].double() * heads[2 * i + 1] for i in range(hq // 2)], 1)
+    """The float64 head-by-head reference (differentiable): causal attention, then the pair subtraction."""
+    return ref64.subtract_pairs(ref64.gqa_attention(q, k, v, None, scale), w)
 
 
 def make_leaves(b, hq, hkv, t, d, dtype, device="cpu", seed=0):
@@ -79,20 +72,16 @@ def check_all(fn, leaves, dtype, scale=None):
         check(g, r, dtype, name)
 
 
-# ---------------------------------------------------------------- always (CPU fallback path)
+# ---------------------------------------------------------------- always
 
 
-@pytest.mark.skipif(INTERPRET, reason="with TRITON_INTERPRET=1 CPU tensors take the kernel path")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("b", "hq", "hkv", "t", "d"), [(2, 4, 2, 17, 16), (1, 8, 2, 33, 32), (2, 8, 4, 1, 8)])
-def test_fallback_matches_reference(b, hq, hkv, t, d, dtype):
-    leaves = make_leaves(b, hq, hkv, t, d, dtype)
-    check_all(da.diff_attention, leaves, dtype)
-    check_all(da.diff_attention, leaves, dtype, scale=0.3)
-
-
-def test_reference_path_is_exact_in_float64():
-    check_all(da.diff_attention_reference, make_leaves(2, 8, 2, 20, 16, torch.float64), torch.float64)
+@pytest.mark.skipif(INTERPRET or CUDA, reason="here Triton can run the kernel")
+def test_refuses_inputs_triton_cannot_run():
+    q, k, v, lam = make_leaves(1, 4, 2, 8, 16, torch.float32)
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), torch.sigmoid(lam).transpose(1, 2))
+    assert not da.diff_attention_supported(*args[:3])
+    with pytest.raises(ValueError, match="diff_attention_supported"):
+        da.diff_attention(*args)
 
 
 @pytest.mark.parametrize(
@@ -113,8 +102,6 @@ def test_rejects_bad_shapes(shapes, match):
     args = [torch.zeros(sizes[name]) for name in ("q", "k", "v", "w")]
     with pytest.raises(ValueError, match=match):
         da.diff_attention(*args)
-    with pytest.raises(ValueError, match=match):
-        da.diff_attention_reference(*args)
 
 
 def test_supported():
@@ -238,16 +225,17 @@ def _loss_and_grads(model, tokens):
 
 @interpreter_only
 @pytest.mark.usefixtures("interpreter")
-def test_interpreter_model_trains_through_the_kernel(monkeypatch):
+def test_interpreter_model_trains_through_the_kernel():
     """backend="triton" routes DIFF V2's training attention through the kernel: same loss and gradients
     (including lambda_proj's, through dw) as the SDPA path."""
-    calls = []
-    original = da.diff_attention
-    monkeypatch.setattr("diffv2.attention.diff_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    from diffv2.attention import traced_routes
+
     sdpa, fused = _model_pair("cpu", torch.float32, 16)
     tokens = torch.randint(0, 64, (2, 21))
-    (loss_a, grads_a), (loss_b, grads_b) = _loss_and_grads(sdpa, tokens), _loss_and_grads(fused, tokens)
-    assert len(calls) == 2  # one per layer
+    loss_a, grads_a = _loss_and_grads(sdpa, tokens)
+    with traced_routes() as taken:
+        loss_b, grads_b = _loss_and_grads(fused, tokens)
+    assert taken == ["diff_v2_fused_kernel"] * 2  # one per layer
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for name, g in grads_a.items():
         torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-5, msg=name)

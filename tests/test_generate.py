@@ -12,10 +12,11 @@ from diffv2.cli import main
 from diffv2.errors import ConfigError
 from diffv2.generate import KVCache, generate, generate_batch, sample_next, stream_batch
 from diffv2.generate.step import DecodeStep, _step_forward
-from diffv2.kernels import decode_attention, eager_attention
+from diffv2.kernels import eager_attention, masked_decode, masked_prefill
 
 VARIANTS = {
     "baseline": dict(attention="baseline"),
+    "gated": dict(attention="gated"),
     "diff_v1": dict(attention="diff_v1"),
     "diff_v2": dict(attention="diff_v2"),
     "v2_split": dict(attention="diff_v2", pairing="split"),
@@ -180,8 +181,6 @@ def test_gpu_graphed_generation_equals_eager(variant, compile):
 
 def test_masked_prefill_equals_eager_on_real_rows_and_stays_finite():
     """The CUDA path for long left-padded prompts (SDPA on repeated K/V), run here on CPU tensors."""
-    from diffv2.kernels.attention import _masked_prefill
-
     torch.manual_seed(3)
     q, k, v = torch.randn(3, 8, 20, 16), torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
     cfg = ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=16)
@@ -189,7 +188,7 @@ def test_masked_prefill_equals_eager_on_real_rows_and_stays_finite():
     cache.advance(torch.arange(20), 20)
     start = torch.tensor([0, 5, 13])
     mask = cache.mask(start)
-    got, want = _masked_prefill(q, k, v, mask), eager_attention(q, k, v, mask=mask)[0]
+    got, want = masked_prefill(q, k, v, mask), eager_attention(q, k, v, mask=mask)[0]
     assert torch.isfinite(got).all()
     for row, first in enumerate(start.tolist()):  # real query rows: identical; padded ones are never read
         torch.testing.assert_close(got[row, :, first:], want[row, :, first:], rtol=1e-5, atol=1e-5)
@@ -207,7 +206,7 @@ def test_gpu_long_padded_prompts_equal_each_alone():
     assert together == [generate_batch(model, [p], 10, temperature=0)[0] for p in prompts]
 
 
-def test_decode_attention_matches_eager_with_padding_mask():
+def test_masked_decode_matches_eager_with_padding_mask():
     torch.manual_seed(2)
     q = torch.randn(3, 8, 2, 16)
     k, v = torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
@@ -215,7 +214,7 @@ def test_decode_attention_matches_eager_with_padding_mask():
     start = torch.tensor([0, 4, 7])
     mask = (keys <= torch.tensor([9, 10])[:, None]) & (keys >= start[:, None, None])  # (3, 2, 11)
     mask = mask[:, None]
-    torch.testing.assert_close(decode_attention(q, k, v, mask), eager_attention(q, k, v, mask=mask)[0])
+    torch.testing.assert_close(masked_decode(q, k, v, mask), eager_attention(q, k, v, mask=mask)[0])
 
 
 def test_cache_holds_only_kv_heads():

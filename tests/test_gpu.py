@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from diffv2 import ModelConfig, Transformer
-from diffv2.kernels import attend
+from diffv2.kernels import eager_attention, sdpa_attention
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-VARIANTS = ["baseline", "diff_v1", "diff_v2"]
+VARIANTS = ["baseline", "gated", "diff_v1", "diff_v2"]
 
 
 def _cfg(attention: str, head_dim: int = 64, **kw) -> ModelConfig:
@@ -31,12 +31,12 @@ def test_fused_sdpa_gqa_runs_without_math_fallback(head_dim, n_kv):
     q = torch.randn(2, 8, 256, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(2, n_kv, 256, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(2, n_kv, 256, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out = attend(q, k, v)  # the math kernel is excluded: this raises if no fused kernel accepts it
+    out = sdpa_attention(q, k, v, None)  # the math kernel is excluded: this raises if no fused kernel accepts it
     out.float().square().sum().backward()
-    ref = attend(q.float(), k.float(), v.float(), backend="eager")
+    ref = eager_attention(q.float(), k.float(), v.float())[0]
     assert (out.float() - ref).abs().max() < 2e-2
     # decode-shaped call: one query against a longer cache (bottom-right alignment)
-    step = attend(q[:, :, -1:], k, v)
+    step = sdpa_attention(q[:, :, -1:], k, v, None)
     assert (step.float() - ref[:, :, -1:]).abs().max() < 2e-2
 
 

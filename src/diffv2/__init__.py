@@ -1,8 +1,17 @@
 """diffv2: Differential Transformer V2, DIFF V1 and baseline decoder LMs."""
 
-from .config import PRESETS, ModelConfig, attention_params, baseline_1p5h, baseline_ffn_matched
+from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, ConfigError, DataError, DiffV2Error
 from .model import Transformer
+from .sizing import (
+    attention_params,
+    baseline_1p5h,
+    baseline_2h_matched,
+    baseline_ffn_matched,
+    ffn_matched,
+    gated_ffn_matched,
+    total_params,
+)
 
 __version__ = "0.1.0"
 
@@ -27,5 +36,9 @@ __all__ = [
     "__version__",
     "attention_params",
     "baseline_1p5h",
+    "baseline_2h_matched",
     "baseline_ffn_matched",
+    "ffn_matched",
+    "gated_ffn_matched",
+    "total_params",
 ]

@@ -8,8 +8,9 @@ import time
 
 import torch
 
-from ..config import PRESETS, ModelConfig, baseline_1p5h, baseline_ffn_matched
+from ..config import PRESETS, ModelConfig
 from ..model import Transformer
+from ..sizing import baseline_1p5h, baseline_ffn_matched
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

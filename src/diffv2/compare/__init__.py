@@ -6,7 +6,7 @@ Plotting needs matplotlib (``pip install 'diffv2[plots]'``); everything else doe
 """
 
 from .grid import OPT_IN, VARIANTS, CompareConfig, RunSpec, expand_grid, load_compare_config, variant_model
-from .maps import LayerMaps, capture_maps, sigma_lambda
+from .maps import LayerMaps, capture_maps
 from .report import write_report
 from .results import Grid, RunResult, load_grid
 from .runner import RunOutcome, run_grid, run_state
@@ -27,7 +27,6 @@ __all__ = [
     "load_grid",
     "run_grid",
     "run_state",
-    "sigma_lambda",
     "summarize",
     "variant_model",
     "welch",

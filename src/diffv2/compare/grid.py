@@ -14,17 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig, attention_params, baseline_1p5h, baseline_ffn_matched
+from ..config import ModelConfig
 from ..errors import ConfigError
+from ..sizing import baseline_1p5h, baseline_ffn_matched, ffn_matched
 from ..train.config import TrainConfig, load_config_file
 
 
 def _diff_v1_matched(v2: ModelConfig) -> ModelConfig:
-    """DIFF V1 at DIFF V2's total size (spec §6 Q1): V1 has a same-h baseline's attention weights, so its SwiGLU
-    is widened by the same rule as ``baseline_ffn_matched`` (3·D weights per hidden unit, rounded)."""
-    v1 = v2.replace(attention="diff_v1")
-    extra = attention_params(v2) - attention_params(v1)
-    return v1.replace(ffn_hidden=v1.ffn_hidden + round(extra / (3 * v2.d_model)))
+    """DIFF V1 at DIFF V2's total size: V1 has a same-h baseline's attention weights, so its SwiGLU is widened
+    by the same rule as ``baseline_ffn_matched``."""
+    return ffn_matched(v2.replace(attention="diff_v1"), v2)
 
 
 # name -> (what it is, how to derive it from the DIFF V2 model). Order = the order of tables and legends.

@@ -39,7 +39,7 @@ def attention_figure(maps: LayerMaps, layer: int, head: int, labels: list[str], 
     visible; the diverging scale ignores query 0 (its only key gets all the weight) and clips beyond.
     """
     panels: list[tuple[str, torch.Tensor, bool]] = []
-    if maps.kind == "baseline":
+    if maps.a2 is None:
         panels.append(("attention probabilities", maps.a1[head], False))
     else:
         w = maps.weight[head] if maps.kind == "diff_v2" else maps.weight  # per query token (V2), one scalar (V1)

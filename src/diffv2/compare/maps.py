@@ -1,8 +1,4 @@
-"""Capture per-head attention maps and DIFF subtraction weights from a model's eager diagnostic pass.
-
-The attention modules compute the probabilities in diagnostic mode (``Transformer.diagnose``: eager softmax) and,
-asked with ``keep_maps``, keep the pair maps a¹, a², the subtraction weight and the effective map they used.
-"""
+"""Per-head attention maps of one sequence, for ``diffv2 inspect`` (from :func:`diffv2.diagnostics.diagnose`)."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..attention import DiffV2Attention
+from ..diagnostics import diagnose
 from ..model import Transformer
 
 
@@ -24,7 +20,7 @@ class LayerMaps:
     DIFF V1: the two maps of each differential head, ``weight`` the layer's scalar λ.
     """
 
-    kind: str  # baseline | diff_v1 | diff_v2
+    kind: str  # the attention variant
     a1: torch.Tensor  # (heads, T, S)
     a2: torch.Tensor | None
     weight: torch.Tensor | None  # (heads, T) for DIFF V2, a 0-dim tensor for DIFF V1
@@ -36,35 +32,11 @@ class LayerMaps:
 def capture_maps(model: Transformer, tokens: torch.Tensor) -> list[LayerMaps]:
     """Per-layer maps for ``tokens`` (B, T); B should be 1 (only the first sequence is kept)."""
     out = []
-    for layer, stats in zip(model.layers, model.diagnose(tokens, keep_maps=True), strict=True):
+    for stats in diagnose(model, tokens, keep_maps=True):
         maps = stats.pop("maps")
-        kind = layer.attn.kind
-        a2, weight = maps["a2"], maps["weight"]
-        if kind == "diff_v2":
-            weight = weight[0, ..., 0].float()  # (h, T, 1) per-token σ(λ) → (h, T)
-        elif weight is not None:
-            weight = weight.float()  # V1: the layer's scalar λ
-        out.append(LayerMaps(kind, maps["a1"][0].float(), None if a2 is None else a2[0].float(), weight,
-                             maps["effective"][0].float(), stats))  # fmt: skip
-    return out
-
-
-@torch.no_grad()
-def sigma_lambda(model: Transformer, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """DIFF V2's subtraction weight σ(λ) of every layer, (B, T, h) each (empty list for other variants).
-
-    Runs the normal (fused) forward; a pre-hook on each DIFF V2 attention module evaluates its own
-    ``subtraction_weight`` on the module input, so "linear" and "none" modes come out as the model uses them.
-    """
-    out: list[torch.Tensor] = []
-    hooks = [
-        layer.attn.register_forward_pre_hook(lambda m, args: out.append(m.subtraction_weight(args[0]).float()))
-        for layer in model.layers
-        if isinstance(layer.attn, DiffV2Attention)
-    ]
-    try:
-        model(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
+        weight = maps.weight
+        if weight is not None:
+            weight = weight[0].float() if maps.kind == "diff_v2" else weight[0, 0, 0].float()  # V1: one λ
+        a2 = None if maps.a2 is None else maps.a2[0].float()
+        out.append(LayerMaps(maps.kind, maps.a1[0].float(), a2, weight, maps.effective[0].float(), stats))
     return out

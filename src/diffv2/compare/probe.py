@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ..data import EvalBatches
+from ..diagnostics import subtraction_weights
 from ..train.pretrained import load_pretrained
 from .loading import checkpoint_dir
-from .maps import sigma_lambda
 
 PROBE_FILE = "lambda_probe.json"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -46,7 +46,7 @@ def probe_run(run_dir: str | Path, *, batches: int = 4, batch_size: int = 4) -> 
                         max_batches=batches)  # fmt: skip
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(trained.model.cfg.n_layers)]
     for x, _ in evals:
-        for i, weight in enumerate(sigma_lambda(trained.model, x.to(device))):
+        for i, weight in enumerate(subtraction_weights(trained.model, x.to(device))):
             per_layer[i].append(weight.flatten().cpu())
     values = [torch.cat(v) for v in per_layer]
     result = {"checkpoint": ckpt.name, "batches": batches, "lambda_mode": config["model"]["lambda_mode"],

@@ -10,6 +10,7 @@ import torch
 from ..errors import ConfigError
 from ..model import Transformer
 from .cache import KVCache
+from .fusion import fused_projections
 from .step import DecodeStep
 
 
@@ -86,7 +87,7 @@ def stream_batch(
     cuda_graph = static and device.type == "cuda" if cuda_graph is None else cuda_graph
     if cuda_graph and not (static and device.type == "cuda"):
         raise ConfigError(f"cuda_graph=True: needs static=True and a model on a CUDA device (it is on {device})")
-    with model.fused_projections():  # per layer one matmul for q/k/v(/λ), one for gate/up: fewer launches
+    with fused_projections(model):  # per layer one matmul for q/k/v(/λ), one for gate/up: fewer launches
         batch = len(prompts)
         start = torch.tensor([width - len(p) for p in prompts], device=device)  # first real slot per row
         tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)

@@ -39,8 +39,6 @@ class DecodeStep:
             raise ValueError(f"cuda_graph=True needs the model and cache on a CUDA device, not {device}")
         batch = cache.batch
         self.model, self.cache = model, cache
-        # a captured graph reads the fused projection weights (Transformer.fused_projections) by address
-        self._fused_weights = [w for m in model.modules() if (w := getattr(m, "fused_weight", None)) is not None]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache reads this buffer in place
         self.start = start.to(device=device, dtype=torch.long).clone()

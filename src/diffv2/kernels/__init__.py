@@ -1,17 +1,12 @@
-"""Low-level ops shared by every attention variant: RoPE (PyTorch, or one Triton launch for q and k at
-inference) and the attention primitive (SDPA, eager, or the Triton split-KV decode kernel)."""
+"""Low-level ops with no model knowledge: masks, RoPE, softmax attention (SDPA, eager, masked fallbacks) and the
+Triton kernels (split-KV decode with an optional DIFF V2 pair epilogue; DIFF V2's fused training attention).
+:mod:`diffv2.attention.dispatch` decides which of them runs a model's call."""
 
-from .attention import (
-    Mask,
-    as_mask,
-    attend,
-    decode_attention,
-    eager_attention,
-    fused_decode_applies,
-    fused_sdpa_backends,
-)
-from .decode_triton import KVWindow, decode_attention_triton, triton_supported
+from .decode_triton import decode_attention_triton, triton_supported
+from .diff_attn_triton import diff_attention, diff_attention_supported
+from .masks import KVWindow, Mask, as_mask, causal_mask, explicit_mask, window_mask
 from .rope import apply_rope, apply_rope_qk, rope_cos_sin
+from .softmax_attention import eager_attention, fused_sdpa_backends, masked_decode, masked_prefill, sdpa_attention
 
 __all__ = [
     "KVWindow",
@@ -19,12 +14,17 @@ __all__ = [
     "apply_rope",
     "apply_rope_qk",
     "as_mask",
-    "attend",
-    "decode_attention",
+    "causal_mask",
     "decode_attention_triton",
+    "diff_attention",
+    "diff_attention_supported",
     "eager_attention",
-    "fused_decode_applies",
+    "explicit_mask",
     "fused_sdpa_backends",
+    "masked_decode",
+    "masked_prefill",
     "rope_cos_sin",
+    "sdpa_attention",
     "triton_supported",
+    "window_mask",
 ]

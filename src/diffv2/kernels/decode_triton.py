@@ -16,9 +16,9 @@ Layout of the work:
   (B, h, T, d) in fp32 before the final cast; a pair sits in one group because G = 2h/h_kv is even.
 
 The launch is a ``torch.library.custom_op`` with a fake impl, so ``torch.compile(fullgraph=True)`` keeps it
-in the graph (no break) and CUDA graphs capture it (no host sync, shapes fixed by the inputs); off CUDA (and
-without ``TRITON_INTERPRET=1``) the public function computes the same thing with
-:func:`~diffv2.kernels.attention.eager_attention` and a mask. Inference only: no backward.
+in the graph (no break) and CUDA graphs capture it (no host sync, shapes fixed by the inputs). It runs where
+:func:`triton_supported` says (CUDA, or Triton's CPU interpreter in tests); :mod:`diffv2.attention.dispatch`
+picks it. Inference only: no backward.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import NamedTuple
 
 import torch
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the reference path below still works
+except ImportError:  # CPU-only installs: the dispatcher never picks this kernel there
     triton = None
 
 HAS_TRITON = triton is not None
@@ -43,58 +42,13 @@ SHORT_SPLITS = 16  # a short cache at tiny batch is latency-bound: spread it any
 MAX_ROWS = 128  # G·T rows per tile: keeps the fp32 accumulator (rows × d) in registers
 
 
-class KVWindow(NamedTuple):
-    """The valid keys of each row of a KV cache: ``[start[b], end[b])``, (B,) integer tensors on its device.
-
-    For T > 1 queries the last T window slots are the queries' own keys: query t sees keys < end − (T−1) + t.
-    """
-
-    start: torch.Tensor
-    end: torch.Tensor
-
-    def to_mask(self, t: int, s: int) -> torch.Tensor:
-        return window_mask(self.start, self.end, t, s)
-
-
-def window_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, t: int, s: int) -> torch.Tensor:
-    """The boolean (B, 1, T, S) mask (True = may attend) equivalent to a key window and the causal rule."""
-    keys = torch.arange(s, device=kv_end.device)
-    last = kv_end[:, None] - (t - 1) + torch.arange(t, device=kv_end.device)[None, :]  # (B, T), exclusive
-    mask = (keys >= kv_start[:, None, None]) & (keys < last[..., None])
-    return mask[:, None]
-
-
-def decode_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_start: torch.Tensor,
-    kv_end: torch.Tensor,
-    *,
-    pair_weight: torch.Tensor | None = None,
-    pair_sigmoid: bool = False,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """What the kernel computes, in PyTorch: eager attention (fp32, or fp64 for fp64 inputs) with a mask."""
-    from .attention import eager_attention  # here, not at the top: attention.py imports this module
-
-    wide = torch.promote_types(q.dtype, torch.float32)
-    qw = q.to(wide)
-    if scale is not None:  # eager_attention applies d**-0.5; fold the difference into q in the wide dtype
-        qw = qw * (scale * math.sqrt(q.shape[-1]))
-    out = eager_attention(qw, k, v, mask=window_mask(kv_start, kv_end, q.shape[-2], k.shape[-2]))[0]
-    if pair_weight is not None:
-        w = pair_weight[..., None].to(wide)
-        out = out[:, 0::2] - (torch.sigmoid(w) if pair_sigmoid else w) * out[:, 1::2]
-    return out.to(q.dtype)
-
-
 # Triton reads the variable when it decorates the kernels (at import), so it is read once here as well
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes these inputs (else the reference path runs)."""
+    """Whether the Triton kernel takes these inputs: a device Triton runs on (CUDA, or the CPU interpreter under
+    ``TRITON_INTERPRET=1``), and shapes and dtypes it handles."""
     if not HAS_TRITON:
         return False
     on_device = q.is_cuda or (_INTERPRET and q.device.type == "cpu")
@@ -161,7 +115,8 @@ def decode_attention_triton(
     with ``pair_weight`` (B, Hq/2, T) the DIFF V2 heads o_2i − w_i·o_2i+1, (B, Hq/2, T, d); in q's dtype.
     ``pair_sigmoid``: ``pair_weight`` holds λ and the kernel takes w = σ(λ) itself (in fp32), which saves
     decode two small launches per layer (the cast and the sigmoid).
-    A row whose window is empty (for a query) gets zeros, as :func:`eager_attention` gives."""
+    A row whose window is empty (for a query) gets zeros, as
+    :func:`~diffv2.kernels.softmax_attention.eager_attention` gives."""
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or hq % hkv:
@@ -181,8 +136,10 @@ def decode_attention_triton(
         )
     scale = d**-0.5 if scale is None else float(scale)
     if not triton_supported(q, k, v):
-        return decode_attention_reference(q, k, v, kv_start, kv_end, pair_weight=pair_weight,
-                                          pair_sigmoid=pair_sigmoid, scale=scale)  # fmt: skip
+        raise ValueError(
+            f"decode_attention_triton: Triton cannot run q{tuple(q.shape)} {q.dtype} on {q.device} "
+            "(see triton_supported)"
+        )
     # the kernels index the last dim with unit stride; cache views (k[:, 0::2], k[layer]) already have it
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()  # the kernel reads element b at offset b

@@ -12,8 +12,8 @@ even) and w (B, h, T) the per-token weight σ(λ), computed outside. FlashAttent
   dP one v·doutᵀ. dQ: a separate kernel over (query blocks, pairs), no atomics, so results are deterministic.
 All accumulation is fp32; probabilities and dS enter the tensor-core products in the input dtype, as in
 flash attention. The launches are ``torch.library`` custom ops (``diffv2::diff_attn_fwd``/``_bwd``) with fake
-impls and a registered autograd formula, so ``torch.compile(fullgraph=True)`` keeps them in the graph. Off
-CUDA (and without ``TRITON_INTERPRET=1``) :func:`diff_attention` runs :func:`diff_attention_reference`.
+impls and a registered autograd formula, so ``torch.compile(fullgraph=True)`` keeps them in the graph.
+:mod:`diffv2.attention.dispatch` picks them where :func:`diff_attention_supported` holds.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the reference path below still works
+except ImportError:  # CPU-only installs: the dispatcher never picks these kernels there
     triton = None
 
 HAS_TRITON = triton is not None
@@ -63,23 +63,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -
         raise ValueError(f"diff_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def diff_attention_reference(q, k, v, w, *, scale: float | None = None) -> torch.Tensor:
-    """Eager math in fp32 (fp64 for fp64 inputs), differentiable; materialises the (B, 2h, T, T) scores."""
-    _check(q, k, v, w)
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    wide = torch.promote_types(q.dtype, torch.float32)
-    scale = d**-0.5 if scale is None else float(scale)
-    qg = q.to(wide).reshape(b, hkv, hq // hkv, t, d)  # grouped per KV head: K/V never repeated
-    logits = torch.einsum("bhgtd,bhsd->bhgts", qg, k.to(wide)) * scale
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-    o = torch.einsum("bhgts,bhsd->bhgtd", probs, v.to(wide)).reshape(b, hq, t, d)
-    return (o[:, 0::2] - w.to(wide)[..., None] * o[:, 1::2]).to(q.dtype)
-
-
 def diff_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Triton kernels take these inputs (else :func:`diff_attention` runs the reference)."""
+    """Whether the Triton kernels take these inputs: a device Triton runs on (CUDA, or the CPU interpreter under
+    ``TRITON_INTERPRET=1``), and shapes and dtypes they handle."""
     if not HAS_TRITON or q.dim() != 4 or k.dim() != 4 or q.numel() == 0:
         return False
     d = q.shape[-1]
@@ -106,7 +92,10 @@ def diff_attention(q, k, v, w, *, scale: float | None = None) -> torch.Tensor:
     _check(q, k, v, w)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not diff_attention_supported(q, k, v):
-        return diff_attention_reference(q, k, v, w, scale=scale)
+        raise ValueError(
+            f"diff_attention: Triton cannot run q{tuple(q.shape)} {q.dtype} on {q.device} "
+            "(see diff_attention_supported)"
+        )
     w = w.to(torch.float32)  # differentiable: a bf16 w gets its gradient cast back
     return torch.ops.diffv2.diff_attn_fwd(_unit_last(q), _unit_last(k), _unit_last(v), w, scale)[0]
 

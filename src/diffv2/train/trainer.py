@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import EvalBatches
+from ..diagnostics import diagnose
 from ..generate import generate
 from ..model import Transformer
 from .checkpoint import latest_checkpoint, save_checkpoint
@@ -53,7 +54,7 @@ def evaluate(run: Run, batches: EvalBatches) -> float:
 
 
 def summarize_diagnostics(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-layer lists of the diagnostics recorded by ``Transformer.diagnose``."""
+    """Per-layer lists of the diagnostics :func:`diffv2.diagnostics.diagnose` records."""
     out: dict[str, Any] = {}
     for key in ("hidden_max", "max_logit", "lambda_mean", "lambda_std"):
         if all(key in s for s in stats):
@@ -227,7 +228,7 @@ class Trainer:
         # Every rank takes part (a sharded forward needs them all). Eagerly: compiled blocks (fsdp + compile)
         # would break their graphs at each recorded statistic.
         with torch.compiler.set_stance("force_eager"):
-            stats = summarize_diagnostics(model.diagnose(self.diag_tokens))
+            stats = summarize_diagnostics(diagnose(model, self.diag_tokens))
         model.train()
         self.diag_time += time.perf_counter() - t0
         self.log("diag", self.step, **stats, overhead=self.diag_time / self.train_time)

@@ -1,5 +1,6 @@
-"""DIFF V2's pair subtraction, o1 − σ(λ)·o2, on the 2h-head attention output: alone (``PairSubtract``, for the
-diagnostic and wrapped-``o_proj`` paths) and fused with ``o_proj`` (``pair_subtract_project``, training's path).
+"""Two memory-lean training implementations of DIFF V2's combine (``DiffV2Attention.combine``), registered in
+:mod:`.dispatch`: ``PairSubtract`` (o₁ − w·o₂ with a backward that keeps no fp32 copy of o₂) and
+``pair_subtract_project`` ((o₁ − w·o₂) W_Oᵀ whose backward recomputes the difference instead of keeping it).
 
 The difference is computed in fp32 (both terms can be tiny for diffuse heads) and cast back. Pairs are heads
 (2i, 2i+1) (``interleaved``) or (i, i+h) (the ``split`` ablation).
@@ -13,18 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors to fp32; fp32/fp64 as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def split_pairs(heads: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 2h, ...) → the two members of each pair, (B, h, ...) each (views)."""
-    if interleaved:
-        return heads[:, 0::2], heads[:, 1::2]
-    h = heads.shape[1] // 2
-    return heads[:, :h], heads[:, h:]
+from .common import split_pairs, upcast
 
 
 def pair_difference(o1: torch.Tensor, o2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -91,7 +81,7 @@ def _on_gpu(x: torch.Tensor) -> bool:
 def _tracing(x: torch.Tensor) -> bool:
     """Inside an outer torch.compile: dynamo, or AOTAutograd tracing this op's backward with fake tensors. The
     helpers are then traced inline and inductor fuses them with the rest; a compiled function cannot be traced
-    (it raised "FX to symbolically trace a dynamo-optimized function" on the H200, 2026-11-30)."""
+    there ("FX to symbolically trace a dynamo-optimized function")."""
     return torch.compiler.is_compiling() or is_fake(x)
 
 
@@ -125,7 +115,7 @@ def pair_subtract_project(out: torch.Tensor, s: torch.Tensor, weight: torch.Tens
     A linear layer keeps its input for the weight gradient: here that input would be the h·d difference, an
     activation the baseline does not have. The backward recomputes it from ``out``, which SDPA's backward keeps
     anyway. A custom op, opaque to torch.compile's partitioner: as an inlined autograd.Function the partitioner
-    chose to keep the difference after all (1.14× the baseline's peak memory at 350m on the H200, 2026-11-30).
+    chose to keep the difference after all (docs/design.md, "Training memory").
     Its elementwise parts go through their own small compiled kernels on CUDA (``_fused``), and the gradient of
     ``out`` comes back as one tensor, not as two slices autograd would scatter into zeros."""
     return F.linear(_fused(_context, out)(out, s, interleaved), weight.to(out.dtype))
