@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from diffv2.checkpoint import load_model_weights
 from diffv2.errors import ConfigError
 from diffv2.model import Transformer
-from diffv2.train.checkpoint import load_model_weights
 from diffv2.train.config import TrainConfig
 from diffv2.train.trainer import Trainer, train
 

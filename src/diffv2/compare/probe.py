@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_pretrained
 from ..data import EvalBatches
-from ..train.pretrained import load_pretrained
 from .loading import checkpoint_dir
 from .maps import sigma_lambda
 
