@@ -33,11 +33,17 @@ _WHY = "the checkpoint was made with a different model config or optimizer setup
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when the model holds DTensors (FSDP2 shards its parameters into them)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is None:  # no DTensor can exist before its module is loaded; this keeps plain models' loads light
-        return False
-    return any(isinstance(t, dtensor.DTensor) for t in itertools.chain(model.parameters(), model.buffers()))
+    """True for a model whose state lives in shards: wrapped by FSDP (whose parameters stay unsharded plain
+    tensors between a forward and the next reshard, so the wrapper is what tells) or holding DTensors."""
+    # Neither can exist before its torch module is loaded; looking only at loaded ones keeps plain loads light.
+    fsdp, dtensor = sys.modules.get("torch.distributed.fsdp"), sys.modules.get("torch.distributed.tensor")
+    if fsdp is not None:
+        wrappers = (fsdp.FSDPModule, fsdp.FullyShardedDataParallel)
+        if any(isinstance(m, wrappers) for m in model.modules()):
+            return True
+    if dtensor is not None:
+        return any(isinstance(t, dtensor.DTensor) for t in itertools.chain(model.parameters(), model.buffers()))
+    return False
 
 
 def _sharded():
