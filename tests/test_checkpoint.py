@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import signal
@@ -17,8 +18,7 @@ import torch
 from safetensors import safe_open
 
 from diffv2 import CheckpointError, ModelConfig, Transformer
-from diffv2.train import checkpoint as checkpoint_module
-from diffv2.train.checkpoint import (
+from diffv2.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -28,6 +28,8 @@ from diffv2.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from diffv2.checkpoint import save as save_module
+from diffv2.checkpoint import state as state_module
 
 TINY = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_hidden=64)
 TOKENIZER = '{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}}}'
@@ -70,6 +72,13 @@ def assert_same_optimizer(opt: torch.optim.Optimizer, expected: dict) -> None:
     for pid, slots in expected["state"].items():
         for name, value in slots.items():
             assert torch.equal(got["state"][pid][name], value), (pid, name)
+
+
+def safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file as (header, tensor bytes): the header's JSON order varies from one write to the next."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
@@ -158,7 +167,7 @@ def test_optimizer_state_is_keyed_by_parameter_name_and_index_keyed_files_still_
     names = [n for n, _ in model.named_parameters()]  # the tied matrix once, under its first name
     assert saved["param_groups"][0]["params"] == names and set(saved["state"]) == set(names)
     # Checkpoints of format 1 held torch's own index-keyed optimizer state dict.
-    monkeypatch.setattr(checkpoint_module, "gather_optimizer", lambda _, optimizer: optimizer.state_dict())
+    monkeypatch.setattr(save_module, "gather_optimizer", lambda _, optimizer: optimizer.state_dict())
     legacy = save(tmp_path / "legacy", 1, model, opt)
     assert isinstance(torch.load(legacy / "optimizer.pt", weights_only=True)["param_groups"][0]["params"][0], int)
     other, other_opt = make(tie_embeddings=True)
@@ -185,6 +194,39 @@ def test_wrapped_blocks_save_plain_names(tmp_path):
     again.layers[1] = torch.compile(again.layers[1])
     load_checkpoint(path, model=again, optimizer=again_opt)
     assert torch.equal(again.layers[1].mlp.up_proj.weight, plain.layers[1].mlp.up_proj.weight)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports (torch.jit) warn
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_plain_models_skip_dcp_yet_write_and_load_the_same_state(tmp_path, monkeypatch, tie):
+    """A plain model's state is gathered and applied without torch.distributed.checkpoint (DCP, which a sharded
+    model goes through); both ways write byte-identical files and load into identical models and optimizers."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def wrapped() -> tuple[Transformer, torch.optim.AdamW]:
+        model, opt = make(tie_embeddings=tie)
+        train(model, opt)  # a stepped state, different for every call
+        model.layers[0] = checkpoint_wrapper(model.layers[0])
+        model.layers[1] = torch.compile(model.layers[1])  # compiles lazily: never called here
+        return model, opt
+
+    model, opt = wrapped()
+    assert not state_module.is_sharded(model)
+    written, loaded = [], []
+    for through_dcp in (False, True):
+        with monkeypatch.context() as patch:
+            if through_dcp:
+                patch.setattr(state_module, "is_sharded", lambda _: True)
+            written.append(save(tmp_path / str(through_dcp), 1, model, opt))
+            other, other_opt = wrapped()
+            load_checkpoint(written[0], model=other, optimizer=other_opt)  # the same file, either way
+            loaded.append((other, other_opt))
+    safetensors = [safetensors_parts(path / "model.safetensors") for path in written]
+    assert safetensors[0] == safetensors[1]
+    assert (written[0] / "optimizer.pt").read_bytes() == (written[1] / "optimizer.pt").read_bytes()
+    for other, other_opt in loaded:
+        assert_same_weights(other, params(model))
+        assert_same_optimizer(other_opt, opt.state_dict())
 
 
 # ---------------------------------------------------------------------- layout and pruning
@@ -299,7 +341,7 @@ def test_checkpoint_moved_aside_by_a_dead_save_still_counts(tmp_path):
 CHILD = """
 import sys, torch
 from diffv2 import ModelConfig, Transformer
-from diffv2.train.checkpoint import save_checkpoint
+from diffv2.checkpoint import save_checkpoint
 run_dir, start = sys.argv[1], int(sys.argv[2])
 cfg = ModelConfig(vocab_size=4096, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_hidden=256)
 model = Transformer(cfg)

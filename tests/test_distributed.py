@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from diffv2.checkpoint import load_model_weights
 from diffv2.errors import ConfigError
 from diffv2.model import Transformer
-from diffv2.train.checkpoint import load_model_weights
 from diffv2.train.config import TrainConfig
 from diffv2.train.trainer import Trainer, train
 
@@ -261,3 +261,52 @@ def test_compile_scope_picks_what_is_compiled():
         TrainConfig(parallel="fsdp", compile_scope="model")
     with pytest.raises(ConfigError, match="compile_scope"):
         TrainConfig(compile_scope="graph")
+
+
+FSDP_CHILD = """
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from diffv2 import ModelConfig, Transformer
+from diffv2.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from diffv2.checkpoint.state import is_sharded
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=0, world_size=1)
+torch.manual_seed(int(sys.argv[3]))
+cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=32)
+model = Transformer(cfg)
+for block in model.layers:
+    fully_shard(block, reshard_after_forward=False)
+fully_shard(model, reshard_after_forward=False)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+opt.step()
+with torch.no_grad():
+    logits = model(tokens)  # leaves the parameters unsharded: plain tensors, no DTensor in sight
+assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
+assert is_sharded(model)
+path = save_checkpoint(sys.argv[1], 1, model=model, optimizer=opt, state={}, config={})
+plain = Transformer(cfg)
+load_model_weights(path, plain)
+with torch.no_grad():
+    torch.testing.assert_close(plain(tokens), logits, rtol=1e-6, atol=1e-6)
+plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+load_checkpoint(path, model=plain, optimizer=plain_opt)
+assert plain_opt.state_dict()["state"].keys() == set(range(len(list(plain.parameters()))))
+load_checkpoint(path, model=model, optimizer=opt)  # back onto the sharded model, collectively
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_an_fsdp_model_between_forward_and_reshard_is_saved_through_its_shards(tmp_path):
+    """With reshard_after_forward=False FSDP2 leaves plain, unsharded parameters registered after a forward; the
+    checkpoint must still take the sharded (collective) path, or ranks would gather different things."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    args = [sys.executable, "-c", FSDP_CHILD, str(tmp_path), str(free_port()), str(seed)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -19,10 +19,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 
 import diffv2.hf as H
 from diffv2 import CheckpointError, ConfigError, ModelConfig, Transformer
+from diffv2.checkpoint import save_checkpoint
 from diffv2.cli import convert as convert_cli
 from diffv2.data.tokenizer import Tokenizer
 from diffv2.generate import generate
-from diffv2.train.checkpoint import save_checkpoint
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=96, max_seq_len=64)
 VARIANTS = {

@@ -15,9 +15,9 @@ pytest.importorskip("lm_eval")
 
 import diffv2.hf as H
 from diffv2 import ModelConfig, Transformer
+from diffv2.checkpoint import save_checkpoint
 from diffv2.cli import evaluate as evaluate_cli
 from diffv2.data import Tokenizer, prepare_dataset
-from diffv2.train.checkpoint import save_checkpoint
 
 DOCS = [
     "In the beginning God created the heaven and the earth.",

@@ -8,9 +8,9 @@ import time
 
 import torch
 
+from ..checkpoint import load_pretrained
 from ..errors import CheckpointError
 from ..generate import stream_batch
-from ..train.pretrained import load_pretrained
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

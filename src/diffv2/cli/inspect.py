@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_pretrained
     from ..compare.maps import capture_maps
-    from ..train.pretrained import load_pretrained
 
     try:
         from ..compare import inspect_plots as plots

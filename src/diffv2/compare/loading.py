@@ -1,11 +1,11 @@
-"""Where a run's checkpoint is, for analysis passes (the loading itself is :func:`diffv2.train.load_pretrained`)."""
+"""Where a run's checkpoint is, for analysis passes (loading it is :func:`diffv2.checkpoint.load_pretrained`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint import latest_checkpoint
 from ..errors import CheckpointError
-from ..train import latest_checkpoint
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_pretrained
 from ..data import EvalBatches
 from ..diagnostics import subtraction_weights
-from ..train.pretrained import load_pretrained
 from .loading import checkpoint_dir
 
 PROBE_FILE = "lambda_probe.json"

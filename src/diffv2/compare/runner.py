@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import latest_checkpoint
 from ..data import load_manifest, prepare_dataset
 from ..errors import ConfigError
-from ..train import TrainConfig, TrainingError, latest_checkpoint, train
+from ..train import TrainConfig
 from .grid import CompareConfig, RunSpec, expand_grid, variant_model
 
 GRID_FILE = "grid.json"
@@ -93,6 +94,8 @@ def write_grid_file(cfg: CompareConfig, specs: list[RunSpec], data_dir: Path) ->
 
 def execute(train_cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = False) -> tuple[str, str]:
     """Start, resume or skip one run according to its folder; returns (state before, state after)."""
+    from ..train import TrainingError, train  # the training stack only when a run is trained, not to read results
+
     run_dir = Path(train_cfg.out_dir)
     before = run_state(run_dir)
     if before in ("done", "failed"):

@@ -2,7 +2,7 @@
 
 The HF model's state dict has exactly the native ``Transformer``'s keys, so weights move with one
 ``load_state_dict`` and conversion is exact; the configs map field by field (see ``configuration_diffv2``).
-A native checkpoint is a trainer run dir or checkpoint dir (``diffv2.train.checkpoint`` layout); an HF folder
+A native checkpoint is a trainer run dir or checkpoint dir (``diffv2.checkpoint`` layout); an HF folder
 is what ``save_pretrained`` writes: config.json (with ``auto_map``), model.safetensors, the two Python files
 that make it loadable with ``trust_remote_code=True``, generation_config.json and the tokenizer files.
 """
@@ -17,12 +17,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from ..checkpoint import load_pretrained, save_checkpoint
 from ..config import ModelConfig
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
-from ..train.checkpoint import save_checkpoint
-from ..train.pretrained import load_pretrained
 from .configuration_diffv2 import DiffV2Config
 from .modeling_diffv2 import DiffV2ForCausalLM
 

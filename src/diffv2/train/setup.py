@@ -11,15 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, read_checkpoint_meta
 from ..config import ModelConfig
 from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset
 from ..errors import CheckpointError, DataError, DiffV2Error
 from ..model import Transformer
-from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta
 from .config import TrainConfig
 from .distributed import DistEnv, Parallel, init_distributed, parallelize
 from .monitor import environment
-from .pretrained import load_pretrained
 
 
 class TrainingError(DiffV2Error):

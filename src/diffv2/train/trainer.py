@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint import gather_weights, latest_checkpoint, save_checkpoint
 from ..data import EvalBatches
 from ..diagnostics import diagnose
 from ..generate import generate
 from ..model import Transformer
-from .checkpoint import latest_checkpoint, save_checkpoint
-from .checkpoint_state import gather_weights
 from .config import TrainConfig
 from .distributed import clip_grad_norm_
 from .monitor import MetricsLogger, SpikeDetector, StepProfiler

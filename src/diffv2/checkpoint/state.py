@@ -1,41 +1,70 @@
-"""What a checkpoint holds and how it maps onto a live model: weights, optimizer state, RNG states.
+"""What a checkpoint holds and how it maps onto a live model: weights and optimizer state.
 
 One format for every run, single-process or distributed. ``model.safetensors`` is the full (unsharded) model,
 loadable by ``load_model_weights`` into a plain :class:`~diffv2.model.Transformer`; ``optimizer.pt`` is the full
-optimizer state keyed by parameter name (FQN), as ``torch.distributed.checkpoint.state_dict`` builds it. Both are
-gathered from, and spread back onto, a plain, DDP or FSDP2-sharded model by the same calls (which are collective
-under FSDP: every rank makes them), so a run saved with N processes resumes with M. Wrapper prefixes
+optimizer state keyed by parameter name (FQN), as ``torch.distributed.checkpoint.state_dict`` (DCP) builds it.
+Both are gathered from, and spread back onto, a plain, DDP or FSDP2-sharded model by the same calls (which are
+collective under FSDP: every rank makes them), so a run saved with N processes resumes with M. A sharded model
+goes through DCP (:mod:`.sharded`); a plain one is read and written here directly, with the same names and values,
+so that loading a checkpoint for inference needs none of torch's distributed machinery. Wrapper prefixes
 (``_orig_mod.`` of a compiled block, ``_checkpoint_wrapped_module.`` of activation checkpointing) never reach the
 files.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import random
+import sys
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from ..errors import CheckpointError
 
 ALIASES = "diffv2.aliases"  # safetensors metadata key: {alias key: stored key} for tied weights
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0 only, in host memory
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.")
 _WHY = "the checkpoint was made with a different model config or optimizer setup"
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model whose state lives in shards: wrapped by FSDP (whose parameters stay unsharded plain
+    tensors between a forward and the next reshard, so the wrapper is what tells) or holding DTensors."""
+    # Neither can exist before its torch module is loaded; looking only at loaded ones keeps plain loads light.
+    fsdp, dtensor = sys.modules.get("torch.distributed.fsdp"), sys.modules.get("torch.distributed.tensor")
+    if fsdp is not None:
+        wrappers = (fsdp.FSDPModule, fsdp.FullyShardedDataParallel)
+        if any(isinstance(m, wrappers) for m in model.modules()):
+            return True
+    if dtensor is not None:
+        return any(isinstance(t, dtensor.DTensor) for t in itertools.chain(model.parameters(), model.buffers()))
+    return False
+
+
+def _sharded():
+    from . import sharded  # torch.distributed.checkpoint (and FSDP with it): only for a model that needs them
+
+    return sharded
+
+
+def _gathers_here() -> bool:
+    """Whether this process gets the gathered state: rank 0 alone writes files under torch.distributed."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _to_cpu(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.to("cpu")
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def canonical_name(name: str) -> str:
@@ -65,8 +94,12 @@ def few(keys: list[str], n: int = 4) -> str:
 
 # ---------------------------------------------------------------------- weights
 def gather_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full weights on the CPU (empty on ranks other than 0 under torch.distributed)."""
-    return get_model_state_dict(model, options=_GATHER)
+    """Full weights on the CPU by canonical name (empty on ranks other than 0 under torch.distributed)."""
+    if is_sharded(model):
+        return _sharded().gather_weights(model)
+    if not _gathers_here():
+        return {}
+    return {canonical_name(k): v.to("cpu") for k, v in model.state_dict().items()}
 
 
 def write_weights(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -105,7 +138,12 @@ def check_weights(file: Path, tensors: dict[str, torch.Tensor], model: nn.Module
 
 def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool) -> None:
     """Copy full weights into the model in place (tied weights stay tied), sharding them under FSDP."""
-    set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True, strict=strict))
+    if is_sharded(model):
+        _sharded().apply_weights(model, weights, strict)
+        return
+    # the model's own keys: compiled blocks want their prefix back, checkpoint wrappers add theirs in a hook
+    keys = {canonical_name(k): k for k in model.state_dict(keep_vars=True)}
+    model.load_state_dict({keys[name]: t for name, t in weights.items() if name in keys}, strict=strict)
 
 
 # ---------------------------------------------------------------------- optimizer
@@ -131,7 +169,11 @@ def gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     """The full optimizer state keyed by parameter name, on the CPU (empty on ranks other than 0)."""
     if not optimizer.state:  # DCP would create the state with a zero-lr step; a fresh optimizer is saved as it is
         return _by_name(optimizer.state_dict(), _param_names(model, optimizer))
-    return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+    if is_sharded(model):
+        return _sharded().gather_optimizer(model, optimizer)
+    if not _gathers_here():
+        return {}
+    return _to_cpu(_by_name(optimizer.state_dict(), _param_names(model, optimizer)))
 
 
 def check_optimizer(file: Path, saved: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -165,42 +207,14 @@ def check_optimizer(file: Path, saved: Any, model: nn.Module, optimizer: torch.o
 def apply_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Load a checked, name-keyed optimizer state (sharding it under FSDP)."""
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in saved["param_groups"]]
-    if saved["state"]:
-        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
-    else:  # never stepped: DCP would create state with a zero-lr step, so only hyperparameters are restored
+    if not saved["state"]:  # never stepped (saved as it was, see gather_optimizer): only hyperparameters to restore
         optimizer.state.clear()
+    elif is_sharded(model):
+        _sharded().apply_optimizer(model, optimizer, saved)
+    else:  # torch's own index-keyed form; check_optimizer made sure the groups hold these very names
+        index = {name: i for i, name in enumerate(itertools.chain(*_param_names(model, optimizer)))}
+        groups = [{**g, "params": [index[name] for name in g["params"]]} for g in saved["param_groups"]]
+        optimizer.load_state_dict({"state": {index[n]: s for n, s in saved["state"].items()}, "param_groups": groups})
     # DCP's flattening turns tuples (AdamW's betas) into lists; put the saved values back as they were.
     for group, values in zip(optimizer.param_groups, hyper, strict=True):
         group.update(values)
-
-
-# ---------------------------------------------------------------------- RNG
-def get_rng() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    # torch.load(weights_only=True) refuses numpy arrays, so the MT19937 keys travel as a tensor.
-    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
-    rng = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def parse_rng(file: Path, rng: Any) -> Callable[[], None]:
-    """Parse a loaded ``rng.pt`` now (so bad content fails before anything changes); the returned call applies it."""
-    try:
-        version, internal, gauss = rng["python"]
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        np_state = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
-        torch_state, cuda_states = rng["torch"], list(rng.get("cuda", []))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise CheckpointError(f"{file}: corrupted (not a diffv2 RNG state)") from None
-
-    def apply() -> None:
-        random.setstate((version, tuple(internal), gauss))
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if torch.cuda.is_available():
-            for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, i)
-
-    return apply

@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from ..data import Tokenizer
 from ..errors import CheckpointError
 from ..model import Transformer
-from .checkpoint import load_model_weights, read_checkpoint_meta, read_tokenizer_json
+from .load import load_model_weights, read_checkpoint_meta, read_tokenizer_json
 
 
 @dataclass

@@ -1,0 +1,97 @@
+"""Reading a checkpoint back: its metadata and tokenizer, the weights alone (inference), or the whole training
+state (weights, optimizer, RNGs) for an exact resume. Every read is checksum-verified first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import CheckpointError
+from .files import PathLike, read_checked, read_json
+from .layout import resolve, verify
+from .rng import parse_rng
+from .state import ALIASES, apply_optimizer, apply_weights, check_optimizer, check_weights
+
+
+def read_checkpoint_meta(path: PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state, config)`` of a checkpoint (or of a run dir's latest one), after verifying every checksum."""
+    ckpt = resolve(path)
+    verify(ckpt)
+    return read_json(ckpt / "state.json"), read_json(ckpt / "config.json")
+
+
+def read_tokenizer_json(path: PathLike) -> str | None:
+    """The tokenizer JSON text saved with a checkpoint (checksum verified), or None if it has none."""
+    ckpt = resolve(path)
+    if "tokenizer.json" not in verify(ckpt, only=("tokenizer.json",)):
+        return None
+    return read_checked(ckpt / "tokenizer.json", lambda f: f.read_text(encoding="utf-8"))
+
+
+def load_checkpoint(
+    path: PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
+    map_location: Any = "cpu",
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states bit-exactly from a checkpoint (or a run dir's latest).
+
+    Returns the saved ``state``. Everything is read and checked before anything changes, so a failed load
+    leaves the model, optimizer and RNGs as they were. ``map_location`` is where weights are read to before
+    being copied into the model (its own device saves a host round trip). Under torch.distributed every rank
+    calls it (a sharded model is re-sharded collectively).
+    """
+    ckpt = resolve(path)
+    files = verify(ckpt)
+    weights = _read_weights(ckpt / "model.safetensors", model, map_location, strict)
+    if optimizer is not None:
+        if "optimizer.pt" not in files:
+            raise CheckpointError(f"{ckpt}: has no optimizer.pt (saved without optimizer state); pass optimizer=None")
+        opt_file = ckpt / "optimizer.pt"
+        # Read to CPU: the optimizer then puts each slot where its own policy wants it (moments next to their
+        # parameter, a non-fused Adam's step count on CPU), which is exactly where it was when saved.
+        opt_state = read_checked(opt_file, _load_cpu)
+        opt_state = check_optimizer(opt_file, opt_state, model, optimizer)
+    # Generator states must be CPU tensors whatever map_location says.
+    set_rng = parse_rng(ckpt / "rng.pt", read_checked(ckpt / "rng.pt", _load_cpu)) if restore_rng else None
+    state = read_json(ckpt / "state.json")
+    if optimizer is not None:  # first: it validates before changing anything, the model load cannot fail now
+        read_checked(opt_file, lambda _: apply_optimizer(model, optimizer, opt_state), "does not fit the optimizer")
+    apply_weights(model, weights, strict)
+    if set_rng is not None:
+        set_rng()
+    return state
+
+
+def load_model_weights(path: PathLike, model: nn.Module, map_location: Any = "cpu", strict: bool = True) -> Path:
+    """Load only the weights (for inference), checksum verified; returns the checkpoint dir used."""
+    ckpt = resolve(path)
+    verify(ckpt, only=("model.safetensors",))
+    apply_weights(model, _read_weights(ckpt / "model.safetensors", model, map_location, strict), strict)
+    return ckpt
+
+
+def _read_weights(file: Path, model: nn.Module, map_location: Any, strict: bool) -> dict[str, torch.Tensor]:
+    device = str(map_location) if isinstance(map_location, str | torch.device) else "cpu"
+
+    def read(f: Path) -> dict[str, torch.Tensor]:
+        with safe_open(str(f), framework="pt", device=device) as st:
+            tensors = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            aliases = json.loads((st.metadata() or {}).get(ALIASES, "{}"))
+        return tensors | {alias: tensors[stored] for alias, stored in aliases.items()}
+
+    tensors = read_checked(file, read)
+    check_weights(file, tensors, model, strict)
+    return tensors
+
+
+def _load_cpu(file: Path) -> Any:
+    return torch.load(file, map_location="cpu", weights_only=True)
