@@ -14,9 +14,36 @@ from diffv2.data import EvalBatches, prepare_dataset, split_documents, spread_wi
 from diffv2.data.dedup import near_duplicates, shingles, within_split
 from diffv2.data.documents import document_half
 from diffv2.errors import ConfigError
+from diffv2.train.config import TrainConfig
 
-WORDS = ("river stone light window garden letter morning silver quiet harbor lantern meadow north "
-         "paper copper winter orchard bridge candle thunder velvet market island forest").split()  # fmt: skip
+TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_hidden=64)
+
+WORDS = [
+    "river",
+    "stone",
+    "light",
+    "window",
+    "garden",
+    "letter",
+    "morning",
+    "silver",
+    "quiet",
+    "harbor",
+    "lantern",
+    "meadow",
+    "north",
+    "paper",
+    "copper",
+    "winter",
+    "orchard",
+    "bridge",
+    "candle",
+    "thunder",
+    "velvet",
+    "market",
+    "island",
+    "forest",
+]
 
 
 def sentence(rng: random.Random, n: int) -> str:
@@ -37,8 +64,10 @@ def labeled(tmp_path_factory) -> Path:
     """Three sources of random documents, 30% of them in validation."""
     rng = random.Random()
     root = tmp_path_factory.mktemp("labeled")
-    src = write_sources(root / "src", {name: [sentence(rng, rng.randint(20, 80)) for _ in range(12)]
-                                       for name in ("alpha", "beta", "gamma")})  # fmt: skip
+    src = write_sources(
+        root / "src",
+        {name: [sentence(rng, rng.randint(20, 80)) for _ in range(12)] for name in ("alpha", "beta", "gamma")},
+    )
     prepare_dataset(src, root / "data", tokenizer="byte", val_fraction=0.3, seed=rng.randrange(1000), progress=False)
     return root / "data"
 
@@ -138,8 +167,15 @@ def test_prepare_drops_validation_near_duplicates(tmp_path):
         words[30] = "zebra"
         copy[k] = " ".join(words) if k % 2 else copy[k]
     write_sources(tmp_path / "src2", {"a": copy})
-    kept = prepare_dataset(tmp_path / "src2", tmp_path / "drop", tokenizer="byte", val_fraction=0.2, seed=3,
-                           progress=False, val_near_dup_threshold=0.5)  # fmt: skip
+    kept = prepare_dataset(
+        tmp_path / "src2",
+        tmp_path / "drop",
+        tokenizer="byte",
+        val_fraction=0.2,
+        seed=3,
+        progress=False,
+        val_near_dup_threshold=0.5,
+    )
     near = kept["val_near_duplicates"]
     assert near["dropped_documents"] >= 1 and near["dropped_documents"] + kept["splits"]["val"]["n_documents"] == (
         val_count
@@ -160,3 +196,48 @@ def test_dedup_check_command(labeled, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["n_val"] == 11 and len(result["val"]) == 11 and result["n_train"] == 25
     assert main(["data", "dedup-check", "--data", str(labeled), "--threshold", "2"]) == 2
+
+
+# ---------------------------------------------------------------------- the trainer's evaluation
+def test_training_scores_the_whole_split_by_half_and_source(labeled, tmp_path):
+    from diffv2.train import train
+
+    out = tmp_path / "run"
+    train(
+        TrainConfig(
+            data=str(labeled),
+            out_dir=str(out),
+            model=dict(TINY),
+            steps=4,
+            batch_size=3,
+            seq_len=16,
+            warmup_steps=1,
+            eval_every=2,
+            eval_batches=0,
+            diag_every=0,
+            diag_dense_until=2,
+            diag_batch=5,
+            save_every=4,
+            tensorboard=False,
+            sample_tokens=0,
+        ),
+        progress=False,
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in records if r["kind"] == "diag"] == [1, 2]
+    docs = split_documents(labeled)
+    last = evals[-1]
+    assert last["val_tokens"] == ((docs.ends[-1] - 1) // 16) * 16  # every window of the split
+    groups = last["val_by_group"]
+    assert set(groups) == {"select", "test"} and set(groups["select"]) | set(groups["test"]) <= set(docs.sources)
+    for half in ("select", "test"):
+        pairs = groups[half].values()
+        mean = sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs)
+        assert last[f"val_loss_{half}"] == pytest.approx(mean)
+    tokens = sum(n for half in groups.values() for _, n in half.values())
+    assert tokens == last["val_tokens"]
+    split = json.loads((out / "val_split.json").read_text())
+    assert split["scored_target_tokens"] == last["val_tokens"] and "blake2b" in split["rule"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_loss_test"] == last["val_loss_test"]

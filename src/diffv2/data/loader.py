@@ -223,6 +223,11 @@ class EvalBatches:
         return len(self._all)
 
     @property
+    def n_windows(self) -> int:
+        """Windows over all ranks' batches together."""
+        return sum(b.size for b in self._all)
+
+    @property
     def n_target_tokens(self) -> int:
         """Number of predicted tokens over this rank's batches."""
         return sum(b.size for b in self._batches) * self.seq_len

@@ -64,7 +64,7 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
         tokenizer = tokenizer or cfg.tokenizer
         print(f"preparing {cfg.data!r} with the tokenizer {tokenizer} into {data_dir} ...")
         prepare_dataset(cfg.data, data_dir, tokenizer=tokenizer, vocab_size=cfg.tokenizer_vocab,
-                        seed=cfg.seed, progress=progress)  # fmt: skip
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress)  # fmt: skip
     return data_dir
 
 
