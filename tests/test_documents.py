@@ -18,32 +18,7 @@ from diffv2.train.config import TrainConfig
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_hidden=64)
 
-WORDS = [
-    "river",
-    "stone",
-    "light",
-    "window",
-    "garden",
-    "letter",
-    "morning",
-    "silver",
-    "quiet",
-    "harbor",
-    "lantern",
-    "meadow",
-    "north",
-    "paper",
-    "copper",
-    "winter",
-    "orchard",
-    "bridge",
-    "candle",
-    "thunder",
-    "velvet",
-    "market",
-    "island",
-    "forest",
-]
+WORDS = [a + b for a in ("ri", "sto", "lan", "mea", "co", "or") for b in ("ver", "ne", "tern", "dow")]
 
 
 def sentence(rng: random.Random, n: int) -> str:
