@@ -108,12 +108,14 @@ class TrainConfig:
                      "spike_window", "keep_last", "max_nonfinite", "tokenizer_vocab"):  # fmt: skip
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "diag_every", "save_every", "sample_tokens", "seed",
-                     "profile_steps", "profile_start", "diag_dense_until"):  # fmt: skip
+                     "profile_steps", "profile_start"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 disables)")
-        if not isinstance(self.eval_batches, int) or isinstance(self.eval_batches, bool) or self.eval_batches < 0:
-            raise ConfigError(f"eval_batches={self.eval_batches!r}: must be an integer >= 0 (0 = the whole split)")
+        for name, zero in (("eval_batches", "the whole split"), ("diag_dense_until", "off")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 = {zero})")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction!r}: must lie in [0, 1)")
         for name in ("lr", "grad_clip", "spike_k", "adam_eps", "dist_timeout_s"):
