@@ -29,8 +29,21 @@ from diffv2.errors import ConfigError
 from diffv2.train import TrainingError, train
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_hidden=64)
-BASE = dict(tokenizer="byte", steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3, eval_batches=0,
-            log_every=2, diag_every=3, save_every=3, tensorboard=False, sample_tokens=0, val_fraction=0.34)  # fmt: skip
+BASE = dict(
+    tokenizer="byte",
+    steps=6,
+    batch_size=4,
+    seq_len=32,
+    warmup_steps=1,
+    eval_every=3,
+    eval_batches=0,
+    log_every=2,
+    diag_every=3,
+    save_every=3,
+    tensorboard=False,
+    sample_tokens=0,
+    val_fraction=0.34,
+)
 
 
 def make_config(data: Path | str, out: Path, **compare) -> CompareConfig:

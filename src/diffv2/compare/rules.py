@@ -75,7 +75,7 @@ class Rule:
         gap = "relative gap" if self.relative else "gap"
         bound = f"<= {self.at_most:.4g}" if self.at_most is not None else f">= {self.at_least:.4g}"
         ref_where = where[self.reference_horizon] if self.reference_horizon else "at the same horizon"
-        norm = " (a relative gap is the gap divided by the second variant's loss)" if self.relative else ""
+        norm = f" (a relative gap is the gap divided by `{b}`'s loss)" if self.relative else ""
         return (
             f"**{self.verdict}** if {gap}(`{b}` − `{a}`) {where[self.horizon]}{budget} is {bound} × "
             f"{gap}(`{b0}` − `{a0}`) {ref_where}{norm}; needs {gap}(`{b0}` − `{a0}`) > 0; otherwise "
