@@ -143,6 +143,44 @@ def test_small_output_baseline_differs_from_the_matched_baseline_only_in_o_proj_
     assert stds["small"][1] == pytest.approx(stds["matched"][1], rel=0.05)  # the MLP's output init is unchanged
 
 
+def test_control_variants(tmp_path):
+    """The controls of the "what is DIFF V2's gain made of" grids: a zero-init o_proj pair, a per-head gated
+    baseline and a 2h-head baseline matched to DIFF V2's parameters, and DIFF V2 with a constant σ."""
+    names = [
+        "diff_v2",
+        "baseline_matched",
+        "baseline_zero_out",
+        "diff_v2_zero_out",
+        "baseline_gated",
+        "diff_v2_const",
+        "baseline_2h_matched",
+    ]
+    cfg = CompareConfig.from_dict({"preset": "small", "compare": {"out_dir": str(tmp_path), "variants": names}})
+    models = {s.variant: s.train.model_config(vocab_size=1000) for s in expand_grid(cfg, data_dir=tmp_path)}
+    v2 = models["diff_v2"]
+    n = {v: total_params(m) for v, m in models.items()}
+    layers, d = v2.n_layers, v2.d_model
+    assert models["baseline_zero_out"] == models["baseline_matched"].replace(o_proj_init_scale=0.0)
+    assert models["diff_v2_zero_out"] == v2.replace(o_proj_init_scale=0.0)
+    gated, wide = models["baseline_gated"], models["baseline_2h_matched"]
+    assert gated.attention == "gated" and abs(n["baseline_gated"] - n["diff_v2"]) <= 1.5 * d * layers
+    assert (wide.attention, wide.n_heads, wide.head_dim) == ("baseline", 2 * v2.n_heads, v2.head_dim)
+    assert wide.ffn_hidden < v2.ffn_hidden and abs(n["baseline_2h_matched"] - n["diff_v2"]) <= 1.5 * d * layers
+    assert models["diff_v2_const"].lambda_mode == "const"
+    assert n["diff_v2_const"] == n["diff_v2"] - layers * v2.n_heads * d  # no lambda_proj
+    tokens = torch.randint(0, 64, (2, 16))
+    for name in ("baseline_zero_out", "diff_v2_zero_out", "baseline_gated", "diff_v2_const"):
+        torch.manual_seed(0)
+        model = Transformer(models[name].replace(**TINY, vocab_size=64, ffn_hidden=None))
+        if name.endswith("zero_out"):  # the attention branch starts silent; the MLP's does not
+            assert all(
+                not layer.attn.o_proj.weight.any() and layer.mlp.down_proj.weight.any() for layer in model.layers
+            )
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
 def test_bad_compare_configs_fail_early(tmp_path):
     with pytest.raises(ConfigError, match="choose from"):
         make_config("x", tmp_path, variants=["diff_v3"])

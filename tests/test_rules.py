@@ -242,3 +242,41 @@ def test_equal_flops_and_effective_tokens():
     # the other way round the multiplier is measured: DIFF V2's curve reaches the baseline's final loss early
     worse = budget_readings(grid, "baseline_matched", "diff_v2", SHORT, {**fpt, "diff_v2": 1.0})
     assert all(r.reached and r.multiplier < 1 for r in worse)
+
+
+# ---------------------------------------------------------------------- the CPU smoke grid, end to end
+def test_the_smoke_config_runs_end_to_end(tmp_path):
+    """configs/compare_smoke.toml as written (on a small text folder): every run finishes, and the report prints
+    the rules, then a verdict for each: "not meaningful at this budget", since the budget is tiny."""
+    import dataclasses
+
+    import torch
+
+    from diffv2.compare import load_compare_config, run_grid, write_report
+    from diffv2.data import default_corpus_documents
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i, doc in enumerate(default_corpus_documents()[:2]):
+        for part in range(5):
+            (text / f"book{i}_{part}.txt").write_text(doc[800 * part : 800 * (part + 1)], encoding="utf-8")
+    cfg = load_compare_config(Path(__file__).resolve().parents[1] / "configs" / "compare_smoke.toml")
+    cfg.base = dataclasses.replace(cfg.base, data=str(text))
+    cfg.out_dir = str(tmp_path / "out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only wait on each other
+    try:
+        outcomes = run_grid(cfg, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(outcomes) == 5 * 2 * 2 * 2 and {o.after for o in outcomes} == {"done"}
+    report = write_report(cfg.out_dir, probe=False).read_text(encoding="utf-8")
+    rules = report.split("## Decision rules and verdicts")[1].split("\n## ")[0]
+    for name in ("init_artefact", "gating_not_subtraction", "horizon_limited", "loss_claim"):
+        assert f"`{name}`: **" in rules  # the rule, in words
+        row = next(line for line in rules.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"**{NOT_MEANINGFUL}**" in row, row
+    assert rules.index("1. `init_artefact`") < rules.index("| rule | verdict | evidence |")  # rules, then verdicts
+    assert "First recorded" in rules and "when 0 of 40 runs had finished" in rules
+    assert "## Final loss at 512 tokens (4 steps)" in report and "## Final loss at 768 tokens (6 steps)" in report
+    assert report.count(NOT_MEANINGFUL) >= 4
