@@ -171,7 +171,7 @@ def test_control_variants(tmp_path):
     tokens = torch.randint(0, 64, (2, 16))
     for name in ("baseline_zero_out", "diff_v2_zero_out", "baseline_gated", "diff_v2_const"):
         torch.manual_seed(0)
-        model = Transformer(models[name].replace(**TINY, vocab_size=64, ffn_hidden=None))
+        model = Transformer(models[name].replace(**TINY, vocab_size=64))
         if name.endswith("zero_out"):  # the attention branch starts silent; the MLP's does not
             assert all(
                 not layer.attn.o_proj.weight.any() and layer.mlp.down_proj.weight.any() for layer in model.layers
