@@ -89,6 +89,11 @@ def _summary(manifest: dict) -> list[str]:
             f"  {split + ':':<10} {info['n_tokens']:,} tokens, {info['n_documents']:,} documents, "
             f"{len(info['shards'])} shard(s): {files}"
         )
+    if dropped := manifest.get("val_near_duplicates"):
+        lines.append(
+            f"  near-dups: {dropped['dropped_documents']} val documents ({dropped['dropped_tokens']:,} tokens) "
+            f"dropped for >= {dropped['threshold']:g} of their word {dropped['ngram']}-grams in train"
+        )
     return lines
 
 
@@ -109,11 +114,6 @@ def run_prepare(args: argparse.Namespace) -> int:
     )
     print(f"prepared {args.out}")
     print("\n".join(_summary(manifest)))
-    if dropped := manifest.get("val_near_duplicates"):
-        print(
-            f"  near-dups: dropped {dropped['dropped_documents']} val documents ({dropped['dropped_tokens']:,} "
-            f"tokens) with >= {dropped['threshold']:g} of their word {dropped['ngram']}-grams in train"
-        )
     print(f"  files:     tokenizer.json, manifest.json in {args.out}")
     return 0
 
