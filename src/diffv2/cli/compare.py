@@ -82,7 +82,7 @@ def _print_grid(cfg, specs) -> None:
     vocab = {"byte": 257}.get(cfg.base.tokenizer, cfg.base.tokenizer_vocab)  # the real value comes from the data
     horizons = ", ".join(f"{s:,} steps" for s in cfg.steps)
     print(f"{len(specs)} runs into {cfg.out_dir} ({horizons}); parameters at vocab ≈ {vocab}:")
-    print(f"{'variant':<22}{'attention':>10}{'heads':>7}{'ffn':>7}{'total params':>15}{'vs diff_v2':>12}{'FLOPs':>8}")
+    print(f"{'variant':<22}{'attention':>10}{'heads':>7}{'ffn':>7}{'total params':>15}{'vs diff_v2':>12}{'FLOPs/v2':>9}")
     ref = accounting(variant_model(cfg.base, "diff_v2", vocab).to_dict(), cfg.base.seq_len)
     for variant in cfg.variants:
         m = variant_model(cfg.base, variant, vocab)
@@ -90,7 +90,7 @@ def _print_grid(cfg, specs) -> None:
         flops = acc["flops_per_token"] / ref["flops_per_token"]
         print(
             f"{variant:<22}{m.attention:>10}{m.n_heads:>7}{m.ffn_hidden:>7}{acc['total']:>15,}"
-            f"{acc['total'] - ref['total']:>+12,}{flops:>8.3f}"
+            f"{acc['total'] - ref['total']:>+12,}{flops:>9.3f}"
         )
     rules = cfg.rule_set
     if rules.rules:
