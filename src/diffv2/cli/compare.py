@@ -82,7 +82,9 @@ def _print_grid(cfg, specs) -> None:
     vocab = {"byte": 257}.get(cfg.base.tokenizer, cfg.base.tokenizer_vocab)  # the real value comes from the data
     horizons = ", ".join(f"{s:,} steps" for s in cfg.steps)
     print(f"{len(specs)} runs into {cfg.out_dir} ({horizons}); parameters at vocab ≈ {vocab}:")
-    print(f"{'variant':<22}{'attention':>10}{'heads':>7}{'ffn':>7}{'total params':>15}{'vs diff_v2':>12}{'FLOPs/v2':>9}")
+    print(
+        f"{'variant':<22}{'attention':>10}{'heads':>7}{'ffn':>7}{'total params':>15}{'vs diff_v2':>12}{'FLOPs/v2':>9}"
+    )
     ref = accounting(variant_model(cfg.base, "diff_v2", vocab).to_dict(), cfg.base.seq_len)
     for variant in cfg.variants:
         m = variant_model(cfg.base, variant, vocab)

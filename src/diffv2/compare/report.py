@@ -56,14 +56,19 @@ def write_report(out_dir: str | Path, *, report_dir: str | Path | None = None, p
     return path
 
 
-def _probes(grid: Grid) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
+def _probes(grid: Grid) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """σ(λ) probes per horizon (steps), then per "variant@lr"."""
+    out: dict[int, dict[str, list[dict[str, Any]]]] = {}
     for run in grid.runs:
         model = grid.models[run.variant]
-        if run.status == "finished" and model["attention"] == "diff_v2" and model["lambda_mode"] != "none":
+        if (
+            run.status == "finished"
+            and model["attention"] == "diff_v2"
+            and model["lambda_mode"] in ("sigmoid", "linear")
+        ):
             result = probe_run(run.run_dir)
             if result is not None:
-                out.setdefault(f"{run.variant}@{run.lr!r}", []).append(result)
+                out.setdefault(run.steps, {}).setdefault(f"{run.variant}@{run.lr!r}", []).append(result)
     return out
 
 
@@ -76,7 +81,7 @@ def _figures(grid: Grid, params: dict, probes: dict, dest: Path) -> list[tuple[s
         view = dataclasses.replace(grid, runs=[r for r in grid.runs if r.steps == steps], horizons=[steps])
         suffix = f"_{steps}steps" if len(grid.horizons) > 1 else ""
         where = f" ({report_tables.short_tokens(grid.tokens(steps))} tokens)" if suffix else ""
-        figures += _horizon_figures(plots, view, probes, dest, suffix, where)
+        figures += _horizon_figures(plots, view, probes.get(steps, {}), dest, suffix, where)
     if len(grid.lrs) > 1:
         figures.append(("Loss against learning rate", plots.lr_figure(grid, dest / "loss_vs_lr.png")))
     figures.append(("Parameters and throughput", plots.params_speed_figure(grid, params, dest / "params_speed.png")))
