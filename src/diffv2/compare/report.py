@@ -157,6 +157,7 @@ def _header(grid: Grid) -> list[str]:
         f"- **What a seed fixes**: {_seed_line(grid)}",
         f"- **Data**: {_data_line(grid)}",
         f"- **Validation halves**: {_halves_line(grid)}",
+        f"- **Diagnostics**: {_diag_line(grid)}",
         f"- **Environment**: {_environment_line(grid)}",
     ]
     for variant, why in grid.skipped.items():
@@ -193,6 +194,15 @@ def _seed_line(grid: Grid) -> str:
     return text + "."
 
 
+def _diag_line(grid: Grid) -> str:
+    b = grid.base
+    dense = f", after every step up to step {b['diag_dense_until']}" if b.get("diag_dense_until") else ""
+    return (
+        f"per-layer statistics on {b['diag_batch']} validation windows of {b['seq_len']} tokens spread over the "
+        f"split, every {b['diag_every']} steps{dense}; the tables read each run's last ones."
+    )
+
+
 def _halves_line(grid: Grid) -> str:
     split = grid.val_split
     if not split:
@@ -203,6 +213,10 @@ def _halves_line(grid: Grid) -> str:
         f"{test['documents']} / {test['tokens']:,} (assignment sha256 {split['assignment_sha256'][:12]}). "
         "Each variant's lr is chosen on the select half and reported on the test half."
     )
+    scored = {r.last_eval.get("val_tokens") for r in grid.runs if r.last_eval.get("val_tokens")}
+    total = sel["tokens"] + test["tokens"]
+    if scored:
+        text += f" Each evaluation scored {', '.join(f'{n:,}' for n in sorted(scored))} of the {total:,} tokens."
     if not split.get("labeled_sources"):
         text += " Sources were not recorded when the data was prepared, so there is no per-source table."
     return text
