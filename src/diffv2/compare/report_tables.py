@@ -1,14 +1,13 @@
 """The report's tables: decision rules and verdicts, final losses per horizon (paired, with equal-FLOPs and
-effective-token readings), loss against lr, per-source loss, the claims, sinks, outliers and stability."""
+effective-token readings), loss against lr, per-source loss and the claims (diagnostics: :mod:`.report_diagnostics`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import metrics as m
 from .analysis import best_lr, budget_readings, contrast, halves_available, mean, select_loss, summarize_readings
 from .claims import Finding
-from .results import Grid, RunResult
+from .results import Grid
 from .rules import RuleSet
 from .stats import fmt_p, summarize
 from .verdicts import Verdict
@@ -19,11 +18,11 @@ def short_tokens(n: float) -> str:
     return f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n / 1e3:,.1f}k" if n >= 1e3 else f"{n:,.0f}"
 
 
-def _tok(grid: Grid, steps: int) -> str:
+def tok_heading(grid: Grid, steps: int) -> str:
     return f"{short_tokens(grid.tokens(steps))} tokens ({steps:,} steps)"
 
 
-def _row(cells: list[Any]) -> str:
+def row(cells: list[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -51,7 +50,7 @@ def rules_section(grid: Grid, rule_set: RuleSet, verdicts: list[Verdict]) -> lis
         lines.append(f"{i}. `{rule.name}`: {rule.describe()}")
     lines += ["", "| rule | verdict | evidence |", "|---|---|---|"]
     for v in verdicts:
-        lines.append(_row([f"`{v.rule.name}`", f"**{v.verdict}**", v.evidence]))
+        lines.append(row([f"`{v.rule.name}`", f"**{v.verdict}**", v.evidence]))
     return [*lines, ""]
 
 
@@ -85,7 +84,7 @@ def final_loss_sections(grid: Grid, params: dict[str, dict[str, float]]) -> list
     )
     for steps in grid.horizons:
         lines += [
-            f"## Final loss at {_tok(grid, steps)}",
+            f"## Final loss at {tok_heading(grid, steps)}",
             "",
             f"Each variant at its best learning rate of {', '.join(f'{lr:g}' for lr in grid.lrs)}, chosen "
             f"{selection}. Δ is paired by seed against `{base}` (at its own best lr): mean, 95% t-interval "
@@ -95,7 +94,7 @@ def final_loss_sections(grid: Grid, params: dict[str, dict[str, float]]) -> list
             'test loss over the variant\'s tokens ("> x" when the baseline never got there). Both readings '
             "use intermediate points of a cosine schedule, which has not annealed there.",
             "",
-            _row(
+            row(
                 [
                     "variant",
                     "best lr",
@@ -121,7 +120,7 @@ def final_loss_sections(grid: Grid, params: dict[str, dict[str, float]]) -> list
                 f"{len(runs)}"
             )
             if lr is None:
-                lines.append(_row([v, "–", counts, "no finished run", *[""] * 8]))
+                lines.append(row([v, "–", counts, "no finished run", *[""] * 8]))
                 continue
             losses = summarize([x for r in grid.select(v, lr, steps) if (x := r.final_loss("test")) is not None])
             cells = [v, f"{lr:g}", counts, losses.fmt(4)]
@@ -139,7 +138,7 @@ def final_loss_sections(grid: Grid, params: dict[str, dict[str, float]]) -> list
                     f"{fpt[v] / fpt[base]:.3f}",
                 ]
                 cells += _budget_cells(grid, v, base, steps, fpt)
-            lines.append(_row(cells))
+            lines.append(row(cells))
         lines.append("")
     return lines
 
@@ -170,9 +169,9 @@ def lr_section(grid: Grid) -> list[str]:
     ]
     for steps in grid.horizons:
         lines += [
-            f"### {_tok(grid, steps)}",
+            f"### {tok_heading(grid, steps)}",
             "",
-            _row(["variant", *(f"lr {lr:g}" for lr in grid.lrs)]),
+            row(["variant", *(f"lr {lr:g}" for lr in grid.lrs)]),
             "|---|" + "---:|" * len(grid.lrs),
         ]
         for v in grid.variants:
@@ -182,7 +181,7 @@ def lr_section(grid: Grid) -> list[str]:
                 s = summarize([x for r in grid.select(v, lr, steps) if (x := select_loss(r)) is not None])
                 text = "–" if s.mean is None else f"{s.fmt(4)} ({s.n})"
                 cells.append(f"**{text}**" if lr == best else text)
-            lines.append(_row(cells))
+            lines.append(row(cells))
         lines.append("")
     return lines
 
@@ -209,9 +208,9 @@ def source_section(grid: Grid) -> list[str]:
     for steps in grid.horizons:
         others = [v for v in grid.variants if v != grid.baseline]
         lines += [
-            f"### {_tok(grid, steps)}",
+            f"### {tok_heading(grid, steps)}",
             "",
-            _row(["source", "documents", "tokens", grid.baseline, *(f"Δ {v}" for v in others)]),
+            row(["source", "documents", "tokens", grid.baseline, *(f"Δ {v}" for v in others)]),
             "|---|---:|---:|---:|" + "---:|" * len(others),
         ]
         for src in sources:
@@ -222,7 +221,7 @@ def source_section(grid: Grid) -> list[str]:
                 mine = _by_source(grid, v, steps, src)
                 diffs = [mine[s] - base[s] for s in sorted(set(mine) & set(base))]
                 cells.append("–" if not diffs else f"{mean(diffs):+.4f} [{min(diffs):+.3f}, {max(diffs):+.3f}]")
-            lines.append(_row(cells))
+            lines.append(row(cells))
         lines.append("")
     return lines
 
@@ -257,7 +256,7 @@ def claims_section(findings: list[Finding], grid: Grid, rule_set: RuleSet) -> li
         c = f.contrast
         lrs = "–" if c.lr_a is None else f"{c.lr_a:g}" if c.lr_a == c.lr_b else f"{c.lr_a:g} / {c.lr_b or 0:g}"
         lines.append(
-            _row(
+            row(
                 [
                     f.check.ref,
                     f.check.claim,
@@ -268,146 +267,5 @@ def claims_section(findings: list[Finding], grid: Grid, rule_set: RuleSet) -> li
                     f.verdict,
                 ]
             )
-        )
-    return [*lines, ""]
-
-
-# ---------------------------------------------------------------------- diagnostics
-def _diag_mean(runs: list[RunResult], key: str) -> float | None:
-    """A per-layer diagnostic (a number or a per-head list per layer), averaged over layers, heads and runs."""
-    values = []
-    for r in runs:
-        rec = r.diag if r.status == "finished" else None
-        if rec and key in rec:
-            flat = [x for layer in rec[key] for x in (layer if isinstance(layer, list) else [layer])]
-            values.append(sum(flat) / len(flat))
-    return mean(values)
-
-
-def _diag_max(runs: list[RunResult], key: str) -> float | None:
-    values = [max(r.diag[key]) for r in runs if r.status == "finished" and r.diag and key in r.diag]
-    return mean(values)
-
-
-def _fmt(x: float | None, spec: str = ".4f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def diagnostics_sections(grid: Grid) -> list[str]:
-    lines = [
-        "## Attention sinks",
-        "",
-        "Mass on key 0 per softmax map (a¹ and a² each sum to 1), mean over queries t ≥ 1, heads, layers and "
-        "seeds; the DIFF effective map a¹ − σ·a² divided by 1 − σ so that it sums to 1 too (undivided, its "
-        f"key-0 mass shrinks by construction); the share of maps whose key-0 mass exceeds {m.SINK_THRESHOLD}; "
-        "and what uniform causal attention would put on key 0. A variant with no sink heads has no sink to "
-        "remove. From the last diagnostics, each variant at its best lr.",
-        "",
-    ]
-    for steps in grid.horizons:
-        lines += [
-            f"### {_tok(grid, steps)}",
-            "",
-            "| variant | key 0, a¹ | key 0, a² | key 0, effective / (1 − σ) | sink maps | uniform reference |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for v in grid.variants:
-            runs = grid.select(v, best_lr(grid, v, steps), steps)
-            lines.append(
-                _row(
-                    [
-                        v,
-                        _fmt(_diag_mean(runs, m.KEY0_A1)),
-                        _fmt(_diag_mean(runs, m.KEY0_A2)),
-                        _fmt(_diag_mean(runs, m.KEY0_EFFECTIVE)),
-                        _fmt(_diag_mean(runs, m.SINK_SHARE), ".1%"),
-                        _fmt(_diag_mean(runs, m.KEY0_UNIFORM)),
-                    ]
-                )
-            )
-        lines.append("")
-    lines += [
-        "## Outliers",
-        "",
-        "Residual stream after each layer: max|h| / RMS(h) and the kurtosis of its entries (3 for a Gaussian), "
-        "both unchanged by the stream's scale; attention logits: the largest and the median over valid (query, "
-        "key) pairs. Max over layers (median: mean over layers), mean over seeds, each variant at its best "
-        "lr.",
-        "",
-    ]
-    for steps in grid.horizons:
-        lines += [
-            f"### {_tok(grid, steps)}",
-            "",
-            "| variant | max\\|h\\| / RMS(h) | kurtosis | top-1 logit | median logit |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for v in grid.variants:
-            runs = grid.select(v, best_lr(grid, v, steps), steps)
-            lines.append(
-                _row(
-                    [
-                        v,
-                        _fmt(_diag_max(runs, m.HIDDEN_OUTLIER_RATIO), ".1f"),
-                        _fmt(_diag_max(runs, m.HIDDEN_KURTOSIS), ".1f"),
-                        _fmt(_diag_max(runs, m.LOGIT_TOP1), ".2f"),
-                        _fmt(_diag_mean(runs, m.LOGIT_MEDIAN), ".2f"),
-                    ]
-                )
-            )
-        lines.append("")
-    return lines
-
-
-def stability_section(grid: Grid) -> list[str]:
-    warmup = int(grid.base["warmup_steps"])
-    lines = [
-        "## Stability after warmup",
-        "",
-        f"Counted after the {warmup} warmup steps only. A spike is a step whose loss (grad norm) exceeds "
-        f"{grid.base['spike_k']} × the median of the previous {grid.base['spike_window']}; such a detector cannot "
-        "see a slow rise of the gradient norm, which the last two columns measure: the median grad norm of the "
-        "last 20% of post-warmup steps over that of the first 20%, and the least-squares slope of log10(grad "
-        "norm) per 1000 steps. Mean ± std over seeds, at every lr.",
-        "",
-    ]
-    speed = grid.shared_devices == 1
-    head = [
-        "variant",
-        "horizon",
-        "lr",
-        "loss spikes",
-        "grad spikes",
-        "grad norm late / early",
-        "log10 slope per 1k",
-        "non-finite steps",
-    ] + (["tokens/s"] if speed else [])
-    lines += [_row(head), "|---|---:|---:|" + "---:|" * (len(head) - 3)]
-    for steps in grid.horizons:
-        for lr in grid.lrs:
-            for v in grid.variants:
-                runs = [r for r in grid.select(v, lr, steps) if r.train.get("step")]
-                if not runs:
-                    continue
-                growth = [g for r in runs if (g := r.grad_growth()) is not None]
-                cells = [
-                    v,
-                    short_tokens(grid.tokens(steps)),
-                    f"{lr:g}",
-                    summarize([r.spikes_after_warmup("loss_spike") for r in runs]).fmt(1),
-                    summarize([r.spikes_after_warmup("grad_spike") for r in runs]).fmt(1),
-                    summarize([g.ratio for g in growth]).fmt(3),
-                    summarize([g.slope for g in growth]).fmt(3),
-                    summarize([r.count("skipped") for r in runs]).fmt(1),
-                ]
-                if speed:
-                    s = summarize([r.median_tokens_per_s for r in runs if r.median_tokens_per_s])
-                    cells.append("–" if s.mean is None else f"{s.mean:,.0f}")
-                lines.append(_row(cells))
-    if not speed:
-        lines.append("")
-        lines.append(
-            f"No tokens/s here: up to {grid.shared_devices} runs trained on one device at a time, so their "
-            "speeds depend on what shared the device with them; they are no speed comparison."
         )
     return [*lines, ""]
