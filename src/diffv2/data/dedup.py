@@ -32,9 +32,23 @@ class WordIds:
         return np.fromiter((ids.setdefault(w, len(ids)) for w in _WORD.findall(text.lower())), dtype=np.uint64)
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` by sorting (numpy's hash-based unique is far slower on tens of millions of uint64)."""
+    values = np.sort(values)
+    return values[np.concatenate([[True], values[1:] != values[:-1]])] if values.size else values
+
+
+def contains(pool: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Which ``values`` are in the sorted, unique ``pool``: a binary search each, no re-sort of the pool."""
+    if pool.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    at = np.minimum(np.searchsorted(pool, values), pool.size - 1)
+    return pool[at] == values
+
+
 def shingles(word_ids: np.ndarray, n: int = NGRAM) -> np.ndarray:
     """The distinct hashed word n-grams of one document, sorted (empty when it has fewer than n words)."""
-    return np.unique(ngram_hashes(word_ids, n))
+    return sorted_unique(ngram_hashes(word_ids, n))
 
 
 def ngram_hashes(word_ids: np.ndarray, n: int = NGRAM) -> np.ndarray:
@@ -51,7 +65,7 @@ def overlap(doc_shingles: np.ndarray, pool: np.ndarray) -> float:
     """Share of a document's distinct shingles that are in ``pool`` (sorted unique); NaN without shingles."""
     if doc_shingles.size == 0:
         return float("nan")
-    return float(np.isin(doc_shingles, pool, assume_unique=True).mean())
+    return float(contains(pool, doc_shingles).mean())
 
 
 class ShinglePool:
@@ -68,7 +82,7 @@ class ShinglePool:
 
     def merged(self) -> np.ndarray:
         if self._parts:
-            self._merged = np.unique(np.concatenate([self._merged, *self._parts]))
+            self._merged = sorted_unique(np.concatenate([self._merged, *self._parts]))
             self._parts = []
         return self._merged
 
@@ -99,7 +113,7 @@ class NearDupReport:
         """The text from the first of ``text``'s n-grams found in ``pool`` (default: train), ``width`` chars."""
         pool = self.train_pool if pool is None else pool
         spans = [m.span() for m in _WORD.finditer(text)]
-        hits = np.flatnonzero(np.isin(ngram_hashes(self.words(text), self.ngram), pool))
+        hits = np.flatnonzero(contains(pool, ngram_hashes(self.words(text), self.ngram)))
         if hits.size == 0:
             return ""
         start = spans[int(hits[0])][0]
@@ -115,8 +129,10 @@ def within_split(doc_shingles: list[np.ndarray], threshold: float) -> list[DocOv
     docs = np.repeat(np.arange(len(doc_shingles), dtype=np.int64), sizes)
     order = np.argsort(hashes, kind="stable")  # within one document shingles are unique already
     hashes, docs = hashes[order], docs[order]
-    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    shared = counts[inverse] >= 2  # the shingle is in at least two documents
+    # runs of equal hashes: a shingle is shared when its run spans at least two documents
+    starts = np.flatnonzero(np.concatenate([[True], hashes[1:] != hashes[:-1]]))
+    counts = np.diff(np.append(starts, hashes.size))
+    shared = np.repeat(counts, counts) >= 2
     shared_per_doc = np.bincount(docs, weights=shared, minlength=len(doc_shingles))
     share = np.divide(shared_per_doc, sizes, out=np.zeros(len(sizes)), where=sizes > 0)
     flagged = []
@@ -163,7 +179,7 @@ def near_duplicates(
     val_overlaps = []
     for i, doc in enumerate(val):
         s = shingles(words(doc), ngram)
-        val_overlaps.append(DocOverlap(i, overlap(s, merged), None, int(np.isin(s, merged).sum())))
+        val_overlaps.append(DocOverlap(i, overlap(s, merged), None, int(contains(merged, s).sum())))
     report = NearDupReport(
         ngram, threshold, len(train_shingles), len(val_overlaps), val_overlaps, words=words, train_pool=merged
     )
