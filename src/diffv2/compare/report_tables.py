@@ -72,6 +72,12 @@ def _rules_provenance(grid: Grid) -> str:
 
 
 # ---------------------------------------------------------------------- final losses
+_FINAL_HEAD = (
+    "variant|best lr|finished / diverged / runs|test loss|Δ vs {base}|95% t-interval|range|p|sign p|"
+    "FLOPs/token vs {base}|Δ at equal FLOPs|effective tokens"
+)
+
+
 def final_loss_sections(grid: Grid, params: dict[str, dict[str, float]]) -> list[str]:
     lines = []
     fpt = {v: params[v]["flops_per_token"] for v in grid.variants}
@@ -94,22 +100,7 @@ def final_loss_sections(grid: Grid, params: dict[str, dict[str, float]]) -> list
             'test loss over the variant\'s tokens ("> x" when the baseline never got there). Both readings '
             "use intermediate points of a cosine schedule, which has not annealed there.",
             "",
-            row(
-                [
-                    "variant",
-                    "best lr",
-                    "finished / diverged / runs",
-                    "test loss",
-                    "Δ vs " + base,
-                    "95% t-interval",
-                    "range",
-                    "p",
-                    "sign p",
-                    "FLOPs/token vs " + base,
-                    "Δ at equal FLOPs",
-                    "effective tokens",
-                ]
-            ),
+            row(_FINAL_HEAD.format(base=base).split("|")),
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for v in grid.variants:
@@ -129,14 +120,8 @@ def final_loss_sections(grid: Grid, params: dict[str, dict[str, float]]) -> list
             else:
                 c = contrast(grid, v, base, steps).result
                 delta = "–" if c.mean is None else f"{c.mean:+.4f}"
-                cells += [
-                    delta,
-                    c.fmt_ci(4),
-                    c.fmt_range(4),
-                    fmt_p(c.p, c.note),
-                    fmt_p(c.sign_p),
-                    f"{fpt[v] / fpt[base]:.3f}",
-                ]
+                cells += [delta, c.fmt_ci(4), c.fmt_range(4), fmt_p(c.p, c.note), fmt_p(c.sign_p)]
+                cells.append(f"{fpt[v] / fpt[base]:.3f}")
                 cells += _budget_cells(grid, v, base, steps, fpt)
             lines.append(row(cells))
         lines.append("")
