@@ -189,8 +189,8 @@ class Trainer:
             "finished": self.step >= cfg.steps,
             "train_loss": self.loss,
             "val_loss": self.val_loss,
-            "val_loss_select": self.eval_result.get("val_loss_select"),
-            "val_loss_test": self.eval_result.get("val_loss_test"),
+            # the select/test halves, when the data records documents (a bare folder of shards does not)
+            **{k: v for k, v in self.eval_result.items() if k in ("val_loss_select", "val_loss_test")},
             "loss_spikes": self.loss_spikes.count,
             "grad_spikes": self.grad_spikes.count,
             "nonfinite": self.nonfinite,
