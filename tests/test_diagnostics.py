@@ -51,6 +51,26 @@ def test_diagnose_reports_per_layer_stats_that_match_the_maps():
         assert layer["max_logit"] == pytest.approx(finite.abs().max().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("kw", VARIANT_PARAMS)
+def test_diagnose_records_the_scale_free_metrics_of_each_softmax_map(kw):
+    torch.manual_seed(2)
+    model = Transformer(tiny(**kw))
+    randomize(model, 2)
+    tokens = torch.randint(0, 97, (2, 16))
+    for layer in diagnose(model, tokens, keep_maps=True):
+        maps = layer["maps"]
+        # key-0 mass of each softmax map (every map sums to 1), queries t >= 1
+        torch.testing.assert_close(
+            torch.tensor(layer["key0_a1"], dtype=torch.float64), maps.a1[..., 1:, 0].double().mean((0, 2))
+        )
+        assert ("key0_a2" in layer) == (maps.a2 is not None)
+        assert 0.0 <= layer["sink_share"] <= 1.0 and layer["key0_uniform"] == pytest.approx(
+            sum(1 / (t + 1) for t in range(1, 16)) / 15
+        )
+        assert layer["logit_top1"] >= layer["logit_median"]
+        assert layer["hidden_outlier_ratio"] >= 1.0 and layer["hidden_kurtosis"] > 0
+
+
 def test_context_rms_is_the_rms_of_what_o_proj_reads():
     torch.manual_seed(2)
     model = randomize(Transformer(tiny()), seed=2)

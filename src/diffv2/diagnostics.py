@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, AttentionMaps, DiffV2Attention
+from .metrics import attention_layer_metrics, hidden_metrics
 from .model import Block
 
 
@@ -32,7 +33,9 @@ def _mix(layer: Attention, x: torch.Tensor) -> torch.Tensor | None:
 def diagnose(model: nn.Module, tokens: torch.Tensor, *, keep_maps: bool = False) -> list[dict[str, Any]]:
     """Per layer: ``max_logit``, ``context_rms`` (per output head, before W_O), ``sink_mass`` (per output head:
     the effective map's mean weight on key 0 over queries t >= 1), ``lambda_mean``/``lambda_std`` (the
-    subtraction weight, DIFF only), ``hidden_max`` and ``hidden_topk`` (the block's output). With
+    subtraction weight, DIFF only), ``hidden_max`` and ``hidden_topk`` (the block's output), and the
+    scale-free sink, logit and outlier metrics of :mod:`diffv2.metrics` (``key0_a1``, ``sink_share``,
+    ``hidden_outlier_ratio``, ...). With
     ``keep_maps`` each dict also holds the layer's :class:`~diffv2.attention.AttentionMaps` under ``"maps"``."""
     layers = _attention_layers(model)
     stats: dict[Attention, dict[str, Any]] = {layer: {} for layer in layers}
@@ -52,6 +55,8 @@ def diagnose(model: nn.Module, tokens: torch.Tensor, *, keep_maps: bool = False)
             weight = maps.weight.float()
             record["lambda_mean"] = weight.mean().item()
             record["lambda_std"] = weight.std().item() if weight.amax() > weight.amin() else 0.0
+        if maps.a1.shape[-1] == maps.a1.shape[-2] > 1:  # the sink and logit metrics of diffv2.metrics
+            record.update(attention_layer_metrics(maps.a1, maps.a2, maps.weight, maps.logits))
         if keep_maps:
             record["maps"] = maps
 
@@ -68,6 +73,7 @@ def diagnose(model: nn.Module, tokens: torch.Tensor, *, keep_maps: bool = False)
     for record, h in zip(out, hidden, strict=True):
         top = h.float().abs().flatten().topk(min(8, h.numel())).values
         record["hidden_max"], record["hidden_topk"] = top[0].item(), top.tolist()
+        record.update(hidden_metrics(h))
     return out
 
 

@@ -17,7 +17,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default=None, help="override [compare] out_dir")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="stop every run after this step (with a checkpoint); a later call resumes them")  # fmt: skip
-    p.add_argument("--dry-run", action="store_true", help="print the grid and parameter counts; train nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the grid, parameter and FLOP counts and the decision rules; train nothing",
+    )
     p.add_argument(
         "--report-only",
         action="store_true",
@@ -76,12 +80,24 @@ def _print_grid(cfg, specs) -> None:
     from ..compare.results import accounting
 
     vocab = {"byte": 257}.get(cfg.base.tokenizer, cfg.base.tokenizer_vocab)  # the real value comes from the data
-    print(f"{len(specs)} runs into {cfg.out_dir}; parameters at vocab ≈ {vocab}:")
-    print(f"{'variant':<18}{'attention':>10}{'heads':>7}{'ffn':>7}{'total params':>15}{'vs diff_v2':>12}")
-    ref = accounting(variant_model(cfg.base, "diff_v2", vocab).to_dict(), cfg.base.seq_len)["total"]
+    horizons = ", ".join(f"{s:,} steps" for s in cfg.steps)
+    print(f"{len(specs)} runs into {cfg.out_dir} ({horizons}); parameters at vocab ≈ {vocab}:")
+    print(
+        f"{'variant':<22}{'attention':>10}{'heads':>7}{'ffn':>7}{'total params':>15}{'vs diff_v2':>12}{'FLOPs/v2':>9}"
+    )
+    ref = accounting(variant_model(cfg.base, "diff_v2", vocab).to_dict(), cfg.base.seq_len)
     for variant in cfg.variants:
         m = variant_model(cfg.base, variant, vocab)
-        total = accounting(m.to_dict(), cfg.base.seq_len)["total"]
-        print(f"{variant:<18}{m.attention:>10}{m.n_heads:>7}{m.ffn_hidden:>7}{total:>15,}{total - ref:>+12,}")
+        acc = accounting(m.to_dict(), cfg.base.seq_len)
+        flops = acc["flops_per_token"] / ref["flops_per_token"]
+        print(
+            f"{variant:<22}{m.attention:>10}{m.n_heads:>7}{m.ffn_hidden:>7}{acc['total']:>15,}"
+            f"{acc['total'] - ref['total']:>+12,}{flops:>9.3f}"
+        )
+    rules = cfg.rule_set
+    if rules.rules:
+        print(f"decision rules (min_tokens {rules.min_tokens:,}, min_seeds {rules.min_seeds}, alpha {rules.alpha:g}):")
+        for rule in rules.rules:
+            print(f"  {rule.name}: {rule.describe().replace('**', '').replace('`', '')}")
     for spec in specs:
         print(f"  {spec.key}")

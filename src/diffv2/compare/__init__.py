@@ -1,34 +1,45 @@
-"""Side-by-side comparison of DIFF V2, its ablations, DIFF V1 and parameter-matched baselines.
+"""Side-by-side comparison of DIFF V2, its ablations and controls, DIFF V1 and parameter-matched baselines.
 
 ``expand_grid`` lays out the runs, ``run_grid`` trains them (resumably), ``write_report`` turns what they logged
-into ``report.md`` + figures, and ``capture_maps`` reads per-head attention maps out of a trained model.
-Plotting needs matplotlib (``pip install 'diffv2[plots]'``); everything else does not.
+into ``report.md`` + figures, with verdicts from decision rules fixed in the grid's config before the runs
+(:mod:`.rules`), and ``capture_maps`` reads per-head attention maps out of a trained model. Plotting needs
+matplotlib (``pip install 'diffv2[plots]'``); everything else does not.
+
+Names are imported on first use, so reading a grid's results does not pull in the runner and, through it, the
+trainer.
 """
 
-from .grid import OPT_IN, VARIANTS, CompareConfig, RunSpec, expand_grid, load_compare_config, variant_model
-from .maps import LayerMaps, capture_maps
-from .report import write_report
-from .results import Grid, RunResult, load_grid
-from .runner import RunOutcome, run_grid, run_state
-from .stats import summarize, welch
+from __future__ import annotations
 
-__all__ = [
-    "OPT_IN",
-    "VARIANTS",
-    "CompareConfig",
-    "Grid",
-    "LayerMaps",
-    "RunOutcome",
-    "RunResult",
-    "RunSpec",
-    "capture_maps",
-    "expand_grid",
-    "load_compare_config",
-    "load_grid",
-    "run_grid",
-    "run_state",
-    "summarize",
-    "variant_model",
-    "welch",
-    "write_report",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "OPT_IN": "grid",
+    "VARIANTS": "grid",
+    "CompareConfig": "grid",
+    "RunSpec": "grid",
+    "expand_grid": "grid",
+    "load_compare_config": "grid",
+    "variant_model": "grid",
+    "LayerMaps": "maps",
+    "capture_maps": "maps",
+    "write_report": "report",
+    "Grid": "results",
+    "RunResult": "results",
+    "load_grid": "results",
+    "RunOutcome": "runner",
+    "run_grid": "runner",
+    "run_state": "runner",
+    "holm": "stats",
+    "paired": "stats",
+    "summarize": "stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffv2.compare' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

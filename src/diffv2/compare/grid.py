@@ -2,8 +2,11 @@
 
 Everything here is pure (no training, no files written): a :class:`CompareConfig` comes from a config file, and
 :func:`expand_grid` turns it into one :class:`RunSpec` per run. Every run of a grid shares the base training
-config (data, token budget, schedule, evaluation) and differs only in the model variant, ``lr`` and ``seed``, so
-the seed fixes both the initialisation and the batch order, identically across variants.
+config (data, schedule, evaluation) and differs only in the model variant, ``lr``, ``seed`` and, when the grid
+has several ``horizons``, its number of steps. The seed fixes the batch order, identically across variants, and
+each variant's initialisation (which weights of two variants start equal is measured, not assumed: see
+:func:`.seeding.shared_init`). ``[compare.rules]`` holds the decision rules (:mod:`.rules`), parsed and checked
+against the grid's variants here, before any run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..sizing import baseline_1p5h, baseline_ffn_matched, ffn_matched
 from ..train.config import TrainConfig, load_config_file
+from .rules import RuleSet, parse_rules
 
 
 def _diff_v1_matched(v2: ModelConfig) -> ModelConfig:
@@ -38,11 +42,28 @@ VARIANTS: dict[str, tuple[str, Callable[[ModelConfig], ModelConfig]]] = {
     "baseline_small_out": ("baseline_matched with o_proj initialised ×0.5: DIFF V2's smaller attention output at "
                            "init (σ(λ) ≈ 0.5), without the subtraction",
                            lambda v2: baseline_ffn_matched(v2).replace(o_proj_init_scale=0.5)),
+    "baseline_zero_out": ("baseline_matched with o_proj initialised at 0: every attention branch starts silent",
+                          lambda v2: baseline_ffn_matched(v2).replace(o_proj_init_scale=0.0)),
+    "diff_v2_zero_out": ("DIFF V2 with o_proj initialised at 0: its output scale at init no longer differs from "
+                         "baseline_zero_out's", lambda v2: v2.replace(o_proj_init_scale=0.0)),
+    "baseline_gated": ("baseline with a per-head sigmoid gate σ(x·g_iᵀ)·o_i (Gated Attention), SwiGLU matched to "
+                       "DIFF V2's total parameters", lambda v2: ffn_matched(v2.replace(attention="gated"), v2)),
+    "diff_v2_const": ("DIFF V2 with σ fixed at 0.5, no lambda_proj", lambda v2: v2.replace(lambda_mode="const")),
+    "baseline_2h_matched": ("baseline with 2h heads (DIFF V2's query heads), SwiGLU shrunk to DIFF V2's total "
+                            "parameters: the blog's same-query-dimension comparison",
+                            lambda v2: ffn_matched(v2.replace(attention="baseline", n_heads=2 * v2.n_heads), v2)),
 }  # fmt: skip
 # listed only when a grid names them: controls for a question, not part of the blog's comparison
-OPT_IN = ("baseline_small_out",)
+OPT_IN = (
+    "baseline_small_out",
+    "baseline_zero_out",
+    "diff_v2_zero_out",
+    "baseline_gated",
+    "diff_v2_const",
+    "baseline_2h_matched",
+)
 DEFAULT_BASELINE = "baseline_matched"
-_COMPARE_KEYS = ("variants", "seeds", "lrs", "out_dir", "baseline")
+_COMPARE_KEYS = ("variants", "seeds", "lrs", "out_dir", "baseline", "horizons", "rules")
 
 
 @dataclass
@@ -55,8 +76,11 @@ class CompareConfig:
     lrs: list[float] = field(default_factory=list)  # empty = the base config's lr
     out_dir: str = "runs/compare"
     baseline: str | None = None  # the variant the report compares against (default: the FFN-matched baseline)
+    horizons: list[int] = field(default_factory=list)  # run lengths in steps; empty = the base config's steps
+    rules: dict[str, Any] = field(default_factory=dict)  # the [compare.rules] table, as written (see .rules)
 
     skipped: dict[str, str] = field(default_factory=dict, init=False)  # default variants left out, and why
+    rule_set: RuleSet = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.variants is None:
@@ -75,6 +99,7 @@ class CompareConfig:
         self.seeds = [int(s) for s in self.seeds] if self.seeds else [self.base.seed]
         self.lrs = [float(x) for x in self.lrs] if self.lrs else [float(self.base.lr)]
         self.validate()
+        self.rule_set = parse_rules(self.rules, self.variants)
 
     def validate(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -84,15 +109,22 @@ class CompareConfig:
             raise ConfigError(f"compare.variants={self.variants!r}: a variant is listed twice")
         if self.baseline not in self.variants:
             raise ConfigError(f"compare.baseline={self.baseline!r}: must be one of the variants {self.variants}")
-        for name, values in (("seeds", self.seeds), ("lrs", self.lrs)):
+        for name, values in (("seeds", self.seeds), ("lrs", self.lrs), ("horizons", self.horizons)):
             if len(set(values)) != len(values):
                 raise ConfigError(f"compare.{name}={values!r}: has duplicates")
+        if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in self.horizons):
+            raise ConfigError(f"compare.horizons={self.horizons!r}: run lengths in steps, positive integers")
         if any(s < 0 for s in self.seeds):
             raise ConfigError(f"compare.seeds={self.seeds!r}: seeds must be >= 0")
         if any(not lr > 0 for lr in self.lrs):
             raise ConfigError(f"compare.lrs={self.lrs!r}: learning rates must be positive")
         for name in self.variants:  # fail now, not hours into the grid, on a shape a variant cannot take
             variant_model(self.base, name, vocab_size=2)
+
+    @property
+    def steps(self) -> list[int]:
+        """The run lengths of the grid, shortest first."""
+        return sorted(self.horizons) if self.horizons else [self.base.steps]
 
     @property
     def data_dir(self) -> Path:
@@ -112,9 +144,11 @@ class CompareConfig:
             table.setdefault("out_dir", data["out_dir"])
         if unknown := sorted(set(table) - set(_COMPARE_KEYS)):
             raise ConfigError(f"unknown [compare] field(s) {unknown}; valid fields: {list(_COMPARE_KEYS)}")
-        for key in ("variants", "seeds", "lrs"):
+        for key in ("variants", "seeds", "lrs", "horizons"):
             if key in table and not isinstance(table[key], list):
                 raise ConfigError(f"compare.{key}={table[key]!r}: must be a list")
+        if "rules" in table and not isinstance(table["rules"], dict):
+            raise ConfigError(f"compare.rules={table['rules']!r}: must be a table of rule tables")
         return cls(base=TrainConfig.from_dict(data), **table)
 
 
@@ -142,24 +176,27 @@ class RunSpec:
     lr: float
     seed: int
     run_dir: Path
-    train: TrainConfig  # the full config handed to ``train()``: base + variant model + lr + seed + out_dir
+    train: TrainConfig  # the full config handed to ``train()``: base + variant model + lr + seed + steps + out_dir
+    key: str  # the run's folder relative to the grid's out_dir (see :func:`run_key`)
 
     @property
-    def key(self) -> str:
-        """``<variant>/lr<lr>/seed<seed>``: the run's folder relative to the grid's out_dir."""
-        return run_key(self.variant, self.lr, self.seed)
+    def steps(self) -> int:
+        return self.train.steps
 
 
-def run_key(variant: str, lr: float, seed: int) -> str:
+def run_key(variant: str, lr: float, seed: int, steps: int | None = None) -> str:
+    """``<variant>/lr<lr>/seed<seed>``, or ``<variant>/steps<steps>/lr<lr>/seed<seed>`` in a grid of horizons."""
     # repr gives the shortest string that round-trips, so two different learning rates never share a folder
-    return f"{variant}/lr{float(lr)!r}/seed{int(seed)}"
+    horizon = f"steps{int(steps)}/" if steps is not None else ""
+    return f"{variant}/{horizon}lr{float(lr)!r}/seed{int(seed)}"
 
 
 def expand_grid(cfg: CompareConfig, data_dir: str | Path | None = None) -> list[RunSpec]:
-    """Every (variant, lr, seed) of the grid, with identical data, budget and schedule.
+    """Every (horizon, variant, lr, seed) of the grid, with identical data and schedule at each horizon.
 
-    Seed-major, then lr, then variant: a grid cut short holds every variant at the same seeds and lrs, which is
-    what a fair comparison needs. ``data_dir`` (default :attr:`CompareConfig.data_dir`) is the data every run reads.
+    Horizon-major (shortest first), then seed, lr and variant: a grid cut short holds every variant at the same
+    seeds and lrs, which is what a fair comparison needs. ``data_dir`` (default :attr:`CompareConfig.data_dir`)
+    is the data every run reads.
     """
     data = str(data_dir if data_dir is not None else cfg.data_dir)
     out = Path(cfg.out_dir)
@@ -167,11 +204,19 @@ def expand_grid(cfg: CompareConfig, data_dir: str | Path | None = None) -> list[
     models = {v: {k: x for k, x in variant_model(cfg.base, v, 2).to_dict().items() if k != "vocab_size"}
               for v in cfg.variants}  # fmt: skip
     specs = []
-    for seed in cfg.seeds:
-        for lr in cfg.lrs:
-            for variant in cfg.variants:
-                key = run_key(variant, lr, seed)
-                train = dataclasses.replace(cfg.base, data=data, out_dir=str(out / key), lr=lr, seed=seed,
-                                            model=models[variant])  # fmt: skip
-                specs.append(RunSpec(variant, lr, seed, out / key, train))
+    for steps in cfg.steps:
+        for seed in cfg.seeds:
+            for lr in cfg.lrs:
+                for variant in cfg.variants:
+                    key = run_key(variant, lr, seed, steps if cfg.horizons else None)
+                    train = dataclasses.replace(
+                        cfg.base,
+                        data=data,
+                        out_dir=str(out / key),
+                        lr=lr,
+                        seed=seed,
+                        steps=steps,
+                        model=models[variant],
+                    )
+                    specs.append(RunSpec(variant, lr, seed, out / key, train, key))
     return specs

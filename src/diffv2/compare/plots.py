@@ -16,11 +16,29 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
+from .analysis import best_lr, select_loss
 from .grid import VARIANTS
-from .results import Grid, RunResult, seed_band
+from .results import Grid, RunResult, paired_band, seed_band
 
-_COLORS = dict(zip(VARIANTS, ("#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c", "#8c564b", "#7f7f7f"),
-                   strict=True))  # fmt: skip
+_PALETTE = (
+    "#1f77b4",
+    "#17becf",
+    "#9467bd",
+    "#d62728",
+    "#ff7f0e",
+    "#2ca02c",
+    "#8c564b",
+    "#7f7f7f",
+    "#e377c2",
+    "#bcbd22",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#5254a3",
+    "#ad494a",
+)
+_COLORS = dict(zip(VARIANTS, _PALETTE, strict=False))
 DPI = 110
 
 
@@ -106,7 +124,7 @@ def curve_figure(grid: Grid, path: Path, *, source: str, name: str, ylabel: str,
             ax.set_yscale("log")
         _tokens_axis(ax, grid)
         if delta:
-            _delta_panel(axes[1][col], grid, bands, ylabel)
+            _delta_panel(axes[1][col], grid, bands, ylabel, lr, source, name)
     kind = "geometric mean over seeds, band: ×/÷ 1 geometric std" if log_y else "mean over seeds, band: ± 1 std"
     _suptitle(fig, f"{title} (line: {kind})")
     if label:  # the labels carry per-lr numbers (e.g. spike counts): one legend per panel, not a shared one
@@ -117,26 +135,24 @@ def curve_figure(grid: Grid, path: Path, *, source: str, name: str, ylabel: str,
     return _save(fig, path)
 
 
-def _delta_panel(ax, grid: Grid, bands: dict[str, dict[str, list]], ylabel: str) -> None:
-    ref = bands.get(grid.baseline)
-    if not ref or not ref["step"]:
+def _delta_panel(
+    ax, grid: Grid, bands: dict[str, dict[str, list]], ylabel: str, lr: float, source: str, name: str
+) -> None:
+    reference = _finished(grid.select(grid.baseline, lr))
+    if not reference:
         return
-    at = {s: (m, sd, n) for s, m, sd, n in zip(ref["step"], ref["mean"], ref["std"], ref["n"], strict=True)}
-    for variant, band in bands.items():
-        cols = zip(band["step"], band["mean"], band["std"], band["n"], strict=True)
-        # standard error of a difference of two independent means
-        rows = [(s, m - at[s][0], math.sqrt(sd**2 / n + at[s][1] ** 2 / at[s][2])) for s, m, sd, n in cols if s in at]
-        if rows:
-            diff = {"mean": [r[1] for r in rows], "std": [r[2] for r in rows]}
-            _band(ax, [r[0] * grid.tokens_per_step for r in rows], diff, False, **style(variant))
+    for variant in bands:
+        diff = paired_band(_finished(grid.select(variant, lr)), reference, source, name)
+        if diff["step"] and variant != grid.baseline:
+            _band(ax, [s * grid.tokens_per_step for s in diff["step"]], diff, False, **style(variant))
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_title(f"difference to {grid.baseline} (band: ± 1 standard error)", fontsize=10)
+    ax.set_title(f"difference to {grid.baseline}, paired by seed (band: ± 1 standard error)", fontsize=10)
     ax.set_ylabel(f"Δ {ylabel.split(' (')[0]} (below 0 = better)")
     _tokens_axis(ax, grid)
 
 
 def spike_figure(grid: Grid, path: Path) -> Path:
-    """Loss and gradient-norm spike counts per run: bars = mean over seeds, dots = single seeds, shade = lr."""
+    """Post-warmup loss and gradient-norm spikes per run: bars = mean over seeds, dots = single seeds, shade = lr."""
     fig, axes = _grid_figure(2, 1, width=max(7.0, 0.35 * len(grid.variants) * (len(grid.lrs) + 1)), height=3.0)
     width = 0.8 / len(grid.lrs)
     shades = [0.35 + 0.65 * (j + 1) / len(grid.lrs) for j in range(len(grid.lrs))]
@@ -144,7 +160,7 @@ def spike_figure(grid: Grid, path: Path) -> Path:
         top = 1
         for j, lr in enumerate(grid.lrs):
             for i, variant in enumerate(grid.variants):
-                counts = [r.count(flag) for r in _finished(grid.select(variant, lr))]
+                counts = [r.spikes_after_warmup(flag) for r in _finished(grid.select(variant, lr))]
                 if not counts:
                     continue
                 x = i + (j - (len(grid.lrs) - 1) / 2) * width
@@ -157,7 +173,10 @@ def spike_figure(grid: Grid, path: Path) -> Path:
         ax.set_xticks(range(len(grid.variants)), grid.variants, rotation=20, ha="right")
         ax.set_ylim(0, top * 1.15)
         ax.set_ylabel(f"{what} spikes per run")
-        ax.set_title(f"{what} spikes (step > k × running median): bar = mean over seeds, dot = one seed", fontsize=10)
+        ax.set_title(
+            f"{what} spikes after warmup (step > k × running median): bar = mean over seeds, dot = one seed",
+            fontsize=10,
+        )
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
@@ -168,7 +187,9 @@ def spike_figure(grid: Grid, path: Path) -> Path:
 def _layer_mean(runs: list[RunResult], key: str, reduce: Callable[[list], float] | None = None) -> list[float]:
     """Per-layer values of one diagnostic, averaged over the finished seeds (a diverged run stopped elsewhere)."""
     done = [r for r in runs if r.status == "finished" and r.diag and key in r.diag]
-    rows = [[reduce(v) if reduce else v for v in r.diag[key]] for r in done]
+    # a per-head list per layer is reduced to its mean unless told otherwise
+    reduce = reduce or (lambda v: sum(v) / len(v) if isinstance(v, list) else v)
+    rows = [[reduce(v) for v in r.diag[key]] for r in done]
     return [sum(col) / len(col) for col in zip(*rows, strict=True)] if rows else []
 
 
@@ -273,7 +294,15 @@ def params_speed_figure(grid: Grid, params: dict[str, dict[str, float]], path: P
     ax_p.set(title="parameters by component", ylabel="parameters")
     ax_p.yaxis.set_major_formatter(EngFormatter())
     ax_p.legend(fontsize=8, loc="lower right")
-    for i, variant in enumerate(grid.variants):
+    if grid.shared_devices > 1:  # speeds of runs that shared a device measure the sharing, not the variant
+        ax_s.text(
+            0.5,
+            0.5,
+            f"not shown: up to {grid.shared_devices} runs shared a device",
+            ha="center",
+            transform=ax_s.transAxes,
+        )
+    for i, variant in enumerate(grid.variants if grid.shared_devices == 1 else []):
         speeds = [r.median_tokens_per_s for r in grid.runs if r.variant == variant and r.median_tokens_per_s]
         if speeds:
             ax_s.bar(i, sum(speeds) / len(speeds), color=style(variant)["color"], edgecolor="black", linewidth=0.5)
@@ -283,4 +312,32 @@ def params_speed_figure(grid: Grid, params: dict[str, dict[str, float]], path: P
     for ax in (ax_p, ax_s):
         ax.set_xticks(range(len(grid.variants)), grid.variants, rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def lr_figure(grid: Grid, path: Path) -> Path:
+    """Select-half loss against lr, one panel per horizon: mean over seeds (line), seeds (dots), chosen lr (star)."""
+    fig, axes = _grid_figure(1, len(grid.horizons), width=5.0, height=3.8)
+    for ax, steps in zip(axes[0], grid.horizons, strict=True):
+        for variant in grid.variants:
+            xs, means = [], []
+            for lr in grid.lrs:
+                values = [v for r in grid.select(variant, lr, steps) if (v := select_loss(r)) is not None]
+                if values:
+                    xs.append(lr)
+                    means.append(sum(values) / len(values))
+                    ax.plot([lr] * len(values), values, ".", color=style(variant)["color"], markersize=4, alpha=0.6)
+            if xs:
+                ax.plot(xs, means, marker="o", markersize=3, label=variant, **style(variant))
+                best = best_lr(grid, variant, steps)
+                ax.plot([best], [means[xs.index(best)]], "*", color=style(variant)["color"], markersize=11)
+        ax.set_xscale("log")
+        ax.set(
+            title=f"{grid.tokens(steps) / 1e6:,.1f}M tokens",
+            xlabel="peak learning rate",
+            ylabel="select-half validation loss",
+        )
+        ax.grid(alpha=0.3)
+    _suptitle(fig, "Loss against learning rate (star: the lr each variant is reported at)")
+    _legend(fig, axes[0])
     return _save(fig, path)

@@ -2,7 +2,10 @@
 
 Nothing here trains or plots: :func:`load_grid` gives one :class:`RunResult` per run, curves are aligned over
 seeds by step, and :func:`write_raw` leaves ``results.csv`` (final numbers, one row per run) and ``results.json``
-(the same plus downsampled curves and the last diagnostics) next to the report.
+(the same plus downsampled curves and the last diagnostics) next to the report. A run's final validation loss
+comes in three flavours: over the whole scored split (``val``), its *select* half (where learning rates are
+chosen) and its *test* half (where results are reported); runs logged before the halves existed have only the
+first, and stand in for both with the report saying so.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model import Transformer
+from .curves import grad_growth, spikes_after_warmup
 from .grid import VARIANTS
 from .runner import FAILED_FILE, GRID_FILE
 
@@ -33,9 +37,12 @@ class RunResult:
     seed: int
     run_dir: Path
     status: str  # finished | diverged | incomplete | missing
+    steps: int = 0  # the run's length (its horizon)
+    warmup: int = 0  # warmup steps, left out of the stability measures
     summary: dict[str, Any] = field(default_factory=dict)
     train: dict[str, list[float]] = field(default_factory=dict)  # step, loss, grad_norm, loss_spike, grad_spike
-    evals: dict[str, list[float]] = field(default_factory=dict)  # step, val_loss
+    evals: dict[str, list] = field(default_factory=dict)  # step, val_loss, val_loss_select, val_loss_test
+    last_eval: dict[str, Any] = field(default_factory=dict)  # the last "eval" record (val_by_group per source)
     tokens_per_s: list[float] = field(default_factory=list)
     diag: dict[str, Any] | None = None  # the last "diag" record
     first_diag: dict[str, Any] | None = None  # the first one (step 1: the model almost at init)
@@ -46,9 +53,33 @@ class RunResult:
     def final_val_loss(self) -> float | None:
         return self.summary.get("val_loss") if self.status == "finished" else None
 
+    def final_loss(self, half: str = "test") -> float | None:
+        """The final loss on the ``half`` ("select" / "test") of the validation split; the whole scored split for
+        runs logged before the halves existed (see :attr:`has_halves`)."""
+        if self.status != "finished":
+            return None
+        # a half without documents has no loss (None): it never falls back to the other half's tokens
+        return self.summary.get(f"val_loss_{half}") if self.has_halves else self.summary.get("val_loss")
+
+    @property
+    def has_halves(self) -> bool:
+        return "val_loss_test" in self.summary
+
     def count(self, flag: str) -> int:
         """Loss or grad spikes (``flag`` = "loss_spike" / "grad_spike") or skipped steps seen so far."""
         return int(sum(self.train.get(flag, [])))
+
+    def spikes_after_warmup(self, flag: str) -> int | None:
+        """Loss or grad spikes (``flag``) after the warmup; None for a run that logged no step."""
+        if not self.train.get("step"):
+            return None
+        return spikes_after_warmup(self.train["step"], self.train.get(flag, []), self.warmup)
+
+    def grad_growth(self):
+        """:class:`~.curves.Growth` of the gradient norm after the warmup (None if unfinished or too short)."""
+        if self.status != "finished":
+            return None
+        return grad_growth(self.train.get("step", []), self.train.get("grad_norm", []), self.warmup)
 
     @property
     def median_tokens_per_s(self) -> float | None:
@@ -70,13 +101,25 @@ class Grid:
     tokens_per_step: int
     data_dir: str = ""
     skipped: dict[str, str] = field(default_factory=dict)  # default variants the model shape does not allow
+    horizons: list[int] = field(default_factory=list)  # run lengths in steps, shortest first
+    rules: dict[str, Any] = field(default_factory=dict)  # the [compare.rules] table as written
+    rules_history: list[dict[str, Any]] = field(default_factory=list)  # when the rules were written (runner)
+    val_split: dict[str, Any] | None = None  # how the validation split is halved (data.documents)
 
-    def select(self, variant: str, lr: float) -> list[RunResult]:
-        return [r for r in self.runs if r.variant == variant and r.lr == lr]
+    def select(self, variant: str, lr: float, steps: int | None = None) -> list[RunResult]:
+        return [r for r in self.runs if r.variant == variant and r.lr == lr and steps in (None, r.steps)]
+
+    def tokens(self, steps: int) -> int:
+        return steps * self.tokens_per_step
+
+    @property
+    def shared_devices(self) -> int:
+        """The most runs that trained on one device at a time (> 1: their tokens/s are no speed comparison)."""
+        return max((int(r.environment.get("runs_per_device", 1)) for r in self.runs), default=1)
 
 
-def load_run(run_dir: Path, variant: str, lr: float, seed: int, key: str) -> RunResult:
-    result = RunResult(key, variant, lr, seed, run_dir, "missing")
+def load_run(run_dir: Path, variant: str, lr: float, seed: int, key: str, steps: int = 0, warmup: int = 0) -> RunResult:
+    result = RunResult(key, variant, lr, seed, run_dir, "missing", steps, warmup)
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         result.status = "incomplete"
@@ -92,8 +135,9 @@ def load_run(run_dir: Path, variant: str, lr: float, seed: int, key: str) -> Run
                 if "tokens_per_s" in rec:
                     result.tokens_per_s.append(rec["tokens_per_s"])
             elif rec["kind"] == "eval":
-                result.evals.setdefault("step", []).append(rec["step"])
-                result.evals.setdefault("val_loss", []).append(rec["val_loss"])
+                for k in ("step", "val_loss", "val_loss_select", "val_loss_test"):
+                    result.evals.setdefault(k, []).append(rec.get(k))
+                result.last_eval = rec
             elif rec["kind"] == "diag":
                 result.first_diag = result.first_diag or rec
                 result.diag = rec
@@ -119,9 +163,29 @@ def load_grid(out_dir: str | Path) -> Grid:
         raise DataError(f"{path}: not found; run `diffv2 compare CONFIG` (it writes grid.json) first")
     grid = json.loads(path.read_text(encoding="utf-8"))
     cmp = grid["compare"]
-    runs = [load_run(out / r["key"], r["variant"], r["lr"], r["seed"], r["key"]) for r in grid["runs"]]
-    return Grid(out, cmp["variants"], cmp["lrs"], cmp["seeds"], cmp["baseline"], runs, grid["models"], cmp["base"],
-                grid["tokens_per_step"], grid.get("data_dir", ""), cmp.get("skipped", {}))  # fmt: skip
+    base_steps, warmup = int(cmp["base"]["steps"]), int(cmp["base"]["warmup_steps"])
+    runs = [
+        load_run(out / r["key"], r["variant"], r["lr"], r["seed"], r["key"], int(r.get("steps", base_steps)), warmup)
+        for r in grid["runs"]
+    ]
+    horizons = sorted(cmp.get("horizons") or [base_steps])
+    return Grid(
+        out,
+        cmp["variants"],
+        cmp["lrs"],
+        cmp["seeds"],
+        cmp["baseline"],
+        runs,
+        grid["models"],
+        cmp["base"],
+        grid["tokens_per_step"],
+        grid.get("data_dir", ""),
+        cmp.get("skipped", {}),
+        horizons,
+        cmp.get("rules", {}),
+        grid.get("rules_history", []),
+        grid.get("val_split"),
+    )
 
 
 # ---------------------------------------------------------------------- accounting
@@ -165,26 +229,78 @@ def seed_band(runs: list[RunResult], source: str, name: str, max_points: int = M
     return {"step": steps, "mean": means, "std": stds, "n": [len(by_step[s]) for s in steps]}
 
 
+def paired_band(
+    runs: list[RunResult], reference: list[RunResult], source: str, name: str, max_points: int = MAX_POINTS
+) -> dict[str, list]:
+    """Mean over seeds of (run − reference run of the same seed) at each step, with its standard error
+    (sd of the per-seed differences / √n): the two share their batch order, so the difference is paired."""
+    ref = {r.seed: r for r in reference}
+    by_step: dict[float, list[float]] = {}
+    for run in runs:
+        other = ref.get(run.seed)
+        if other is None:
+            continue
+        mine = dict(
+            zip(
+                *downsample(getattr(run, source).get("step", []), getattr(run, source).get(name, []), max_points),
+                strict=True,
+            )
+        )
+        theirs = dict(
+            zip(
+                *downsample(getattr(other, source).get("step", []), getattr(other, source).get(name, []), max_points),
+                strict=True,
+            )
+        )
+        for step in mine.keys() & theirs.keys():
+            by_step.setdefault(step, []).append(mine[step] - theirs[step])
+    steps = sorted(by_step)
+    means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+    ses = [statistics.stdev(by_step[s]) / math.sqrt(len(by_step[s])) if len(by_step[s]) > 1 else 0.0 for s in steps]
+    return {"step": steps, "mean": means, "std": ses, "n": [len(by_step[s]) for s in steps]}
+
+
 # ---------------------------------------------------------------------- raw output
-_DIAG_KEYS = ("hidden_max", "max_logit", "context_rms", "context_rms_per_head", "sink_mass", "lambda_mean",
-              "lambda_std")  # fmt: skip
+_DIAG_KEYS = (
+    "hidden_max",
+    "max_logit",
+    "context_rms",
+    "context_rms_per_head",
+    "sink_mass",
+    "lambda_mean",
+    "lambda_std",
+    "key0_a1",
+    "key0_a2",
+    "key0_effective",
+    "sink_share",
+    "key0_uniform",
+    "logit_top1",
+    "logit_median",
+    "hidden_outlier_ratio",
+    "hidden_kurtosis",
+)
 
 
 def final_row(run: RunResult) -> dict[str, Any]:
+    growth = run.grad_growth()
     return {
         "variant": run.variant,
+        "steps": run.steps,
         "lr": run.lr,
         "seed": run.seed,
         "status": run.status,
         "steps_done": int(run.train["step"][-1]) if run.train.get("step") else 0,
         "final_val_loss": run.final_val_loss,
+        "final_val_loss_select": run.summary.get("val_loss_select"),
+        "final_val_loss_test": run.summary.get("val_loss_test"),
         "final_train_loss": run.summary.get("train_loss"),
-        "loss_spikes": run.count("loss_spike"),
-        "grad_spikes": run.count("grad_spike"),
+        "loss_spikes_after_warmup": run.spikes_after_warmup("loss_spike"),
+        "grad_spikes_after_warmup": run.spikes_after_warmup("grad_spike"),
+        "grad_norm_late_over_early": growth.ratio if growth else None,
+        "grad_norm_log10_slope_per_1k_steps": growth.slope if growth else None,
         "nonfinite_steps": run.count("skipped"),
         "tokens_per_s": run.median_tokens_per_s,
-        "max_hidden_last_layer": run.diag["hidden_max"][-1] if run.diag else None,
-        "max_logit_max_layer": max(run.diag["max_logit"]) if run.diag else None,
+        "runs_per_device": int(run.environment.get("runs_per_device", 1)) if run.environment else None,
     }
 
 
@@ -200,23 +316,36 @@ def write_raw(grid: Grid, params: dict[str, dict[str, float]], report_dir: Path)
             writer.writerow({**row, "params_total": params.get(row["variant"], {}).get("total")})
     runs_json = []
     for run, row in zip(grid.runs, rows, strict=True):
+        steps = run.evals.get("step", [])
         curves = {
             "train_loss": downsample(run.train.get("step", []), run.train.get("loss", [])),
             "grad_norm": downsample(run.train.get("step", []), run.train.get("grad_norm", [])),
-            "val_loss": (run.evals.get("step", []), run.evals.get("val_loss", [])),
+            **{k: (steps, run.evals.get(k, [])) for k in ("val_loss", "val_loss_select", "val_loss_test")},
         }
         diag = {k: run.diag[k] for k in _DIAG_KEYS if run.diag and k in run.diag}
         points = {k: {"step": s, "value": v} for k, (s, v) in curves.items()}
         diag_step = run.diag["step"] if run.diag else None
-        runs_json.append({**row, "key": run.key, "error": run.error, "diag_step": diag_step, "diag": diag,
-                          "curves": points})  # fmt: skip
+        runs_json.append(
+            {
+                **row,
+                "key": run.key,
+                "error": run.error,
+                "diag_step": diag_step,
+                "diag": diag,
+                "val_by_group": run.last_eval.get("val_by_group"),
+                "curves": points,
+            }
+        )
     payload = {
         "variants": {v: VARIANTS[v][0] for v in grid.variants},
         "baseline": grid.baseline,
         "lrs": grid.lrs,
         "seeds": grid.seeds,
+        "horizons": grid.horizons,
         "tokens_per_step": grid.tokens_per_step,
         "params": params,
+        "rules": grid.rules,
+        "val_split": grid.val_split,
         "runs": runs_json,
     }
     json_path = report_dir / "results.json"
@@ -224,4 +353,4 @@ def write_raw(grid: Grid, params: dict[str, dict[str, float]], report_dir: Path)
     return csv_path, json_path
 
 
-__all__ = ["Grid", "RunResult", "accounting", "downsample", "load_grid", "seed_band", "write_raw"]
+__all__ = ["Grid", "RunResult", "accounting", "downsample", "load_grid", "paired_band", "seed_band", "write_raw"]

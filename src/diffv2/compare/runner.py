@@ -14,6 +14,7 @@ subprocesses that share the CPU threads, or get one GPU per worker slot when sev
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import queue
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import latest_checkpoint
-from ..data import load_manifest, prepare_dataset
+from ..data import load_manifest, prepare_dataset, split_documents
 from ..errors import ConfigError
 from ..train import TrainConfig
 from .grid import CompareConfig, RunSpec, expand_grid, variant_model
@@ -68,23 +69,41 @@ def prepare_shared_data(cfg: CompareConfig, progress: bool = False) -> Path:
     if not (data_dir / "manifest.json").is_file():
         print(f"preparing {cfg.base.data!r} with a {cfg.base.tokenizer} tokenizer into {data_dir} ...")
         # overwrite=True only ever replaces an unfinished prepare: a finished one has a manifest and is kept
-        prepare_dataset(cfg.base.data, data_dir, tokenizer=cfg.base.tokenizer, vocab_size=cfg.base.tokenizer_vocab,
-                        seed=cfg.base.seed, progress=progress, overwrite=True)  # fmt: skip
+        prepare_dataset(
+            cfg.base.data,
+            data_dir,
+            tokenizer=cfg.base.tokenizer,
+            vocab_size=cfg.base.tokenizer_vocab,
+            val_fraction=cfg.base.val_fraction,
+            seed=cfg.base.seed,
+            progress=progress,
+            overwrite=True,
+        )
     return data_dir
 
 
 def write_grid_file(cfg: CompareConfig, specs: list[RunSpec], data_dir: Path) -> Path:
-    """``<out>/grid.json``: what the report needs to find and describe every run without the config file."""
+    """``<out>/grid.json``: what the report needs to find and describe every run without the config file, and the
+    history of the decision rules: each version with when it was first written and how many runs had finished."""
     vocab = int(load_manifest(data_dir)["vocab_size"])
+    path = Path(cfg.out_dir) / GRID_FILE
+    history = json.loads(path.read_text(encoding="utf-8")).get("rules_history", []) if path.is_file() else []
+    sha = cfg.rule_set.sha256()
+    if not history or history[-1]["sha256"] != sha:
+        finished = sum((s.run_dir / "summary.json").is_file() for s in specs)
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        history.append({"sha256": sha, "written_at": now, "finished_runs": finished, "rules": cfg.rules})
+    documents = split_documents(data_dir, "val")
     grid = {
         "compare": cfg.to_dict(),
         "data_dir": str(data_dir),
         "vocab_size": vocab,
         "tokens_per_step": cfg.base.batch_size * cfg.base.seq_len * cfg.base.grad_accum,
         "models": {v: variant_model(cfg.base, v, vocab).to_dict() for v in cfg.variants},
-        "runs": [{"key": s.key, "variant": s.variant, "lr": s.lr, "seed": s.seed} for s in specs],
+        "runs": [{"key": s.key, "variant": s.variant, "lr": s.lr, "seed": s.seed, "steps": s.steps} for s in specs],
+        "rules_history": history,
+        "val_split": documents.describe() if documents is not None else None,
     }
-    path = Path(cfg.out_dir) / GRID_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(grid, indent=2), encoding="utf-8")

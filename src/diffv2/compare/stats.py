@@ -1,6 +1,8 @@
-"""Small-sample statistics for comparing variants over seeds: mean ± std and Welch's t-test.
+"""Small-sample statistics for comparing variants over seeds: mean ± std, paired tests, Holm's correction.
 
-With a handful of seeds per variant a t-test is the honest tool (a bootstrap over 3 values says little). scipy's
+Runs of a grid that share a seed share their batch order, so variants are compared per seed (paired), not as
+two independent samples. With a handful of seeds a t-test is the usual tool, but its p-value leans on normality
+that 2-3 values cannot check; the sign test and the range of the per-seed differences are printed beside it. scipy's
 t distribution is used when scipy is installed; otherwise a self-contained one (the regularized incomplete beta
 function by its continued fraction), which the tests check against scipy.
 """
@@ -35,42 +37,99 @@ def summarize(values: list[float]) -> Summary:
 
 
 @dataclass
-class Comparison:
-    """``a − b`` with Welch's t-test; ``p``/``ci`` are None when the data cannot support them (see ``note``)."""
+class Paired:
+    """``a − b`` over the seeds both finished, paired by seed (a seed fixes the batch order for every variant).
 
-    diff: float | None
-    se: float | None = None
-    df: float | None = None
+    ``mean``/``sd`` of the per-seed differences, their range, a two-sided paired t-test (``p``, 95% t-interval
+    ``ci``, n − 1 degrees of freedom) and the exact two-sided sign test ``sign_p`` (distribution-free; with n
+    seeds it can never go below 2/2ⁿ). ``p``/``ci`` are None when the data cannot support them (see ``note``).
+    """
+
+    n: int
+    diffs: list[float]
+    seeds: list[int]
+    mean: float | None = None
+    sd: float | None = None
     t: float | None = None
     p: float | None = None
-    ci: tuple[float, float] | None = None  # 95% confidence interval of the difference
+    ci: tuple[float, float] | None = None
+    sign_p: float | None = None
     note: str = ""
 
-    def fmt_p(self) -> str:
-        if self.p is None:
-            return self.note or "–"
-        return "< 0.001" if self.p < 0.001 else f"{self.p:.3f}"
+    @property
+    def range(self) -> tuple[float, float] | None:
+        return (min(self.diffs), max(self.diffs)) if self.diffs else None
+
+    def same_sign(self, negative: bool) -> bool:
+        """Every seed's difference is strictly below 0 (``negative``) or strictly above it."""
+        return bool(self.diffs) and all(d < 0 if negative else d > 0 for d in self.diffs)
 
     def fmt_ci(self, digits: int = 4) -> str:
         return "–" if self.ci is None else f"[{self.ci[0]:+.{digits}f}, {self.ci[1]:+.{digits}f}]"
 
+    def fmt_range(self, digits: int = 4) -> str:
+        r = self.range
+        return "–" if r is None else f"[{r[0]:+.{digits}f}, {r[1]:+.{digits}f}]"
 
-def welch(a: list[float], b: list[float], level: float = 0.95) -> Comparison:
-    """Welch's unequal-variance t-test of mean(a) − mean(b), two-sided."""
-    sa, sb = summarize(a), summarize(b)
-    if sa.mean is None or sb.mean is None:
-        return Comparison(None, note="no data")
-    diff = sa.mean - sb.mean
-    if sa.std is None or sb.std is None:
-        return Comparison(diff, note="n too small")
-    va, vb = sa.std**2 / sa.n, sb.std**2 / sb.n
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Comparison(diff, se=0.0, note="zero variance")
-    df = (va + vb) ** 2 / (va**2 / (sa.n - 1) + vb**2 / (sb.n - 1))
-    t = diff / se
-    q = t_ppf(0.5 + level / 2, df)
-    return Comparison(diff, se, df, t, 2 * t_sf(abs(t), df), (diff - q * se, diff + q * se))
+
+def fmt_p(p: float | None, note: str = "") -> str:
+    """Two significant digits, never "0"; the note when there is no p."""
+    if p is None:
+        return note or "–"
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def paired(a: dict[int, float | None], b: dict[int, float | None], level: float = 0.95) -> Paired:
+    """Paired comparison of two metrics keyed by seed; seeds missing or non-finite on either side drop out."""
+    seeds = sorted(s for s in set(a) & set(b) if _finite(a[s]) and _finite(b[s]))
+    diffs = [float(a[s]) - float(b[s]) for s in seeds]
+    n = len(diffs)
+    if n == 0:
+        return Paired(0, [], [], note="no data")
+    mean = sum(diffs) / n
+    result = Paired(n, diffs, seeds, mean=mean, sign_p=sign_test(diffs))
+    if n < 2:
+        result.note = "n too small"
+        return result
+    result.sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if result.sd == 0:
+        result.note = "zero variance"
+        return result
+    se = result.sd / math.sqrt(n)
+    result.t = mean / se
+    result.p = 2 * t_sf(abs(result.t), n - 1)
+    q = t_ppf(0.5 + level / 2, n - 1)
+    result.ci = (mean - q * se, mean + q * se)
+    return result
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def sign_test(diffs: list[float]) -> float | None:
+    """Exact two-sided sign test of "the median difference is 0"; zero differences are dropped."""
+    signs = [d > 0 for d in diffs if d != 0]
+    n = len(signs)
+    if n == 0:
+        return None
+    k = min(sum(signs), n - sum(signs))
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment over a family of tests (None entries are not tests and stay None).
+
+    Sorted ascending, the i-th smallest of m p-values becomes max over j <= i of min(1, (m − j)·p_(j)).
+    """
+    tests = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m = len(tests)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tests):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
 
 
 # ---------------------------------------------------------------------- the t distribution

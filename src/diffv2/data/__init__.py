@@ -1,21 +1,27 @@
-"""Data pipeline: text sources, tokenizers, token shards, dataset preparation and batch loaders."""
+"""Data pipeline: text sources, tokenizers, token shards, dataset preparation, batch loaders, document index."""
 
-from .corpus import default_corpus_documents, default_corpus_info, iter_documents
-from .loader import EvalBatches, TokenLoader
+from .corpus import default_corpus_documents, default_corpus_info, iter_documents, iter_labeled_documents
+from .documents import HALVES, SplitDocuments, split_documents
+from .loader import EvalBatches, TokenLoader, spread_windows
 from .prepare import load_manifest, prepare_dataset, verify_dataset
 from .shards import read_shard, write_shard
 from .tokenizer import Tokenizer
 
 __all__ = [
+    "HALVES",
     "EvalBatches",
+    "SplitDocuments",
     "TokenLoader",
     "Tokenizer",
     "default_corpus_documents",
     "default_corpus_info",
     "iter_documents",
+    "iter_labeled_documents",
     "load_manifest",
     "prepare_dataset",
     "read_shard",
+    "split_documents",
+    "spread_windows",
     "verify_dataset",
     "write_shard",
 ]

@@ -189,6 +189,50 @@ def _source_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def source_label(path: Path, root: Path | None = None) -> str:
+    """A file's source name: its path below ``root`` without the format suffixes ("pool/gcide.jsonl.gz" -> "gcide")."""
+    rel = path.relative_to(root) if root is not None else Path(path.name)
+    name = rel.as_posix()
+    for suffix in (".gz", *JSONL_SUFFIXES, *TEXT_SUFFIXES):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def iter_labeled_documents(source: str | Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """``(source name, document)`` pairs of a source, in :func:`iter_documents` order.
+
+    The name is the file a document came from (see :func:`source_label`; a folder of ``<source>.jsonl`` files,
+    as ``scripts/build_corpus.py`` writes, gives one name per source), the corpus name for "default", and the
+    folder name for a `datasets` folder. It lets the validation loss be broken down by source.
+    """
+    if str(source) == DEFAULT_SOURCE:
+        label = _default_corpus()[0]
+        docs: Iterator[tuple[str, str]] = ((label, d) for d in default_corpus_documents())
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"source {path} does not exist; give {SUPPORTED}, or 'default'")
+        if path.is_dir():
+            if _is_hf_dataset_dir(path):
+                docs = ((path.name, d) for d in _iter_hf_dataset(path, text_field))
+            else:
+                files = _source_files(path)
+                if not files:
+                    raise DataError(f"no .txt, .md or .jsonl (optionally .gz) files under {path}")
+                docs = ((source_label(f, path), doc) for f in files for doc in _iter_file(f, text_field))
+        elif _is_supported(path):
+            docs = ((source_label(path), d) for d in _iter_file(path, text_field))
+        else:
+            raise DataError(f"unsupported file type: {path}; give {SUPPORTED}")
+    count = 0
+    for label, doc in docs:
+        if doc:
+            count += 1
+            yield label, doc
+    if count == 0:
+        raise DataError(f"source {source} holds no (non-empty) documents")
+
+
 def iter_documents(source: str | Path, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of a source: "default", a file, a folder tree, or a `datasets` folder.
 
@@ -196,28 +240,5 @@ def iter_documents(source: str | Path, text_field: str = "text") -> Iterator[str
     key), and a .gz suffix on any of them is decompressed. Folders are walked recursively in sorted path
     order (hidden entries skipped), so the order is the same on every machine. Empty documents are skipped.
     """
-    if str(source) == DEFAULT_SOURCE:
-        yield from default_corpus_documents()
-        return
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(f"source {path} does not exist; give {SUPPORTED}, or 'default'")
-    if path.is_dir():
-        if _is_hf_dataset_dir(path):
-            docs: Iterator[str] = _iter_hf_dataset(path, text_field)
-        else:
-            files = _source_files(path)
-            if not files:
-                raise DataError(f"no .txt, .md or .jsonl (optionally .gz) files under {path}")
-            docs = (doc for f in files for doc in _iter_file(f, text_field))
-    elif _is_supported(path):
-        docs = _iter_file(path, text_field)
-    else:
-        raise DataError(f"unsupported file type: {path}; give {SUPPORTED}")
-    count = 0
-    for doc in docs:
-        if doc:
-            count += 1
-            yield doc
-    if count == 0:
-        raise DataError(f"source {path} holds no (non-empty) documents")
+    for _, doc in iter_labeled_documents(source, text_field):
+        yield doc

@@ -179,8 +179,9 @@ class EvalBatches:
     """A fixed list of evaluation batches: the split's windows in order, ``seq_len + 1`` tokens each.
 
     Windows start at 0, seq_len, 2 * seq_len, ...; only full batches are kept (but a split too small for
-    one full batch gives one smaller batch), the first ``max_batches`` of them (all when None). With
-    ``world_size > 1`` rank r gets batches r, r + world_size, ...; sum losses and counts across ranks.
+    one full batch gives one smaller batch), the first ``max_batches`` of them (all when None). ``whole`` keeps
+    the windows beyond the last full batch as one last, smaller batch, so every window of the split is scored.
+    With ``world_size > 1`` rank r gets batches r, r + world_size, ...; sum losses and counts across ranks.
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class EvalBatches:
         max_batches: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        whole: bool = False,
     ) -> None:
         _check_positive(batch_size=batch_size, seq_len=seq_len, world_size=world_size)
         if max_batches is not None:
@@ -206,7 +208,10 @@ class EvalBatches:
         n_batches = n_windows // per_batch
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
-        self._all = np.arange(n_batches * per_batch, dtype=np.int64).reshape(n_batches, per_batch) * seq_len
+        starts = np.arange(n_windows, dtype=np.int64) * seq_len
+        self._all = [starts[i * per_batch : (i + 1) * per_batch] for i in range(n_batches)]
+        if whole and max_batches is None and n_batches * per_batch < n_windows:
+            self._all.append(starts[n_batches * per_batch :])
         self._batches = self._all[rank::world_size]
 
     def __len__(self) -> int:
@@ -218,23 +223,51 @@ class EvalBatches:
         return len(self._all)
 
     @property
+    def n_windows(self) -> int:
+        """Windows over all ranks' batches together."""
+        return sum(b.size for b in self._all)
+
+    @property
     def n_target_tokens(self) -> int:
         """Number of predicted tokens over this rank's batches."""
-        return int(self._batches.size) * self.seq_len
+        return sum(b.size for b in self._batches) * self.seq_len
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for starts in self._batches:
             yield self._read(starts)
 
-    def padded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
-        """``(x, y, real)``: this rank's batches, then repeats (``real`` False) up to ceil(n_batches / W).
+    def rounds(self) -> Iterator[tuple[int, bool]]:
+        """``(batch index, real)``: this rank's batches, then repeats (``real`` False) up to ceil(n_batches / W).
 
         Every rank yields the same number of batches, because a sharded (FSDP) model needs every rank in
         each forward; leave the repeats out of the loss.
         """
         for k in range(-(-self.n_batches // self.world_size)):
             index = self.rank + k * self.world_size
-            yield (*self._read(self._all[index % self.n_batches]), index < self.n_batches)
+            yield index % self.n_batches, index < self.n_batches
+
+    def padded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """``(x, y, real)`` for each of :meth:`rounds`."""
+        for index, real in self.rounds():
+            yield (*self.batch(index), real)
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of batch ``index`` (of all ranks' batches)."""
+        return self._read(self._all[index])
+
+    def target_positions(self, index: int) -> np.ndarray:
+        """(rows, seq_len) positions in the split's stream of the tokens batch ``index`` predicts (its y)."""
+        return self._all[index][:, None] + np.arange(1, self.seq_len + 1, dtype=np.int64)
 
     def _read(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return _to_xy(np.stack([self._stream.read(int(s), self.seq_len + 1) for s in starts]))
+
+
+def spread_windows(data_dir: str | Path, split: str, seq_len: int, n: int) -> torch.Tensor:
+    """``n`` input windows (n, seq_len) spaced evenly over the whole split (not just its first documents),
+    for diagnostics that should see every part of the data."""
+    _check_positive(seq_len=seq_len, n=n)
+    stream, _ = _open_split(data_dir, split, seq_len)
+    last = stream.n_tokens - seq_len - 1
+    starts = np.linspace(0, last, n).round().astype(np.int64)
+    return torch.from_numpy(np.stack([stream.read(int(s), seq_len) for s in starts]))

@@ -13,7 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
-from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents
+from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents, iter_labeled_documents
+from .dedup import NGRAM, ShinglePool, WordIds, overlap, shingles
 from .shards import ShardWriter, atomic_write_bytes, file_sha256, read_header, version_for_max_id
 from .tokenizer import Tokenizer
 
@@ -22,7 +23,8 @@ TOKENIZER_NAME = "tokenizer.json"
 FORMAT = "diffv2-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-_DATASET_FILE = re.compile(r"^(?:(?:train|val)_\d{6}\.bin|tokenizer\.json|manifest\.json)$")
+_DATASET_FILE = re.compile(r"^(?:(?:train|val)_\d{6}\.bin|tokenizer\.json|manifest\.json|val_documents\.json)$")
+DOCUMENTS_NAME = "val_documents.json"  # per val document: token count and source (see .documents)
 _TEMP_FILE = re.compile(r"^\.(.+)\.[^.]+\.tmp$")
 # Documents are encoded in chunks: big enough for the parallel batch encoder, small enough for memory.
 _CHUNK_DOCS = 1024
@@ -64,12 +66,13 @@ def _val_indices(n_docs: int, val_fraction: float, seed: int) -> set[int]:
     return {int(i) for i in rng.choice(n_docs, size=n_val, replace=False)}
 
 
-def _chunks(documents: Iterable[str]) -> Iterator[list[tuple[int, str]]]:
-    """Numbered documents in chunks of at most _CHUNK_DOCS documents / about _CHUNK_CHARS characters."""
-    chunk: list[tuple[int, str]] = []
+def _chunks(documents: Iterable[tuple[str, str]]) -> Iterator[list[tuple[int, str, str]]]:
+    """Numbered (index, source, text) documents in chunks of at most _CHUNK_DOCS documents / about _CHUNK_CHARS
+    characters."""
+    chunk: list[tuple[int, str, str]] = []
     chars = 0
-    for i, doc in enumerate(documents):
-        chunk.append((i, doc))
+    for i, (label, doc) in enumerate(documents):
+        chunk.append((i, label, doc))
         chars += len(doc)
         if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
             yield chunk
@@ -133,6 +136,58 @@ class _SplitWriter:
             self._writer = None
 
 
+class _ValSplit:
+    """The validation split as it is written: each document's source and length are recorded; with a near-dup
+    threshold the documents wait until the whole train split has been seen, then those overlapping it go."""
+
+    def __init__(self, writer: _SplitWriter, threshold: float | None) -> None:
+        self.writer, self.threshold = writer, threshold
+        self.sources: dict[str, int] = {}
+        self.documents: list[list[int]] = []  # [n_tokens, source index] per written document
+        self.waiting: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self.words = WordIds()
+        self.train = ShinglePool()
+
+    def saw_train(self, text: str) -> None:
+        if self.threshold is not None:
+            self.train.add(shingles(self.words(text)))
+
+    def add(self, label: str, text: str, tokens: np.ndarray) -> None:
+        if self.threshold is None:
+            self._write(label, tokens)
+        else:
+            self.waiting.append((label, tokens, shingles(self.words(text))))
+
+    def _write(self, label: str, tokens: np.ndarray) -> None:
+        self.writer.write(tokens)
+        self.writer.n_documents += 1
+        self.documents.append([int(tokens.size), self.sources.setdefault(label, len(self.sources))])
+
+    def finish(self) -> dict | None:
+        """Write the waiting documents that pass; returns what was dropped (None without a threshold)."""
+        if self.threshold is None:
+            return None
+        pool = self.train.merged()
+        dropped = []
+        for label, tokens, doc_shingles in self.waiting:
+            share = overlap(doc_shingles, pool)
+            if share >= self.threshold:  # NaN (fewer than 13 words) compares False: kept
+                dropped.append({"source": label, "n_tokens": int(tokens.size), "overlap": round(share, 4)})
+            else:
+                self._write(label, tokens)
+        self.waiting = []
+        return {
+            "ngram": NGRAM,
+            "threshold": self.threshold,
+            "dropped_documents": len(dropped),
+            "dropped_tokens": sum(d["n_tokens"] for d in dropped),
+            "dropped": dropped,
+        }
+
+    def record(self) -> dict:
+        return {"sources": list(self.sources), "documents": self.documents}
+
+
 def prepare_dataset(
     source: str | Path,
     out_dir: str | Path,
@@ -144,6 +199,7 @@ def prepare_dataset(
     text_field: str = "text",
     progress: bool = True,
     overwrite: bool = False,
+    val_near_dup_threshold: float | None = None,
 ) -> dict:
     """Tokenize ``source`` into ``out_dir`` and return the manifest (also written as manifest.json).
 
@@ -151,6 +207,10 @@ def prepare_dataset(
     at least one when there are two or more; a single document has its tokens split instead). Every
     document is followed by the end-of-text token. The manifest is written last, so a folder without one
     is an unfinished prepare. A "bpe" tokenizer is trained on the train documents only.
+
+    With ``val_near_dup_threshold`` a validation document is dropped when that share (or more) of its word
+    13-grams occurs in the train split (see :mod:`.dedup`); the manifest lists what was dropped. Every kept
+    validation document's token count and source go to ``val_documents.json`` (see :mod:`.documents`).
     """
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -158,6 +218,8 @@ def prepare_dataset(
         raise ConfigError(f"shard_tokens must be positive, got {shard_tokens}")
     if seed < 0:
         raise ConfigError(f"seed must be non-negative, got {seed}")
+    if val_near_dup_threshold is not None and not 0 < val_near_dup_threshold <= 1:
+        raise ConfigError(f"val_near_dup_threshold must be in (0, 1], got {val_near_dup_threshold}")
     out_dir = Path(out_dir)
     fixed = _fixed_tokenizer(tokenizer)  # before the long passes, so a bad path fails at once
     old = _old_dataset_files(out_dir, overwrite)
@@ -178,35 +240,37 @@ def prepare_dataset(
         p.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {s: _SplitWriter(out_dir, s, shard_tokens, version) for s in SPLITS}
+    val = _ValSplit(writers["val"], val_near_dup_threshold if n_docs > 1 else None)
     try:
         with tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=not progress) as bar:
-            for chunk in _chunks(iter_documents(source, text_field)):
-                ids = tok.encode_batch([doc for _, doc in chunk])
-                for split in SPLITS:
-                    docs = [
-                        np.append(np.asarray(t, dtype=dtype), dtype(tok.eot_id))
-                        for (i, _), t in zip(chunk, ids, strict=True)
-                        if (i in val_idx) == (split == "val")
-                    ]
-                    if not docs:
-                        continue
-                    tokens = np.concatenate(docs)
+            for chunk in _chunks(iter_labeled_documents(source, text_field)):
+                ids = tok.encode_batch([doc for _, _, doc in chunk])
+                train_docs = []
+                for (i, label, doc), t in zip(chunk, ids, strict=True):
+                    tokens = np.append(np.asarray(t, dtype=dtype), dtype(tok.eot_id))
                     if n_docs == 1 and val_fraction > 0:
                         # One document cannot be split by document, so its token stream is cut instead.
                         n_val = min(tokens.size - 1, max(1, round(tokens.size * val_fraction)))
                         writers["train"].write(tokens[: tokens.size - n_val])
-                        writers["val"].write(tokens[tokens.size - n_val :])
-                        writers["train"].n_documents = writers["val"].n_documents = 1
+                        val.add(label, doc, tokens[tokens.size - n_val :])
+                        writers["train"].n_documents = 1
+                    elif i in val_idx:
+                        val.add(label, doc, tokens)
                     else:
-                        writers[split].write(tokens)
-                        writers[split].n_documents += len(docs)
+                        train_docs.append(tokens)
+                        val.saw_train(doc)
+                if train_docs:
+                    writers["train"].write(np.concatenate(train_docs))
+                    writers["train"].n_documents += len(train_docs)
                 bar.update(len(chunk))
+        near_dups = val.finish()
         splits = {s: w.finish() for s, w in writers.items()}
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
 
+    atomic_write_bytes(out_dir / DOCUMENTS_NAME, (json.dumps(val.record()) + "\n").encode("utf-8"))
     tok.save(out_dir / TOKENIZER_NAME)
     manifest = {
         "format": FORMAT,
@@ -223,6 +287,7 @@ def prepare_dataset(
         "seed": seed,
         "shard_tokens": shard_tokens,
         "splits": splits,
+        "val_near_duplicates": near_dups,
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "diffv2_version": _diffv2_version(),
     }

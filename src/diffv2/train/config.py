@@ -37,6 +37,7 @@ class TrainConfig:
     data: str = "default"
     tokenizer: str = "bpe"  # for preparing a text source: "bpe", "byte" or a tokenizer.json path
     tokenizer_vocab: int = 4096
+    val_fraction: float = 0.01  # for preparing a text source: share of documents held out for validation
     out_dir: str = "runs/default"
     # start from a trained or converted model (run dir or checkpoint dir; e.g. `diffv2 convert --from-llama
     # ... --to native`): its architecture and tokenizer, fresh optimizer and schedule
@@ -82,10 +83,11 @@ class TrainConfig:
     dist_timeout_s: float = 600.0  # a collective waiting this long fails the job (a rank died or hangs)
     # evaluation, logging, diagnostics, checkpoints
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # 0 = every window of the validation split
     log_every: int = 10
     diag_every: int = 100
-    diag_batch: int = 4
+    diag_dense_until: int = 0  # > 0: diagnostics after every step up to this one (how early differences open)
+    diag_batch: int = 4  # validation windows the diagnostics run on, spread evenly over the split
     spike_k: float = 3.0
     spike_window: int = 50
     save_every: int = 200
@@ -102,7 +104,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every", "diag_batch",
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "diag_batch",
                      "spike_window", "keep_last", "max_nonfinite", "tokenizer_vocab"):  # fmt: skip
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "diag_every", "save_every", "sample_tokens", "seed",
@@ -110,6 +112,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 disables)")
+        for name, zero in (("eval_batches", "the whole split"), ("diag_dense_until", "off")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 = {zero})")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction!r}: must lie in [0, 1)")
         for name in ("lr", "grad_clip", "spike_k", "adam_eps", "dist_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:

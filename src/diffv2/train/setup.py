@@ -62,8 +62,15 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
                             "put --out_dir on a shared filesystem, or give every node a prepared --data")  # fmt: skip
         tokenizer = tokenizer or cfg.tokenizer
         print(f"preparing {cfg.data!r} with the tokenizer {tokenizer} into {data_dir} ...")
-        prepare_dataset(cfg.data, data_dir, tokenizer=tokenizer, vocab_size=cfg.tokenizer_vocab,
-                        seed=cfg.seed, progress=progress)  # fmt: skip
+        prepare_dataset(
+            cfg.data,
+            data_dir,
+            tokenizer=tokenizer,
+            vocab_size=cfg.tokenizer_vocab,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            progress=progress,
+        )
     return data_dir
 
 

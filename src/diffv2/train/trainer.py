@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import gather_weights, latest_checkpoint, save_checkpoint
-from ..data import EvalBatches
+from ..data import EvalBatches, SplitDocuments, split_documents, spread_windows
 from ..diagnostics import diagnose
 from ..generate import generate
 from ..model import Transformer
@@ -27,7 +28,9 @@ from .monitor import MetricsLogger, SpikeDetector, StepProfiler
 from .schedule import lr_at
 from .setup import Run, TrainingError, setup, write_json
 
-__all__ = ["PEAK_FLOPS", "Trainer", "TrainingError", "evaluate", "sample_text", "setup", "train"]
+VAL_SPLIT_FILE = "val_split.json"  # how the validation split was halved and how much of it each eval scores
+
+__all__ = ["PEAK_FLOPS", "VAL_SPLIT_FILE", "Trainer", "TrainingError", "evaluate", "sample_text", "setup", "train"]
 
 # dense bf16 peak FLOP/s by device name, for MFU (vendor datasheets)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -38,30 +41,48 @@ def _autocast(run: Run):
 
 
 @torch.no_grad()
-def evaluate(run: Run, batches: EvalBatches) -> float:
-    """Mean loss over all ranks' eval batches (each rank runs its share; a sharded model runs them in step)."""
+def evaluate(run: Run, batches: EvalBatches, documents: SplitDocuments | None = None) -> dict[str, Any]:
+    """Mean loss per token over all ranks' eval batches (each rank runs its share; a sharded model runs them in
+    step). With the split's ``documents`` it is also broken down by half (select/test) and source."""
     run.model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss sum, batch count
-    for x, y, real in batches.padded():
+    n_groups = documents.n_groups if documents is not None else 1
+    totals = torch.zeros(2, n_groups, dtype=torch.float64, device=run.device)  # loss sums, token counts
+    for index, real in batches.rounds():
+        x, y = (t.to(run.device) for t in batches.batch(index))
         with _autocast(run):
-            loss = run.par.eval_fn(x.to(run.device), y.to(run.device))[1]
-        if real:
-            total += torch.stack([loss.double(), torch.ones_like(total[1])])
+            logits = run.par.eval_fn(x, y)[0]
+        if not real:
+            continue
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
+        if documents is None:
+            groups = torch.zeros_like(y.flatten())
+        else:
+            groups = torch.from_numpy(documents.groups_of(batches.target_positions(index))).to(run.device).flatten()
+        onehot = F.one_hot(groups, n_groups).double()  # a matmul, not an atomic scatter: the same sums every time
+        totals[0] += losses @ onehot
+        totals[1] += onehot.sum(0)
     run.model.train()
-    run.env.all_reduce(total)
-    return (total[0] / total[1]).item()
+    run.env.all_reduce(totals)
+    sums, counts = totals.cpu().numpy()
+    if documents is None:
+        return {"val_loss": float(sums[0] / counts[0]), "val_tokens": int(counts[0])}
+    return documents.summarize(sums, counts)
 
 
 def summarize_diagnostics(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-layer lists of the diagnostics :func:`diffv2.diagnostics.diagnose` records."""
+    """Per-layer lists of the diagnostics :func:`diffv2.diagnostics.diagnose` records: every number or list that
+    each layer recorded, with ``context_rms`` and ``sink_mass`` (per head) reduced to the layer mean (the per-head
+    context RMS is kept as ``context_rms_per_head``)."""
     out: dict[str, Any] = {}
-    for key in ("hidden_max", "max_logit", "lambda_mean", "lambda_std"):
-        if all(key in s for s in stats):
-            out[key] = [s[key] for s in stats]
-    out["hidden_topk"] = [s["hidden_topk"] for s in stats]
-    out["context_rms"] = [sum(s["context_rms"]) / len(s["context_rms"]) for s in stats]
-    out["context_rms_per_head"] = [s["context_rms"] for s in stats]
-    out["sink_mass"] = [sum(s["sink_mass"]) / len(s["sink_mass"]) for s in stats]
+    for key in stats[0]:
+        values = [s.get(key) for s in stats]
+        if all(isinstance(v, int | float | list) for v in values):  # leaves out maps and other tensors
+            out[key] = values
+    if "context_rms" in out:
+        out["context_rms_per_head"] = out["context_rms"]
+        out["context_rms"] = [sum(v) / len(v) for v in out["context_rms"]]
+    if "sink_mass" in out:
+        out["sink_mass"] = [sum(v) / len(v) for v in out["sink_mass"]]
     return out
 
 
@@ -93,11 +114,26 @@ class Trainer:
             self.loss_spikes.load_state_dict(state["loss_spikes"])
             self.grad_spikes.load_state_dict(state["grad_spikes"])
         self.nonfinite, self.in_a_row = state.get("nonfinite", 0), 0
-        evals = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
-        self.evals = EvalBatches(self.run.data_dir, "val", **evals, rank=self.env.rank, world_size=self.env.world_size)
-        # the same diagnostic batch on every rank and for every world size: the first eval batch
-        self.diag_tokens = next(iter(EvalBatches(self.run.data_dir, "val", **evals)))[0][: cfg.diag_batch]
-        self.diag_tokens = self.diag_tokens.to(self.run.device)
+        self.evals = EvalBatches(
+            self.run.data_dir,
+            "val",
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            max_batches=cfg.eval_batches or None,
+            whole=cfg.eval_batches == 0,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+        self.val_documents = split_documents(self.run.data_dir, "val")
+        if self.env.is_main and self.val_documents is not None:
+            scored = {
+                "eval_batches": cfg.eval_batches,
+                "scored_windows": self.evals.n_windows,
+                "scored_target_tokens": self.evals.n_windows * cfg.seq_len,
+            }
+            write_json(self.run.run_dir / VAL_SPLIT_FILE, {**self.val_documents.describe(), **scored})
+        # the same diagnostic windows on every rank and for every world size, spread over the whole split
+        self.diag_tokens = spread_windows(self.run.data_dir, "val", cfg.seq_len, cfg.diag_batch).to(self.run.device)
         self.params = list(self.run.model.parameters())
         self.flops_per_token = self.run.model.flops_per_token(cfg.seq_len)
         self.peak = peak_flops(cfg, self.run.device)
@@ -105,6 +141,7 @@ class Trainer:
         self.window_tokens = 0
         self.loss: float | None = None
         self.val_loss: float | None = None
+        self.eval_result: dict[str, Any] = {}
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``cfg.steps`` (or stop after ``stop_after``, with a checkpoint); returns a summary."""
@@ -134,11 +171,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
             self.log("train", done, **record)
-            if cfg.diag_every and (done % cfg.diag_every == 0 or done == 1):
+            if (cfg.diag_every and (done % cfg.diag_every == 0 or done == 1)) or done <= cfg.diag_dense_until:
                 self.diagnose()
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                self.val_loss = evaluate(run, self.evals)
-                self.log("eval", done, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)))
+                self.eval_result = evaluate(run, self.evals, self.val_documents)
+                self.val_loss = self.eval_result["val_loss"]
+                self.log("eval", done, **self.eval_result, val_ppl=math.exp(min(self.val_loss, 50)))
                 if self.progress:
                     bar.write(f"step {done}: train loss {record['loss']:.4f}  val loss {self.val_loss:.4f}")
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
@@ -151,6 +189,8 @@ class Trainer:
             "finished": self.step >= cfg.steps,
             "train_loss": self.loss,
             "val_loss": self.val_loss,
+            # the select/test halves, when the data records documents (a bare folder of shards does not)
+            **{k: v for k, v in self.eval_result.items() if k in ("val_loss_select", "val_loss_test")},
             "loss_spikes": self.loss_spikes.count,
             "grad_spikes": self.grad_spikes.count,
             "nonfinite": self.nonfinite,
