@@ -63,7 +63,7 @@ def run(ctx: EvalContext) -> Result:
                 # the target's first token has no context without a prefix: every condition scores the rest
                 per.setdefault(name, []).append(float(ctx.token_losses(row)[0, 1 - len(tgt) :].double().mean()))
             bar.update()
-    return {**base, **score(per)}
+    return {**base, **score(per), "per_sample": per}
 
 
 def score(per: dict[str, list[float]]) -> dict[str, Any]:

@@ -93,6 +93,7 @@ def run(ctx: EvalContext, cells_override: list[dict[str, Any]] | None = None) ->
         "by_needles": summarize(records, ("n_needles", "n_queried", "length")),
         "by_depth_length": summarize(records, ("length", "depth")),
         "cells": summarize(records, ("length", "n_needles", "n_queried", "depth")),
+        "records": records,
     }
 
 

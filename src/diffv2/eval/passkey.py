@@ -57,6 +57,7 @@ def run(ctx: EvalContext, cells_override: list[dict[str, Any]] | None = None) ->
         "skipped_cells": skipped,
         "by_length": summarize(records, ("length",)),
         "by_depth_length": summarize(records, ("length", "depth")),
+        "records": records,
     }
 
 

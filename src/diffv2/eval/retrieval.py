@@ -146,7 +146,8 @@ def summarize(records: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict
 
 def run_cells(ctx: EvalContext, name: str, cells: list[dict[str, Any]], build):
     """Build and score the samples of every cell (``build(cell, rng) -> Sample | None``); returns the per-sample
-    records and the cells skipped because their items would fill more than half of the context."""
+    records (the same seed gives the same samples, so records of two checkpoints pair up) and the cells skipped
+    because their items would fill more than half of the context."""
     rng = ctx.rng(name)
     records, skipped = [], []
     with ctx.bar(sum(c["n"] for c in cells), name) as bar:
@@ -158,7 +159,8 @@ def run_cells(ctx: EvalContext, name: str, cells: list[dict[str, Any]], build):
                 if sample is None:
                     skipped.append(settings)
                     break
-                records.append({**settings, "sample": i, **sample.meta, **score_sample(ctx, sample)})
+                depth = {"actual_depth": round(sample.meta["actual_depth"], 4)}
+                records.append({**settings, "sample": i, **depth, **score_sample(ctx, sample)})
     return records, skipped
 
 
