@@ -155,7 +155,15 @@ def test_ar_hit_distances_and_scorer() -> None:
 def test_distractor_conditions_and_scorer() -> None:
     text = random_text(2)
     target, ks = distractor.lengths(128)
-    samples = distractor.make_samples(text.documents, target, ks, 4, np.random.default_rng(0))
+    samples, source = distractor.make_samples(text.documents, target, ks, 4, np.random.default_rng(0))
+    assert source == "another document" and len(samples) == 4
+    one, source = distractor.make_samples(text.documents[:1], target, ks, 8, np.random.default_rng(0))
+    assert source == "a distant part of the same document" and len(one) == 8
+    for true_prefix, tgt, unrelated in one:  # far from the sample: no shared window of 16 tokens
+        doc = text.documents[0].tolist()
+        sample_at = next(i for i in range(len(doc)) if doc[i : i + len(tgt)] == tgt.tolist())
+        unrelated_at = next(i for i in range(len(doc)) if doc[i : i + 96] == unrelated.tolist())
+        assert abs(unrelated_at - (sample_at - 96)) >= 2 * (96 + 32)
     true_prefix, tgt, unrelated = samples[0]
     conds = distractor.conditions(true_prefix, unrelated, ks)
     assert len(conds["none"]) == 0 and conds["true_64"].tolist() == true_prefix[-64:].tolist()

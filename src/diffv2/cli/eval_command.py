@@ -14,7 +14,13 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-DEFAULT_TASKS = "needle,passkey,attention_split,ar_hit,distractor,icl,lowbit"
+
+
+def default_tasks() -> str:
+    """Every registered task that reads a checkpoint (mqar trains its own models; lm_eval tasks are named)."""
+    from ..eval import TASKS, available
+
+    return ",".join(n for n in available() if n in TASKS and TASKS[n].needs_model)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,9 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "folder or a Hugging Face diffv2 folder; not needed for mqar alone",
     )
     p.add_argument(
-        "--tasks",
-        default=DEFAULT_TASKS,
-        help=f"comma-separated, from {', '.join(available())} (default: {DEFAULT_TASKS})",
+        "--tasks", default=None, help=f"comma-separated, from {', '.join(available())} (default: {default_tasks()})"
     )
     p.add_argument("--quick", action="store_true", help="a few samples per cell: minutes on a CPU, for a first look")
     p.add_argument("--out", type=Path, help="output folder (default: RUN/eval/STEP, HF_DIR/eval, or runs/eval)")
@@ -62,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..eval import evaluate_checkpoint
 
-    if args.checkpoint is None and args.tasks == DEFAULT_TASKS:
+    if args.checkpoint is None and args.tasks is None:
         raise ConfigError("--checkpoint: give a run or HF folder (only --tasks mqar runs without one)")
     options = {
         "variants": [v.strip() for v in args.variants.split(",") if v.strip()],
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None or args.checkpoint is not None else Path("runs/eval")
     summary = evaluate_checkpoint(
         args.checkpoint,
-        args.tasks,
+        args.tasks or default_tasks(),
         out=out,
         device=args.device,
         dtype=args.dtype,

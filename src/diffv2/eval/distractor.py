@@ -23,20 +23,27 @@ def lengths(train_len: int) -> tuple[int, list[int]]:
 
 
 def make_samples(docs: list[np.ndarray], target: int, ks: list[int], n: int, rng: np.random.Generator):
-    """``n`` (true prefix, target, unrelated prefix) triples, each prefix ``max(ks)`` long; [] when fewer than
-    two documents are long enough."""
+    """``n`` (true prefix, target, unrelated prefix) triples, each prefix ``max(ks)`` long, and where the unrelated
+    text came from: another document, or, when only one is long enough (a val split of one book), a part of it
+    at least two sample lengths away. No samples when no document is long enough for that."""
     need = max(ks) + target
     long = [i for i, d in enumerate(docs) if len(d) >= need]
-    if len(long) < 2:
-        return []
+    same = len(long) == 1
+    if not long or (same and len(docs[long[0]]) < 5 * need):
+        return [], None
     out = []
     for _ in range(n):
-        i, j = rng.choice(long, 2, replace=False)
+        i, j = (long[0], long[0]) if same else rng.choice(long, 2, replace=False)
         o = int(rng.integers(0, len(docs[i]) - need + 1))
-        u = int(rng.integers(0, len(docs[j]) - max(ks) + 1))
+        far = [
+            u
+            for u in (int(rng.integers(0, len(docs[j]) - max(ks) + 1)) for _ in range(100))
+            if not same or abs(u - o) >= 2 * need
+        ]
+        u = far[0] if far else (o + 2 * need if o + 3 * need <= len(docs[i]) else o - 2 * need)
         doc = docs[i][o : o + need]
         out.append((doc[: max(ks)], doc[max(ks) :], docs[j][u : u + max(ks)]))
-    return out
+    return out, "a distant part of the same document" if same else "another document"
 
 
 def conditions(true_prefix: np.ndarray, unrelated: np.ndarray, ks: list[int]) -> dict[str, np.ndarray]:
@@ -51,10 +58,17 @@ def run(ctx: EvalContext) -> Result:
     target, ks = lengths(ctx.train_len)
     text = ctx.text()
     n = ctx.count(ctx.options.get("distractor_samples", 64), 6)
-    samples = make_samples(text.documents, target, ks, n, ctx.rng("distractor"))
-    base = {"task": "distractor", "text": text.source, "target": target, "ks": ks, "samples": len(samples)}
+    samples, unrelated_from = make_samples(text.documents, target, ks, n, ctx.rng("distractor"))
+    base = {
+        "task": "distractor",
+        "text": text.source,
+        "target": target,
+        "ks": ks,
+        "samples": len(samples),
+        "unrelated_from": unrelated_from,
+    }
     if not samples:
-        return {**base, "skipped": f"fewer than two documents of ≥ {max(ks) + target} tokens in {text.source}"}
+        return {**base, "skipped": f"no document of ≥ {max(ks) + target} tokens (two, or one of 5×) in {text.source}"}
     per: dict[str, list[float]] = {}
     with ctx.bar(len(samples), "distractor") as bar:
         for true_prefix, tgt, unrelated in samples:
@@ -82,7 +96,8 @@ def markdown(result: Result) -> str:
     if "skipped" in result:
         return f"Skipped: {result['skipped']}."
     lines = [
-        f"{result['samples']} samples from {result['text']}; loss on the last {result['target'] - 1} tokens.",
+        f"{result['samples']} samples from {result['text']}; loss on the last {result['target'] - 1} tokens; "
+        f"unrelated text from {result['unrelated_from']}.",
         "",
         "| prefix | loss (nats) | minus no prefix (± s.e.) |",
         "|---|---|---|",

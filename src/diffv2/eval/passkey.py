@@ -13,7 +13,7 @@ from .registry import Result, Task, register
 from .retrieval import DEPTHS, N_CANDIDATES, Numbers, Sample, fmt, heat_table, run_cells, summarize
 from .text import insert_at_depths
 
-INTRO = "There is a pass key hidden in the text below. Find it and remember it.\n"
+INTRO = "A pass key is hidden in this text. Remember it.\n"
 FILLER = " The river runs to the sea. The hills are quiet. The morning comes and goes. Here it is again."
 KEY = (" The pass key is", ". Remember it.", " is the pass key.")  # the key goes after the first and second part
 QUERY = "\nWhat is the pass key? The pass key is"
@@ -40,10 +40,11 @@ def make_sample(ctx: EvalContext, numbers: Numbers, length: int, depth: float) -
 
 def run(ctx: EvalContext, cells_override: list[dict[str, Any]] | None = None) -> Result:
     numbers = Numbers(ctx.tokenizer, DIGITS, ctx.rng("passkey/numbers"))
-    one = len(ctx.tokenizer.encode(INTRO + "".join(KEY) + QUERY + FILLER)) + 2 * numbers.n_tokens
+    # the shortest context: intro, key line and query fill half of it, filler the rest
+    fixed = len(ctx.tokenizer.encode(INTRO + "".join(KEY) + QUERY)) + 2 * numbers.n_tokens + 1
     n = ctx.count(ctx.options.get("passkey_samples", 20), 3)
     grid = cells_override or [
-        {"length": length, "depth": d, "n": n} for length in ctx.context_lengths(2 * one) for d in DEPTHS
+        {"length": length, "depth": d, "n": n} for length in ctx.context_lengths(2 * fixed) for d in DEPTHS
     ]
     records, skipped = run_cells(
         ctx, "passkey", grid, lambda c, _rng: make_sample(ctx, numbers, c["length"], c["depth"])
