@@ -159,7 +159,7 @@ def test_distractor_conditions_and_scorer() -> None:
     assert source == "another document" and len(samples) == 4
     one, source = distractor.make_samples(text.documents[:1], target, ks, 8, np.random.default_rng(0))
     assert source == "a distant part of the same document" and len(one) == 8
-    for true_prefix, tgt, unrelated in one:  # far from the sample: no shared window of 16 tokens
+    for _, tgt, unrelated in one:  # at least two sample lengths (96 + 32) from the sample
         doc = text.documents[0].tolist()
         sample_at = next(i for i in range(len(doc)) if doc[i : i + len(tgt)] == tgt.tolist())
         unrelated_at = next(i for i in range(len(doc)) if doc[i : i + 96] == unrelated.tolist())

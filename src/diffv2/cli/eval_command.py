@@ -15,7 +15,6 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
-
 def default_tasks() -> str:
     """Every registered task that reads a checkpoint (mqar trains its own models; lm_eval tasks are named)."""
     from ..eval import TASKS, available
