@@ -13,7 +13,8 @@ import torch
 from diffv2 import ModelConfig, Transformer
 from diffv2.cli import main
 from diffv2.data import Tokenizer, prepare_dataset
-from diffv2.eval import load_for_eval, mqar
+from diffv2.errors import ConfigError
+from diffv2.eval import evaluate_checkpoint, load_for_eval, mqar
 from diffv2.train.checkpoint import save_checkpoint
 
 from .eval_stubs import Lookahead, Uniform
@@ -152,3 +153,20 @@ def test_hf_folder_loads_as_the_same_model(run_dir) -> None:
     tokens = torch.randint(0, 257, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(tokens), model(tokens))
+
+
+def test_mqar_runs_without_a_checkpoint(tmp_path) -> None:
+    cfg = mqar.MQARConfig(**SMALL)
+    summary = evaluate_checkpoint(
+        None,
+        "mqar",
+        out=tmp_path,
+        device="cpu",
+        progress=False,
+        options={"mqar_config": cfg, "variants": ["baseline", "diff_v2"]},
+    )
+    result = summary["tasks"]["mqar"]
+    assert set(result["modes"]["noisy"]["best"]) == {"baseline", "diff_v2"} and result["modes"]["noisy"]["noise"] == 2
+    assert "| noisy (noise 2) | diff_v2 |" in (tmp_path / "eval.md").read_text()
+    with pytest.raises(ConfigError, match="--checkpoint: needle"):
+        evaluate_checkpoint(None, "needle", out=tmp_path, device="cpu")
