@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import DiffV2Error
-from . import compare, convert, data, evaluate, generate, inspect, models, train
+from . import compare, convert, data, eval_command, evaluate, generate, inspect, models, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     generate.add_parser(sub)
     convert.add_parser(sub)
+    eval_command.add_parser(sub)
     evaluate.add_parser(sub)
     compare.add_parser(sub)  # registers `compare` and `report`
     inspect.add_parser(sub)

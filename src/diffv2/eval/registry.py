@@ -1,0 +1,67 @@
+"""The evaluation tasks by name. A task is a generator of samples, a scorer and a JSON-able result; the registry
+also knows how to present a result (a markdown section, optional figures) and families of tasks named at run
+time (``lm_eval:hellaswag``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .context import EvalContext
+
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    summary: str  # one line: what it measures
+    run: Callable[[EvalContext], Result]  # generate the samples, score them, return the result
+    markdown: Callable[[Result], str]  # the result as a markdown section (no heading)
+    plot: Callable[[Result, Path], list[Path]] | None = None  # figures into a folder (needs matplotlib)
+    needs_model: bool = True  # False: the task trains its own models (mqar)
+
+
+TASKS: dict[str, Task] = {}
+# the order of listings and of the default run
+ORDER = ("needle", "passkey", "attention_split", "ar_hit", "distractor", "icl", "lowbit", "mqar")
+# family name -> builder of the task named after the colon ("lm_eval:hellaswag" -> FAMILIES["lm_eval"]("hellaswag"))
+FAMILIES: dict[str, Callable[[str], Task]] = {}
+
+
+def register(task: Task) -> Task:
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def register_family(name: str, build: Callable[[str], Task]) -> None:
+    FAMILIES[name] = build
+
+
+def resolve_tasks(names: str | Iterable[str]) -> list[Task]:
+    """Tasks from a comma-separated list (or a list) of names; ``family:member`` builds a family's task."""
+    items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    if not items:
+        raise ConfigError(f"--tasks: give at least one task; choose from {', '.join(available())}")
+    tasks = []
+    for item in dict.fromkeys(items):
+        family, _, member = item.partition(":")
+        if member and family in FAMILIES:
+            tasks.append(FAMILIES[family](member))
+        elif item in TASKS:
+            tasks.append(TASKS[item])
+        else:
+            raise ConfigError(f"--tasks: unknown task {item!r}; choose from {', '.join(available())}")
+    return tasks
+
+
+def available() -> list[str]:
+    named = sorted(TASKS, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return [*named, *(f"{family}:TASK" for family in FAMILIES)]
