@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from diffv2 import ModelConfig, Transformer
+from diffv2.checkpoint import save_checkpoint
 from diffv2.cli import main
 from diffv2.data import Tokenizer, prepare_dataset
 from diffv2.errors import ConfigError
 from diffv2.eval import evaluate_checkpoint, load_for_eval, mqar
-from diffv2.train.checkpoint import save_checkpoint
 
 from .eval_stubs import Lookahead, Uniform
 

@@ -32,8 +32,9 @@ ALLOWED: dict[str, set[str]] = {
     "generate": MODEL_LAYER | {"checkpoint", "data"},
     "train": MODEL_LAYER | {"checkpoint", "data", "diffv2", "generate"},
     "hf": MODEL_LAYER | {"checkpoint", "data", "diffv2", "generate"},
-    "compare": MODEL_LAYER | {"checkpoint", "data", "diffv2", "generate", "hf", "train"},
-    "cli": MODEL_LAYER | {"checkpoint", "compare", "data", "diffv2", "generate", "hf", "train"},
+    "eval": MODEL_LAYER | {"checkpoint", "data", "diffv2", "generate", "hf", "train"},
+    "compare": MODEL_LAYER | {"checkpoint", "data", "diffv2", "eval", "generate", "hf", "train"},
+    "cli": MODEL_LAYER | {"checkpoint", "compare", "data", "diffv2", "eval", "generate", "hf", "train"},
     "__main__": {"cli"},
 }
 # What training alone needs: none of it may be loaded to read, sample from or export a checkpoint.

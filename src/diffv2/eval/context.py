@@ -23,8 +23,8 @@ from ..data.tokenizer import Tokenizer
 from ..model import Transformer
 from .text import TextSource, load_text
 
-# On CUDA, a causal call with at most 16 queries over a longer key set goes to the broadcast-and-sum decode
-# reference (kernels/attention.py), which holds a (B, Hkv, G, T, S, d) product; continuations are padded past it.
+# On CUDA, a masked call with at most 16 queries goes to the broadcast-and-sum ``masked_decode``
+# (kernels/softmax_attention.py), which holds a (B, Hkv, G, T, S) product; continuations are padded past it.
 _MIN_CONTINUATION = 17
 
 

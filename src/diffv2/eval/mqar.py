@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelConfig, attention_params, baseline_ffn_matched
+from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import Transformer
+from ..sizing import ffn_matched
 from ..train.schedule import lr_at
 from .context import EvalContext
 from .registry import Result, Task, register
@@ -102,8 +103,8 @@ def accuracy(model, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 25
 
 
 def variant_configs(cfg: MQARConfig, names: list[str]) -> dict[str, ModelConfig]:
-    """Each variant at DIFF V2's total parameters: baselines and DIFF V1 get a wider SwiGLU (3·D weights per
-    hidden unit), as the comparison grid's matched variants do."""
+    """Each variant at DIFF V2's total parameters: baselines and DIFF V1 get a wider SwiGLU, as the comparison
+    grid's matched variants do."""
     v2 = ModelConfig(
         vocab_size=cfg.vocab_size,
         d_model=cfg.d_model,
@@ -113,11 +114,9 @@ def variant_configs(cfg: MQARConfig, names: list[str]) -> dict[str, ModelConfig]
         max_seq_len=cfg.seq_len,
         attention="diff_v2",
     )
-    v1 = v2.replace(attention="diff_v1")
-    widen = round((attention_params(v2) - attention_params(v1)) / (3 * cfg.d_model))
     every = {
-        "baseline": baseline_ffn_matched(v2),
-        "diff_v1": v1.replace(ffn_hidden=v1.ffn_hidden + widen),
+        "baseline": ffn_matched(v2.replace(attention="baseline"), v2),
+        "diff_v1": ffn_matched(v2.replace(attention="diff_v1"), v2),
         "diff_v2": v2,
     }
     unknown = [n for n in names if n not in every]

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_pretrained
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
-from ..train.pretrained import load_pretrained
 from .context import EvalContext
 from .registry import Task, resolve_tasks
 from .report import write_outputs
