@@ -103,8 +103,11 @@ class Formatter:
         }
 
     def _top(self, info: TokenInfo) -> dict[str, float]:
-        top = {self.token_text(i): lp for i, lp in info.top}
-        top.setdefault(self.token_text(info.id), info.logprob)  # the chosen token is always listed
+        top: dict[str, float] = {}
+        for token, logprob in ((*info.top,) + ((info.id, info.logprob),)):
+            # tokens that read the same (bytes of an unfinished character) share a key: the likeliest keeps it;
+            # the chosen token is always listed
+            top.setdefault(self.token_text(token), logprob)
         return top
 
     def chat_logprobs(self, tokens: list[TokenInfo]) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cancelled: list[Sequence] = []
+        self._live: dict[int, Sequence] = {}  # every sequence submitted and not ended, by id
         self._stopping = False
         self._rows: list[Sequence | None] = [None] * max_batch
         self._free = list(range(max_batch))
@@ -127,6 +128,7 @@ class Scheduler:
             now = time.perf_counter()
             for seq in seqs:
                 seq.arrival = now
+                self._live[seq.id] = seq
                 self._waiting.append(seq)
                 self._emit("queued", seq=seq)
             self._cond.notify()
@@ -137,6 +139,7 @@ class Scheduler:
             if seq.state != DONE and not seq.cancelled:
                 seq.cancelled = True
                 self._cancelled.append(seq)
+                self._emit("cancel", seq=seq)
                 self._cond.notify()
 
     # ------------------------------------------------------------------ the loop
@@ -155,7 +158,7 @@ class Scheduler:
         finally:
             with self._cond:
                 self._stopping = True
-                open_seqs = [*self._waiting, *(s for s in self._rows if s is not None)]
+                open_seqs, self._live = list(self._live.values()), {}
                 self._waiting.clear()
             for seq in open_seqs:
                 seq.state = DONE
@@ -209,13 +212,15 @@ class Scheduler:
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         if self._release(seq, reason):
+            self._emit("finished", seq=seq, reason=reason)  # before the client can see the end
             self._call(seq, seq.consumer.finish, reason)
-            self._emit("finished", seq=seq, reason=reason)
 
     def _release(self, seq: Sequence, reason: str) -> bool:
         """Free the sequence's row; False if it had ended already."""
         if seq.state == DONE:
             return False
+        with self._cond:
+            self._live.pop(seq.id, None)
         if seq.row is not None:
             self._rows[seq.row] = None
             heapq.heappush(self._free, seq.row)
@@ -250,6 +255,7 @@ class Scheduler:
                 self._call(seq, seq.consumer.prompt, [TokenInfo(seq.prompt[0])] * (begin == 0) + infos)
             if end == len(seq.prompt):
                 self._prefilling.popleft()
+                seq.state = DECODE
                 self._first_token(seq, logits[-1])
 
     def _first_token(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -258,21 +264,19 @@ class Scheduler:
             return
         token = sample_sequences(logits[None], [(0, seq.params, seq.generator)], self._generator)
         self._next[seq.row] = token[0]
-        seq.state, seq.launched = DECODE, 1
+        seq.launched = 1
         info = token_infos(logits[None], token.tolist(), seq.params.logprobs)[0]
         now = time.perf_counter()
         self._emit("first_token", seq=seq, ttft=now - seq.arrival)
         self._deliver(seq, info, now)
 
-    def _deliver(self, seq: Sequence, info: TokenInfo, now: float) -> float | None:
-        """Hand out one token; retire the sequence if it ended. Returns the gap since its previous token."""
-        gap = None if seq.last_token_time is None else now - seq.last_token_time
+    def _deliver(self, seq: Sequence, info: TokenInfo, now: float) -> None:
+        """Hand out one token; retire the sequence if it ended."""
         seq.generated, seq.last_token_time = seq.generated + 1, now
         if info.id in seq.params.stop_ids or self._call(seq, seq.consumer.token, info):
             self._retire(seq, "stop")
         elif seq.generated >= seq.params.max_tokens or len(seq.prompt) + seq.generated >= self.max_len:
             self._retire(seq, "length")
-        return gap
 
     def _launch(self) -> _Launched | None:
         seqs = self._launchable()
@@ -303,7 +307,7 @@ class Scheduler:
         if launched.logprobs is not None:
             chosen, values, ids = (c.get() for c in launched.logprobs)
             found = {s.id: i for i, s in enumerate(launched.asking)}
-        now, gaps = time.perf_counter(), []
+        now, out = time.perf_counter(), []
         for seq in launched.seqs:
             if seq.state != DECODE:
                 continue  # it ended (or was cancelled) while this step ran
@@ -311,10 +315,11 @@ class Scheduler:
             if seq.id in found:
                 i, k = found[seq.id], seq.params.logprobs
                 info = TokenInfo(info.id, chosen[i], tuple(zip(ids[i][:k], values[i][:k], strict=True)))
-            gap = self._deliver(seq, info, now)
-            if gap is not None:
-                gaps.append(gap)
-        self._emit("step_done", rows=0, active=len(launched.seqs), gaps=tuple(gaps))
+            out.append((seq, info))
+        gaps = tuple(now - seq.last_token_time for seq, _ in out)  # each had a first token before any step
+        self._emit("step_done", active=len(launched.seqs), gaps=gaps)
+        for seq, info in out:
+            self._deliver(seq, info, now)
 
     def _emit(self, kind: str, **fields) -> None:
         event = SchedulerEvent(kind, self.steps, self.running, len(self._waiting), **fields)

@@ -74,7 +74,10 @@ class TextStream:
         self.stopped = False
 
     def push(self, token: int) -> str:
-        """The text this token completes (possibly ""); after a stop string, ``stopped`` is set."""
+        """The text this token completes (possibly ""); after a stop string, ``stopped`` is set (and later
+        tokens give nothing)."""
+        if self.stopped:
+            return ""
         self.ids.append(token)
         piece = self.codec.decode(self.ids[self._anchor :])
         if piece.endswith("\ufffd") and self._waiting < self._MAX_WAIT:  # a multi-byte character in pieces
