@@ -104,7 +104,7 @@ class Formatter:
 
     def _top(self, info: TokenInfo) -> dict[str, float]:
         top: dict[str, float] = {}
-        for token, logprob in ((*info.top,) + ((info.id, info.logprob),)):
+        for token, logprob in (*info.top, (info.id, info.logprob)):
             # tokens that read the same (bytes of an unfinished character) share a key: the likeliest keeps it;
             # the chosen token is always listed
             top.setdefault(self.token_text(token), logprob)

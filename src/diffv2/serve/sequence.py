@@ -104,11 +104,12 @@ class Sequence:
 @dataclass(frozen=True)
 class SchedulerEvent:
     """``kind``: "queued", "admitted", "first_token", "step" (a decode step launched), "step_done" (its tokens
-    handed out), "cancel" (asked for, by the client's side) or "finished". ``step`` counts the decode steps launched so far; ``running`` the rows in use and
-    ``waiting`` the queue after the event. "step" has the step's row count (``rows``, the bucket) and how many
-    rows took part (``active``); "step_done" the gaps in seconds between each token handed out and its
-    sequence's previous one (``gaps``); "first_token" the wait since arrival (``ttft``); "finished" the
-    ``reason``."""
+    handed out), "cancel" (asked for, by the client's side) or "finished". ``step`` counts the decode steps
+    launched so far; ``running`` the rows in use and ``waiting`` the queue after the event. "step" has the
+    step's row count (``rows``, the bucket) and how many rows took part (``active``); "step_done" the gaps in
+    seconds between each token handed out and its sequence's previous one (``gaps``); "first_token" the wait
+    since arrival (``ttft``); "finished" the ``reason``. Events reach observers before the client sees what
+    they describe."""
 
     kind: str
     step: int
