@@ -450,3 +450,152 @@ def test_the_readme_client_example_runs(server):
         example.replace("http://127.0.0.1:8000/v1", server.url + "/v1").replace('model="v2"', f"model={MODEL!r}"), scope
     )
     assert scope["reply"].choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------------- the command and the checkpoint formats
+def save_run(tmp_path: Path) -> tuple[Path, Transformer]:
+    from diffv2.train.checkpoint import save_checkpoint
+
+    model = tiny_model(seed=5).float()
+    run = tmp_path / "run"
+    save_checkpoint(
+        run,
+        0,
+        model=model,
+        state={"step": 0},
+        config={"model": model.cfg.to_dict()},
+        tokenizer_json=Tokenizer.byte_level().to_json_str(),
+    )
+    return run, model
+
+
+@pytest.mark.slow
+def test_the_serve_command_serves_a_run_dir(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    run, model = save_run(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffv2",
+        "serve",
+        "--checkpoint",
+        str(run),
+        "--port",
+        str(port),
+        "--max-batch",
+        "2",
+        "--api-key",
+        "sesame",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                threading.Event().wait(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["run"]
+        out = client.completions.create(model="run", prompt="In the", max_tokens=8, temperature=0)
+        want = generate_batch(model, [list(b"In the")], 8, temperature=0, eos_id=EOS)[0]
+        assert out.choices[0].text == Tokenizer.byte_level().decode([t for t in want if t != EOS])
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in output and "OpenAI API at http://127.0.0.1" in output
+
+
+def test_serving_an_hf_folder_uses_its_tokenizer_and_chat_template(tmp_path):
+    from diffv2.cli.serve import load_for_serving
+    from diffv2.hf import export_hf
+
+    run, model = save_run(tmp_path)
+    folder = export_hf(run, tmp_path / "hf")
+    served, tokenizer = load_for_serving(str(folder), torch.device("cpu"), torch.float64)
+    assert torch.equal(served.lm_head.weight, model.lm_head.weight.double())
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    codec = TextCodec(tokenizer)
+    assert codec.eos_id == EOS and codec.decode(codec.encode("naïve")) == "naïve"
+    messages = [{"role": "user", "content": "Hi"}]
+    assert codec.chat_prompt(messages) == list(b"<user>Hi<assistant>")
+    scheduler = Scheduler(served, max_batch=2).start()
+    with BackgroundServer(create_app(scheduler, codec, model_name="hf")) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        out = client.chat.completions.create(
+            model="hf", messages=messages, max_tokens=6, temperature=0, extra_body={"return_token_ids": True}
+        )
+    scheduler.close()
+    assert ids_of(out.choices[0]) == solo(served, list(b"<user>Hi<assistant>"), 6, temperature=0)
+    with pytest.raises(Exception, match="no such folder"):
+        load_for_serving(str(tmp_path / "missing"), torch.device("cpu"), None)
+
+
+def test_lm_eval_local_completions_scores_a_task_through_the_server(server, tmp_path):
+    """lm-eval's ``local-completions`` model (echo + logprobs, max_tokens 1) on a small multiple-choice task: its
+    log-likelihoods equal the model's own."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from diffv2.hf import hf_tokenizer
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    hf_tokenizer(Tokenizer.byte_level()).save_pretrained(str(tokenizer_dir))
+    gen = torch.Generator().manual_seed(6)
+    words = ["lamb", "light", "water", "bread", "stone", "river"]
+    docs = []
+    for i in range(4):
+        picks = torch.randperm(len(words), generator=gen)[:3].tolist()
+        docs.append({"question": f"Q{i}: the word is", "choices": [words[p] for p in picks], "answer": i % 3})
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    task = {
+        "task": "diffv2_serve_mc",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}],
+    }
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "diffv2_serve_mc.yaml").write_text(json.dumps(task))
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "model": MODEL,
+            "base_url": server.url + "/v1/completions",
+            "tokenizer": str(tokenizer_dir),
+            "tokenizer_backend": "huggingface",
+            "max_length": 64,
+            "num_concurrent": 1,
+        },
+        tasks=["diffv2_serve_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=True,
+    )
+    samples = results["samples"]["diffv2_serve_mc"]
+    assert len(samples) == len(docs)
+    for sample in samples:
+        doc = sample["doc"]
+        for choice, resp in zip(doc["choices"], sample["resps"], strict=True):
+            # lm-eval puts its target delimiter, a space, before each choice
+            context, continuation = list(doc["question"].encode()), list(f" {choice}".encode())
+            seq = torch.tensor(context + continuation)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(server.model(seq[None])[0], dim=-1)
+            positions = torch.arange(len(context) - 1, len(seq) - 1)
+            want = logprobs[positions, seq[positions + 1]]
+            assert resp[0][0] == pytest.approx(want.sum().item(), abs=1e-7)
+            assert resp[0][1] == bool((logprobs[positions].argmax(-1) == seq[positions + 1]).all())

@@ -21,7 +21,7 @@ def sample_sequences(
         settings = [(0.0, 0, 1.0)] * logits.shape[0]
         for row, p in pooled:
             settings[row] = (p.temperature, p.top_k, p.top_p)
-        temperature, top_k, top_p = (torch.tensor(c, device=logits.device) for c in zip(*settings, strict=True))
+        temperature, top_k, top_p = (to_device(c, logits.device) for c in zip(*settings, strict=True))
         tokens = sample_rows(logits, temperature, top_k, top_p, generator=shared)
     else:
         tokens = logits.argmax(dim=-1)
@@ -31,6 +31,12 @@ def sample_sequences(
             one = logits[row : row + 1]
             tokens[row] = sample_next(one, temperature=p.temperature, top_k=top_k, top_p=top_p, generator=gen)[0]
     return tokens
+
+
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the work queued there: an asynchronous copy
+    (``torch.tensor(values, device=cuda)`` copies synchronously, after everything queued before it)."""
+    return torch.tensor(values).to(device, non_blocking=True)
 
 
 def logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:

@@ -24,7 +24,7 @@ import torch
 from .. import generate as _generate
 from ..generate import HostCopy, RowDecoder
 from ..model import Transformer
-from .sampler import logprob_tensors, sample_sequences, token_infos
+from .sampler import logprob_tensors, sample_sequences, to_device, token_infos
 from .sequence import DECODE, DONE, PREFILL, WAITING, SchedulerEvent, Sequence, TokenInfo
 
 log = logging.getLogger("diffv2.serve")
@@ -246,7 +246,7 @@ class Scheduler:
             seq = self._prefilling[0]
             begin = seq.prefilled
             end = min(len(seq.prompt), begin + budget)
-            chunk = torch.tensor(seq.prompt[begin:end], device=self.device)
+            chunk = to_device(seq.prompt[begin:end], self.device)
             logits = self._decoder.prefill(seq.row, chunk, begin)
             seq.prefilled, budget = end, budget - (end - begin)
             if seq.params.prompt_logprobs:
@@ -286,13 +286,13 @@ class Scheduler:
         slots = [self._decoder.scratch_slot] * n
         for s in seqs:
             slots[s.row] = s.next_slot
-        logits = self._decoder.step(self._next[:n], torch.tensor(slots))
+        logits = self._decoder.step(self._next[:n], torch.tensor(slots))  # the step copies them asynchronously
         tokens = sample_sequences(logits, [(s.row, s.params, s.generator) for s in seqs], self._generator)
         self._next[:n] = tokens
         asking = [s for s in seqs if s.params.logprobs is not None]
         copies = None
         if asking:
-            rows = torch.tensor([s.row for s in asking], device=self.device)
+            rows = to_device([s.row for s in asking], self.device)
             copies = logprob_tensors(logits[rows], tokens[rows], max(s.params.logprobs for s in asking))
             copies = tuple(HostCopy(t) for t in copies)
         for s in seqs:
