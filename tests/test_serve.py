@@ -99,6 +99,28 @@ def ids_of(choice) -> list[int]:
     return choice.model_extra["token_ids"]
 
 
+def stream_all(url: str, requests: list[tuple[list[int], int, dict]]) -> list[tuple[list[int], str]]:
+    """Send every (prompt, max_tokens, sampling) request at once, streaming; (token ids, text) of each."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt, n, sampling):
+        extra = {"return_token_ids": True, **({"top_k": sampling["top_k"]} if "top_k" in sampling else {})}
+        args = {k: v for k, v in sampling.items() if k != "top_k"}
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=n, stream=True, extra_body=extra, **args
+        )
+        ids, text = [], []
+        async for chunk in stream:
+            ids += ids_of(chunk.choices[0])
+            text.append(chunk.choices[0].text)
+        return ids, "".join(text)
+
+    async def run_all():
+        return await asyncio.gather(*(one(*r) for r in requests))
+
+    return asyncio.run(run_all())
+
+
 # ---------------------------------------------------------------------- results equal the offline path
 def test_greedy_completions_equal_generate_batch(server):
     gen = torch.Generator().manual_seed(1)
@@ -167,24 +189,7 @@ def test_concurrent_streams_each_equal_their_solo_result(server, observe):
         requests.append((prompt, int(torch.randint(1, 64 - len(prompt), (1,), generator=gen)), settings[i % 4]))
     log: list = []
     observe(log.append)
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-    async def one(prompt, n, sampling):
-        extra = {"return_token_ids": True, **({"top_k": sampling["top_k"]} if "top_k" in sampling else {})}
-        args = {k: v for k, v in sampling.items() if k != "top_k"}
-        stream = await client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=n, stream=True, extra_body=extra, **args
-        )
-        ids, text = [], []
-        async for chunk in stream:
-            ids += ids_of(chunk.choices[0])
-            text.append(chunk.choices[0].text)
-        return ids, "".join(text)
-
-    async def run_all():
-        return await asyncio.gather(*(one(*r) for r in requests))
-
-    results = asyncio.run(run_all())
+    results = stream_all(server.url, requests)
     for (prompt, n, sampling), (ids, text) in zip(requests, results, strict=True):
         assert ids == solo(server.model, prompt, n, **sampling), sampling
         assert text == Tokenizer.byte_level().decode(ids)
@@ -599,3 +604,36 @@ def test_lm_eval_local_completions_scores_a_task_through_the_server(server, tmp_
             want = logprobs[positions, seq[positions + 1]]
             assert resp[0][0] == pytest.approx(want.sum().item(), abs=1e-7)
             assert resp[0][1] == bool((logprobs[positions].argmax(-1) == seq[positions + 1]).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["baseline", "diff_v1", "diff_v2"])
+def test_gpu_served_batches_equal_eager_generation(variant):
+    """On CUDA every decode step replays a captured graph (the Triton window kernel, head_dim 64) while rows join
+    and leave; in fp32 each greedy result equals the eager loop's for its prompt alone."""
+    cfg = ModelConfig(
+        vocab_size=300,
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=64,
+        ffn_hidden=128,
+        max_seq_len=64,
+        attention=variant,
+    )
+    torch.manual_seed(7)
+    model = Transformer(cfg).cuda().eval()
+    gen = torch.Generator().manual_seed(8)
+    requests = []
+    for _ in range(16):
+        prompt = random_prompt(gen, 1, 40)
+        requests.append((prompt, int(torch.randint(1, 64 - len(prompt), (1,), generator=gen)), {"temperature": 0}))
+    scheduler = Scheduler(model, max_batch=8, prefill_chunk=16).start()
+    assert all(step.graph is not None for step in scheduler._decoder.steps.values())
+    with BackgroundServer(create_app(scheduler, None, model_name=MODEL)) as srv:
+        results = stream_all(srv.url, requests)
+    scheduler.close()
+    for (prompt, n, _), (ids, _) in zip(requests, results, strict=True):
+        assert ids == generate_batch(model, [prompt], n, temperature=0, cuda_graph=False)[0]

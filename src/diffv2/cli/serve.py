@@ -20,15 +20,19 @@ from ..errors import CheckpointError, DiffV2Error
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)")
     p.add_argument("--checkpoint", required=True, help="run dir (its latest checkpoint), checkpoint dir or HF folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=64, help="rows of the KV cache: sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting for a row; beyond: HTTP 429")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for every interface (%(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument(
+        "--max-batch", type=int, default=64, help="rows of the KV cache: sequences decoded together (%(default)s)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="sequences waiting for a row; beyond that, HTTP 429 (%(default)s)"
+    )
     p.add_argument(
         "--prefill-chunk",
         type=int,
         default=512,
-        help="prompt tokens prefilled between two decode steps (long prompts take several turns)",
+        help="prompt tokens prefilled between two decode steps; longer prompts take turns (%(default)s)",
     )
     p.add_argument(
         "--max-len",
@@ -42,16 +46,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' on /v1 (default: $DIFFV2_API_KEY, else none)",
     )
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on CUDA, float32 on the CPU",
+        help="auto: bfloat16 on CUDA, float32 on the CPU (default: %(default)s)",
     )
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run decode steps eagerly (no graph capture)")
     p.add_argument("--seed", type=int, default=None, help="seed of the generator shared by requests without one")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="(default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
