@@ -170,8 +170,11 @@ def test_echo_and_logprobs_equal_the_models_log_softmax(server):
     assert generated == solo(server.model, prompt, 3, temperature=0)
     # scoring only: max_tokens 0 with echo gives the prompt's log-probabilities and generates nothing
     scored = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0)
-    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(prompt)]
+    scores = scored.choices[0].logprobs.token_logprobs
+    assert scores[0] is None and scores[1:] == pytest.approx(lp.token_logprobs[1 : len(prompt)], abs=1e-12)
     assert scored.usage.completion_tokens == 0
+    echoed = server.client.completions.create(model=MODEL, prompt="Amen.", max_tokens=0, echo=True)
+    assert echoed.choices[0].text == "Amen." and echoed.usage.completion_tokens == 0
 
 
 def test_concurrent_streams_each_equal_their_solo_result(server, observe):

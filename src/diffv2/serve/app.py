@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from ..errors import DiffV2Error
 from .endpoints import Endpoints
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import ApiError, error_body
@@ -62,6 +63,10 @@ def create_app(
         param = ".".join(loc) or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
         return JSONResponse(error_body(message.replace("Value error, ", ""), param=param), status_code=400)
+
+    @app.exception_handler(DiffV2Error)
+    async def _bad_input(request: Request, err: DiffV2Error) -> JSONResponse:
+        return JSONResponse(error_body(str(err)), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException) -> JSONResponse:

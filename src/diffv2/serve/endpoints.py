@@ -184,6 +184,8 @@ class Endpoints:
         stop: list[str],
         prefixes: list[str],
     ) -> list[Choice]:
+        if len(prompts) > self.scheduler.max_queue:
+            raise ApiError(400, f"prompt: at most {self.scheduler.max_queue} prompts in one request", param="prompt")
         choices = [
             Choice(Sequence(p, s, ChoiceConsumer(outputs, i, self.codec, stop)), prefix)
             for i, (p, s, prefix) in enumerate(zip(prompts, sampling, prefixes, strict=True))

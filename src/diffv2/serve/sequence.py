@@ -30,8 +30,8 @@ class SamplingParams:
     stop_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 0 or (self.max_tokens == 0 and not self.prompt_logprobs):
-            raise ConfigError(f"max_tokens={self.max_tokens}: must be >= 1 (0 only to score a prompt)")
+        if self.max_tokens < 0:
+            raise ConfigError(f"max_tokens={self.max_tokens}: must be >= 0 (0: the prompt only, e.g. to score it)")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(
                 f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: need temperature >= 0, "
