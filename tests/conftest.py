@@ -33,3 +33,27 @@ def interpreter(monkeypatch):
         return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", dot)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """``diffv2 serve`` over a float64 tiny model on a free port, one per test module (``tests/serving.py``)."""
+    from .serving import tiny_server
+
+    with tiny_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def observe(server):
+    """``observe(fn)`` adds a scheduler observer of ``server`` for one test; returns ``fn``."""
+    added = []
+
+    def add(observer):
+        server.scheduler.observers.append(observer)
+        added.append(observer)
+        return observer
+
+    yield add
+    for observer in added:
+        server.scheduler.observers.remove(observer)

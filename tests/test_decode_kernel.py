@@ -223,6 +223,45 @@ def test_interpreter_model_decode_through_the_kernel(attention, fused):
     assert taken == route * cfg.n_layers * 4
 
 
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("attention", ["baseline", "diff_v2"])
+def test_interpreter_rows_at_different_lengths_through_the_kernel(attention, monkeypatch):
+    """Continuous batching's step (``RowDecoder``): each row at its own length, with its own window end and
+    RoPE position, one kernel call per layer; rows taking no part write the scratch slot. Each row's logits
+    equal the full forward's at its position."""
+    from diffv2 import Transformer
+    from diffv2.generate import RowDecoder
+
+    calls = []
+    original = dt.decode_attention_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args[4].tolist())  # each row's window end
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("diffv2.kernels.attention.decode_attention_triton", spy)
+    monkeypatch.setattr("diffv2.attention.decode_attention_triton", spy)
+    shape = dict(vocab_size=50, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=64)
+    cfg = ModelConfig(**shape, max_seq_len=24, attention=attention)
+    torch.manual_seed(1)
+    model = Transformer(cfg).eval()
+    seqs = torch.randint(0, 50, (4, 20))
+    lengths = [3, 11, 0, 7]  # row 2 is free
+    with torch.no_grad(), fused_projections(model):
+        full = model(seqs)
+        decoder = RowDecoder(model, 4)
+        for row, n in enumerate(lengths):
+            if n:
+                decoder.prefill(row, seqs[row, :n], 0)
+        slots = torch.tensor([n if n else decoder.scratch_slot for n in lengths])
+        logits = decoder.step(seqs[torch.arange(4), torch.tensor(lengths)], slots)
+    for row, n in enumerate(lengths):
+        if n:
+            torch.testing.assert_close(logits[row], full[row, n], rtol=1e-4, atol=1e-4)
+    assert calls == [[4, 12, 24, 8]] * cfg.n_layers
+
+
 # ---------------------------------------------------------------- CUDA
 
 

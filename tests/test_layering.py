@@ -15,7 +15,8 @@ import diffv2
 SRC = Path(diffv2.__file__).parent
 
 # Each part of diffv2 (a subpackage or a top-level module; "diffv2" is the package's own __init__) and the parts
-# it may import, lazily or not: kernels -> attention -> model -> checkpoint -> {train, generate, hf} -> compare -> cli.
+# it may import, lazily or not: kernels -> attention -> model -> checkpoint -> {train, generate, serve, eval, hf}
+# -> compare -> cli.
 MODEL_LAYER = {"errors", "config", "kernels", "attention", "model", "sizing", "metrics", "diagnostics"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -32,9 +33,10 @@ ALLOWED: dict[str, set[str]] = {
     "generate": MODEL_LAYER | {"checkpoint", "data"},
     "train": MODEL_LAYER | {"checkpoint", "data", "diffv2", "generate"},
     "hf": MODEL_LAYER | {"checkpoint", "data", "diffv2", "generate"},
+    "serve": MODEL_LAYER | {"checkpoint", "data", "generate"},
     "eval": MODEL_LAYER | {"checkpoint", "data", "diffv2", "generate", "hf", "train"},
     "compare": MODEL_LAYER | {"checkpoint", "data", "diffv2", "eval", "generate", "hf", "train"},
-    "cli": MODEL_LAYER | {"checkpoint", "compare", "data", "diffv2", "eval", "generate", "hf", "train"},
+    "cli": MODEL_LAYER | {"checkpoint", "compare", "data", "diffv2", "eval", "generate", "hf", "serve", "train"},
     "__main__": {"cli"},
 }
 # What training alone needs: none of it may be loaded to read, sample from or export a checkpoint.
@@ -98,7 +100,9 @@ import json, sys
 import torch
 
 import diffv2.cli
+import diffv2.eval
 import diffv2.generate
+import diffv2.serve
 from diffv2 import ModelConfig, Transformer
 from diffv2.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from diffv2.data import Tokenizer

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import DiffV2Error
-from . import compare, convert, data, eval_command, evaluate, generate, inspect, models, train
+from . import compare, convert, data, eval_command, evaluate, generate, inspect, models, serve, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     compare.add_parser(sub)  # registers `compare` and `report`
     inspect.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

@@ -39,6 +39,32 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`sample_next` with settings of each row's own, in one pass over the batch: ``temperature`` (B,)
+    (0 = greedy), ``top_k`` (B,) integers (0 = off), ``top_p`` (B,) (1 = off), all on the logits' device. Each
+    row is drawn from the distribution :func:`sample_next` would draw it from (the random draws differ: one
+    generator serves the whole batch)."""
+    vocab = logits.shape[-1]
+    sampled = temperature > 0
+    scaled = logits.float() / torch.where(sampled, temperature, 1.0).float()[:, None]
+    ranked, order = torch.sort(scaled, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    kth = ranked.gather(-1, (k - 1)[:, None])  # ties with the k-th logit stay in, as in sample_next
+    ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+    probs = torch.softmax(ranked, dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1)[:, None]
+    probs = torch.softmax(ranked.masked_fill(drop, float("-inf")), dim=-1)
+    drawn = order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+    return torch.where(sampled, drawn, logits.argmax(dim=-1))
+
+
 @torch.no_grad()
 def stream_batch(
     model: Transformer,
@@ -109,7 +135,7 @@ def stream_batch(
             step = _GrowingStep(model, cache, start, padding)
         finished = [False] * batch
         for i in range(max_new_tokens):
-            host = _HostCopy(nxt)
+            host = HostCopy(nxt)
             if i + 1 < max_new_tokens:
                 following = sample(step(nxt, width + i))  # queued before this step's tokens are read
             values = host.get()
@@ -136,9 +162,9 @@ class _GrowingStep:
         return self.model(tokens[:, None], positions=positions, mask=window, caches=self.cache.layers)[:, -1]
 
 
-class _HostCopy:
-    """A step's tokens on their way to the host: an async copy into pinned memory, so reading them waits for
-    that step only, not for the work queued after it."""
+class HostCopy:
+    """A step's results (tokens) on their way to the host: an async copy into pinned memory, so reading them
+    waits for that step only, not for the work queued after it."""
 
     def __init__(self, tokens: torch.Tensor) -> None:
         self.event = None
@@ -150,7 +176,7 @@ class _HostCopy:
         else:
             self.host = tokens
 
-    def get(self) -> list[int]:
+    def get(self) -> list:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()

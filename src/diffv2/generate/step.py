@@ -20,7 +20,9 @@ from .cache import KVCache
 class DecodeStep:
     """``step(tokens, slot)`` → last-position logits (B, V) for one new token per row written at ``slot``.
 
-    ``start`` (B,) is each row's first real slot (left padding before it). ``cuda_graph`` captures the step
+    ``start`` (B,) is each row's first real slot (left padding before it). With ``per_row_slots`` each row
+    writes at its own slot, ``slot`` being a (B,) tensor, and its RoPE position is that slot minus its start:
+    rows at different lengths in one step, as continuous batching keeps them. ``cuda_graph`` captures the step
     once (CUDA only) and replays it; ``compile`` runs it through ``torch.compile`` first. The returned logits
     of a graphed step are a buffer the next call overwrites: consume them (sample) before calling again.
     """
@@ -31,6 +33,7 @@ class DecodeStep:
         cache: KVCache,
         start: torch.Tensor,
         *,
+        per_row_slots: bool = False,
         cuda_graph: bool = False,
         compile: bool = False,
     ) -> None:
@@ -40,10 +43,11 @@ class DecodeStep:
         batch = cache.batch
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache reads this buffer in place
+        # the cache reads this buffer in place: one slot for all rows, or one per row
+        self.slot = torch.zeros(batch if per_row_slots else 1, dtype=torch.long, device=device)
         self.start = start.to(device=device, dtype=torch.long).clone()
         cache.static = True  # from now on attention sees the whole buffer, windowed per row
-        cache.advance(self.slot, cache.max_len)
+        cache.advance(self.slot[:, None] if per_row_slots else self.slot, cache.max_len)
         # a module-level function, not a bound method kept on self: that would make a reference cycle, and the
         # cache (tens of GB at long contexts) would outlive the step until Python's cyclic GC happened to run
         self._compiled = torch.compile(_step_forward, fullgraph=True, dynamic=False) if compile else None
@@ -76,11 +80,18 @@ class DecodeStep:
             torch.cuda.current_stream().wait_stream(side)
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
-        if slot >= self.cache.max_len:
-            raise ValueError(f"slot {slot} is past the cache's {self.cache.max_len} slots")
+    def __call__(self, tokens: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
+        """``slot``: an int for every row, or with ``per_row_slots`` a (B,) tensor (host or device; its values
+        are the caller's to keep below ``max_len``: checking them would cost a host sync)."""
         self.tokens.copy_(tokens.view(-1, 1), non_blocking=True)
-        self.slot.fill_(slot)  # a kernel argument, not a host sync
+        if isinstance(slot, torch.Tensor):
+            if slot.shape != self.slot.shape:
+                raise ValueError(f"slot {tuple(slot.shape)}: this step takes {tuple(self.slot.shape)} slots")
+            self.slot.copy_(slot, non_blocking=True)
+        else:
+            if slot >= self.cache.max_len:
+                raise ValueError(f"slot {slot} is past the cache's {self.cache.max_len} slots")
+            self.slot.fill_(slot)  # a kernel argument, not a host sync
         if self.graph is None:
             return self.forward()
         self.graph.replay()
@@ -88,6 +99,7 @@ class DecodeStep:
 
 
 def _step_forward(step: DecodeStep) -> torch.Tensor:
-    positions = (step.slot[None, :] - step.start[:, None]).clamp(min=0)  # (B, 1): RoPE from each row's start
+    # (B, 1): RoPE from each row's start; a shared slot (1,) broadcasts over the rows
+    positions = (step.slot[:, None] - step.start[:, None]).clamp(min=0)
     window = step.cache.window(step.start)
     return step.model(step.tokens, positions=positions, mask=window, caches=step.cache.layers)[:, -1]
