@@ -258,7 +258,7 @@ def sources(out: Path) -> dict[str, Callable[[], Iterator[str]]]:
         "fortunes": _fortunes,
         "jargon": lambda: chunk(_jargon()),
         "devil": lambda: _dictd("devil"),
-    }  # fmt: skip
+    }
 
 
 def _jargon() -> Iterator[str]:
@@ -371,8 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     extract(args.out, args.only, force=args.force)
     manifest = assemble(args.out, names)
     total = sum(s["characters"] for s in manifest["sources"].values())
-    print(f"pool: {len(manifest['files'])} files, {total:,} characters (≈ {total / 3.2 / 1e6:.1f} M GPT-2 tokens "
-          f"at data.md's 3.16 bytes/token) in {args.out / 'pool'}")  # fmt: skip
+    print(
+        f"pool: {len(manifest['files'])} files, {total:,} characters (≈ {total / 3.2 / 1e6:.1f} M GPT-2 tokens "
+        f"at data.md's 3.16 bytes/token) in {args.out / 'pool'}"
+    )
     return 0
 
 

@@ -95,8 +95,11 @@ def _compiled_or_eager(fn):
             raise
         except Exception as err:  # a compiler failure must not stop training: it only costs speed
             reason = f"{type(err).__name__}: {str(err)[:200]}"
-            warnings.warn(f"diffv2: torch.compile of {fn.__name__} failed ({reason}); the pair subtraction runs "
-                          "uncompiled from now on", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"diffv2: torch.compile of {fn.__name__} failed ({reason}); the pair subtraction runs "
+                "uncompiled from now on",
+                stacklevel=2,
+            )
             _FUSED["failed"] = True
             return fn(*args)
 

@@ -305,23 +305,64 @@ if HAS_TRITON:
         w = pair_weight if pair_weight is not None else q  # a placeholder pointer when there is no epilogue
         w_strides = pair_weight.stride() if pair_weight is not None else (0, 0, 0)
         _split_kernel[(ns, hkv, b)](
-            q, k, v, kv_start, kv_end, w, out, part, lse,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *w_strides, out.stride(0), out.stride(1), out.stride(2),
-            s, ns, scale * math.log2(math.e),
-            G=g, T=t, D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DIRECT=ns == 1, PAIR=pair,
+            q,
+            k,
+            v,
+            kv_start,
+            kv_end,
+            w,
+            out,
+            part,
+            lse,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            *w_strides,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            s,
+            ns,
+            scale * math.log2(math.e),
+            G=g,
+            T=t,
+            D=d,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            DIRECT=ns == 1,
+            PAIR=pair,
             SIGMOID=pair_sigmoid,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not TF32 products
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
         if ns > 1:
             # all splits of a row in one tile (ns <= MAX_SPLITS): two dependent loads instead of a serial loop
             block_s = triton.next_power_of_2(ns)
             _combine_kernel[(t, out.shape[1], b)](
-                part, lse, w, out, *w_strides, out.stride(0), out.stride(1), out.stride(2), hq, ns,
-                T=t, D=d, BLOCK_S=block_s, PAIR=pair, SIGMOID=pair_sigmoid,
+                part,
+                lse,
+                w,
+                out,
+                *w_strides,
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                hq,
+                ns,
+                T=t,
+                D=d,
+                BLOCK_S=block_s,
+                PAIR=pair,
+                SIGMOID=pair_sigmoid,
                 num_warps=4 if block_s * d <= 32 * 128 else 8,
-            )  # fmt: skip
+            )
         return out
 
     @_flash_decode.register_fake

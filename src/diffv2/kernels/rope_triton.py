@@ -61,8 +61,22 @@ def rope_qk_triton(
 if HAS_TRITON:
 
     @triton.jit
-    def _rotate(X, OUT, stride_xb, stride_xt, stride_xh, b, t, cos1, cos2, sin1, sin2, n_heads,
-                HALF: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    def _rotate(
+        X,
+        OUT,
+        stride_xb,
+        stride_xt,
+        stride_xh,
+        b,
+        t,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        n_heads,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         """out = x·cos + rotate_half(x)·sin for every head of token (b, t); rotate_half(x) = [−x2, x1]."""
         hh = tl.arange(0, BLOCK_H)
         dd = tl.arange(0, HALF)
@@ -103,12 +117,28 @@ if HAS_TRITON:
         if q_out.numel() == 0:
             return q_out, k_out
         _rope_qk_kernel[(t, b)](
-            q, k, cos, sin, q_out, k_out,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            cos.stride(0), cos.stride(1), cos.stride(2), hq, hk,
-            HALF=d // 2, BLOCK_Q=triton.next_power_of_2(hq), BLOCK_K=triton.next_power_of_2(hk),
+            q,
+            k,
+            cos,
+            sin,
+            q_out,
+            k_out,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            cos.stride(0),
+            cos.stride(1),
+            cos.stride(2),
+            hq,
+            hk,
+            HALF=d // 2,
+            BLOCK_Q=triton.next_power_of_2(hq),
+            BLOCK_K=triton.next_power_of_2(hk),
             num_warps=4 if hq * d <= 4096 else 8,
-        )  # fmt: skip
+        )
         return q_out, k_out
 
     @_rope_qk.register_fake
