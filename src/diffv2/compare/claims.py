@@ -1,4 +1,5 @@
-"""The blog's claims (spec §3), each turned into a paired contrast between two variants of the grid.
+"""The blog's claims (numbered in docs/design.md#claims), each turned into a paired contrast between two variants
+of the grid.
 
 Every check states the direction the blog predicts and is measured at every horizon of the grid, each variant at
 its best learning rate (chosen on the validation select half; the spike checks use the grid's largest lr, where
@@ -6,7 +7,7 @@ the blog expects the difference), scored on the test half, paired by seed. The p
 contrasts the decision rules need, form one family and are Holm-adjusted together; a row agrees with the blog only
 when its adjusted p is below the rules' alpha. A row whose question this grid cannot ask says so instead: a budget
 below ``min_tokens``, a precondition (the baseline must have attention sinks before DIFF V2 can remove them), or a
-diagnostic the runs did not log. The claim texts are our paraphrases; the numbers are the spec's claim numbers.
+diagnostic the runs did not log. The claim texts are our paraphrases; the numbers are those of docs/design.md#claims.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def baseline_has_sinks(variant: str) -> Precondition:
 
 @dataclass
 class Check:
-    ref: str  # the spec's claim number(s), or the decision rule a row serves
+    ref: str  # the claim number(s) of docs/design.md#claims, or the decision rule a row serves
     claim: str  # our paraphrase of what the blog says
     a: str  # variant expected to be ...
     b: str  # ... lower than this one on the metric (or higher, see ``expect``)

@@ -78,8 +78,8 @@ def choose_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.d
     at least SHORT_SPLITS splits (of >= 64 keys) when that cap leaves a short cache on a few programs.
 
     Depends on shapes only (never on kv_end), so a captured CUDA graph stays valid as the cache fills. Tuned
-    on the H200 sweep of ``bench/decode_kernel.py --sweep`` (docs/benchmarks.md): at B=1, 1k keys, 16 splits
-    ran 1.4x faster than 4; at 8k keys 32 splits beat 66 by 1.1x.
+    on the sweep of ``bench/decode_kernel.py --sweep`` (docs/benchmarks.md#decode-kernel): at batch 1, fewer
+    splits than SMs/2 left short caches on too few programs.
     """
     want = max(1, 2 * _sm_count(device) // (batch * n_kv_heads))
     by_keys = max(-(-seq_len // MIN_KEYS_PER_SPLIT), min(SHORT_SPLITS, -(-seq_len // 64)))
@@ -147,7 +147,8 @@ def decode_attention_triton(
 
 
 if HAS_TRITON:
-
+    # A kernel's signature keeps its layout (fmt: skip), one line per role: the tensors, each tensor's strides,
+    # the sizes, the compile-time constants; the launches pass them in the same order.
     @triton.jit
     def _split_kernel(
         Q, K, V, START, END, W, OUT, PART, LSE,

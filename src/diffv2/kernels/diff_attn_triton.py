@@ -141,6 +141,8 @@ if HAS_TRITON:
         q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
         return b, i, start_m, rows, row_ok, dd, q1, q2
 
+    # A kernel's signature keeps its layout (fmt: skip), one line per role: the tensors, each tensor's strides,
+    # the sizes, the compile-time constants; the launches pass them in the same order.
     @triton.jit
     def _diff_attn_fwd_kernel(
         Q, K, V, W, OUT, O2, LSE,

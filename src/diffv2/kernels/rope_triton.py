@@ -2,8 +2,8 @@
 
 Why: in eager PyTorch :func:`~diffv2.kernels.rope.apply_rope` is seven elementwise kernels per tensor (upcast,
 negate, concatenate, two products, a sum, the downcast), fourteen per layer for q and k. A batch-1 decode
-step is bound by kernel launches more than by bytes (docs/benchmarks.md), so each launch saved counts. Here
-one program rotates every head of one token of q and of k, in fp32, and writes both in the inputs' dtype.
+step is bound by kernel launches more than by bytes (docs/benchmarks.md#batch-1-decode), so each launch saved
+counts. Here one program rotates every head of one token of q and of k, in fp32, and writes both in the inputs' dtype.
 
 Training and ``torch.compile`` keep the PyTorch version: it has autograd, and inductor fuses it (with the KV
 cache write) on its own. Off CUDA (and without ``TRITON_INTERPRET=1``) nothing here runs.
@@ -89,6 +89,8 @@ if HAS_TRITON:
         tl.store(dst, (x1 * cos1[None, :] - x2 * sin1[None, :]).to(OUT.dtype.element_ty), mask=ok)
         tl.store(dst + HALF, (x2 * cos2[None, :] + x1 * sin2[None, :]).to(OUT.dtype.element_ty), mask=ok)
 
+    # A kernel's signature keeps its layout (fmt: skip), one line per role: the tensors, each tensor's strides,
+    # the sizes, the compile-time constants; the launches pass them in the same order.
     @triton.jit
     def _rope_qk_kernel(
         Q, K, COS, SIN, QOUT, KOUT,
