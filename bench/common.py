@@ -44,8 +44,8 @@ def copy_bandwidth_gbs(n_bytes: int = 4 << 30) -> float:
     """Device-to-device copy bandwidth (read + write bytes per second), the ceiling decode is compared to.
 
     Timed eagerly, not in a CUDA graph: captured, a copy becomes a graph memcpy node, which the copy engines
-    may run at a fraction of what a kernel on the SMs reaches (2.7 TB/s against 4.3 TB/s on the H200 runs of
-    2026-11-29), and decode kernels run on the SMs. At 4 GiB the launch cost is negligible."""
+    may run at a fraction of what a kernel on the SMs reaches (docs/benchmarks.md#copy-bandwidth), and decode
+    kernels run on the SMs. At 4 GiB the launch cost is negligible."""
     src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = cuda_time_ms(lambda: dst.copy_(src), iters=10)

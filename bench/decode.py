@@ -85,8 +85,11 @@ def gemv_floor(model: Transformer, batch: int, copy_gbs: float, fused: bool) -> 
     it launches. ``fused``: the matrices of ``fused_projections`` (generate's), else one per parameter."""
     weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in n]
     if fused:
-        groups = [[getattr(m, n) for n in m.input_projections if getattr(m, n, None) is not None]
-                  for m in model.modules() if hasattr(m, "input_projections")]  # fmt: skip
+        groups = [
+            [getattr(m, n) for n in m.input_projections if getattr(m, n, None) is not None]
+            for m in model.modules()
+            if hasattr(m, "input_projections")
+        ]
         inside = {id(lin.weight) for group in groups for lin in group}
         weights = [w for w in weights if id(w) not in inside]
         weights += [torch.cat([lin.weight for lin in group]) for group in groups]
@@ -94,8 +97,14 @@ def gemv_floor(model: Transformer, batch: int, copy_gbs: float, fused: bool) -> 
     with torch.no_grad():
         ms = graph_ms([lambda w=w: F.linear(inputs[w.shape[1]], w) for w in weights], reps=20) * len(weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    return {"batch": batch, "fused": fused, "matrices": len(weights), "ms": ms, "gbs": nbytes / ms / 1e6,
-            "pct_copy": nbytes / ms / 1e6 / copy_gbs}  # fmt: skip
+    return {
+        "batch": batch,
+        "fused": fused,
+        "matrices": len(weights),
+        "ms": ms,
+        "gbs": nbytes / ms / 1e6,
+        "pct_copy": nbytes / ms / 1e6 / copy_gbs,
+    }
 
 
 def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: float) -> list[dict]:
@@ -121,8 +130,16 @@ def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: floa
     for name, fn in candidates.items():
         try:
             ms = cuda_time_ms(fn)
-            rows.append(dict(batch=batch, context=context, kernel=name, ms=ms, gbs=kv_bytes / ms / 1e6,
-                             pct_copy=kv_bytes / ms / 1e6 / copy_gbs))  # fmt: skip
+            rows.append(
+                dict(
+                    batch=batch,
+                    context=context,
+                    kernel=name,
+                    ms=ms,
+                    gbs=kv_bytes / ms / 1e6,
+                    pct_copy=kv_bytes / ms / 1e6 / copy_gbs,
+                )
+            )
         except RuntimeError as err:
             rows.append(dict(batch=batch, context=context, kernel=name, error=str(err).splitlines()[0][:80]))
     return rows
@@ -157,8 +174,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64  # one compiled step per variant and point
     rows, floors = [], {}
     for variant in variants:
-        cfg = ModelConfig.preset(args.preset, attention=variant, vocab_size=args.vocab_size,
-                                 max_seq_len=max(contexts))  # fmt: skip
+        cfg = ModelConfig.preset(args.preset, attention=variant, vocab_size=args.vocab_size, max_seq_len=max(contexts))
         torch.manual_seed(0)
         model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
         floors[variant] = [gemv_floor(model, batches[0], copy_gbs, fused) for fused in (False, True)]
@@ -176,8 +192,17 @@ def main() -> None:
                         continue
                     torch.cuda.empty_cache()
                     gbs = nbytes / ms / 1e6
-                    rows.append({**point, "ms": ms, "tok_s": batch * 1e3 / ms, "gb": nbytes / 1e9, "gbs": gbs,
-                                 "pct_copy": gbs / copy_gbs, "kernels": kernels})  # fmt: skip
+                    rows.append(
+                        {
+                            **point,
+                            "ms": ms,
+                            "tok_s": batch * 1e3 / ms,
+                            "gb": nbytes / 1e9,
+                            "gbs": gbs,
+                            "pct_copy": gbs / copy_gbs,
+                            "kernels": kernels,
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)  # a run cut short still leaves its points
         del model
         torch.cuda.empty_cache()
@@ -192,15 +217,20 @@ def main() -> None:
     by = {(r["variant"], r["path"], r["batch"], r["context"]): r for r in rows if "ms" in r}
     for path in paths:
         print(f"\nmodel decode ({args.preset}, bf16, CUDA graph, {path} path)")
-        print(f"{'B':>3} {'ctx':>6} | " + " | ".join(f"{v:>8} tok/s  GB/s  %copy" for v in variants)
-              + " | V2/base  V2/V1  bytes V2/base")  # fmt: skip
+        print(
+            f"{'B':>3} {'ctx':>6} | "
+            + " | ".join(f"{v:>8} tok/s  GB/s  %copy" for v in variants)
+            + " | V2/base  V2/V1  bytes V2/base"
+        )
         for batch in batches:
             for context in contexts:
                 got = {v: by.get((v, path, batch, context)) for v in variants}
                 if not any(got.values()):
                     continue
-                cells = [f"{r['tok_s']:>14.0f} {r['gbs']:>5.0f} {r['pct_copy']:>6.1%}" if r else f"{'n/a':>27}"
-                         for r in got.values()]  # fmt: skip
+                cells = [
+                    f"{r['tok_s']:>14.0f} {r['gbs']:>5.0f} {r['pct_copy']:>6.1%}" if r else f"{'n/a':>27}"
+                    for r in got.values()
+                ]
                 line = f"{batch:>3} {context:>6} | " + " | ".join(cells)
                 v2, b, v1 = got.get("diff_v2"), got.get("baseline"), got.get("diff_v1")
                 if v2 and b and v1:

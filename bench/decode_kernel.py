@@ -66,19 +66,28 @@ def bench_point(batch: int, context: int, args, copy_gbs: float) -> list[dict]:
     kv_bytes = 2 * batch * hkv * context * d * 2  # the valid K and V, bf16
     copies = max(1, min(64, -(-L2_BYTES // kv_bytes)))
     opts = dict(device="cuda", dtype=torch.bfloat16)
-    exact = [(torch.randn(batch, hkv, context, d, **opts), torch.randn(batch, hkv, context, d, **opts))
-             for _ in range(copies)]  # fmt: skip
+    exact = [
+        (torch.randn(batch, hkv, context, d, **opts), torch.randn(batch, hkv, context, d, **opts))
+        for _ in range(copies)
+    ]
     # static cache: 2·S slots, written up to S (the rest is never read)
-    static = [(torch.randn(batch, hkv, 2 * context, d, **opts), torch.randn(batch, hkv, 2 * context, d, **opts))
-              for _ in range(copies)]  # fmt: skip
+    static = [
+        (torch.randn(batch, hkv, 2 * context, d, **opts), torch.randn(batch, hkv, 2 * context, d, **opts))
+        for _ in range(copies)
+    ]
     start = torch.zeros(batch, dtype=torch.int32, device="cuda")
     end = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     rows = []
     for variant, hq in (("diff_v2", 2 * args.n_heads), ("baseline", args.n_heads)):
         q = torch.randn(batch, hq, 1, d, **opts)
         w = torch.rand(batch, hq // 2, 1, device="cuda") if variant == "diff_v2" else None
-        point = dict(variant=variant, batch=batch, context=context, copies=copies,
-                     auto_splits=choose_num_splits(batch, hkv, context, q.device))  # fmt: skip
+        point = dict(
+            variant=variant,
+            batch=batch,
+            context=context,
+            copies=copies,
+            auto_splits=choose_num_splits(batch, hkv, context, q.device),
+        )
         fns = candidates(q, w, exact, static, start, end, args.sweep)
         for name, fn in fns.items():
             try:
@@ -127,14 +136,18 @@ def print_table(rows: list[dict]) -> None:
                 best = min(mine, key=lambda r: r["ms"])
                 auto = by.get((variant, batch, context, "ours"))
                 line = " ".join(f"{r['kernel'].split('=')[1]}:{r['gbs']:.0f}" for r in mine)
-                print(f"{variant:<9} {batch:>3} {context:>6} auto={splits} ({auto['gbs']:.0f} GB/s) "
-                      f"best={best['kernel'].split('=')[1]} ({best['gbs']:.0f}) | {line}")  # fmt: skip
+                print(
+                    f"{variant:<9} {batch:>3} {context:>6} auto={splits} ({auto['gbs']:.0f} GB/s) "
+                    f"best={best['kernel'].split('=')[1]} ({best['gbs']:.0f}) | {line}"
+                )
     print("\nwithout CUDA graphs (eager decode loop), µs per call: launch overhead shows at small B·S")
     for variant, batch, context, _ in points:
         cells = [by.get((variant, batch, context, f"{n} (no graph)")) for n in ("ours", "sdpa cudnn")]
         if all(c and "ms" in c for c in cells):
-            print(f"{variant:<9} {batch:>3} {context:>6} | ours {cells[0]['ms'] * 1e3:>8.1f} | "
-                  f"sdpa cudnn {cells[1]['ms'] * 1e3:>8.1f}")  # fmt: skip
+            print(
+                f"{variant:<9} {batch:>3} {context:>6} | ours {cells[0]['ms'] * 1e3:>8.1f} | "
+                f"sdpa cudnn {cells[1]['ms'] * 1e3:>8.1f}"
+            )
     for r in rows:
         if "error" in r:
             print(f"error: {r['variant']} B={r['batch']} S={r['context']} {r['kernel']}: {r['error']}")
@@ -160,13 +173,26 @@ def main() -> None:
             rows += bench_point(batch, context, args, copy_gbs)
             torch.cuda.empty_cache()  # the cache copies of this point are gone; give their memory back
             last = [r for r in rows if r["batch"] == batch and r["context"] == context and "ms" in r]
-            print(f"B={batch} S={context}: " + ", ".join(f"{r['variant']}/{r['kernel']} {r['gbs']:.0f}" for r in last
-                                                        if "splits=" not in r["kernel"]), flush=True)  # fmt: skip
+            print(
+                f"B={batch} S={context}: "
+                + ", ".join(
+                    f"{r['variant']}/{r['kernel']} {r['gbs']:.0f}" for r in last if "splits=" not in r["kernel"]
+                ),
+                flush=True,
+            )
     print_table(rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "decode_kernel.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbs": copy_gbs,
-                       "rows": rows}, f, indent=1)  # fmt: skip
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    "copy_gbs": copy_gbs,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,17 @@ DEVICE = "cuda"
 # tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --sweep; none spills registers on sm_90 with
 # Triton 3.6 (checked by compiling offline), the defaults in dat.CONFIGS are tried as well
 SWEEP = {
-    64: {"fwd": [(64, 64, 8, 3), (128, 32, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-         "dkdv": [(32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2)],
-         "dq": [(128, 32, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3), (64, 32, 4, 3)]},
-    128: {"fwd": [(64, 32, 8, 3), (128, 32, 8, 2), (32, 64, 8, 3), (32, 128, 8, 3)],
-          "dkdv": [(32, 128, 8, 3), (32, 64, 8, 3), (64, 32, 8, 2), (32, 32, 8, 3)],
-          "dq": [(64, 32, 8, 3), (128, 32, 8, 3), (32, 64, 8, 3), (32, 128, 8, 2)]},
-}  # fmt: skip
+    64: {
+        "fwd": [(64, 64, 8, 3), (128, 32, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        "dkdv": [(32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2)],
+        "dq": [(128, 32, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3), (64, 32, 4, 3)],
+    },
+    128: {
+        "fwd": [(64, 32, 8, 3), (128, 32, 8, 2), (32, 64, 8, 3), (32, 128, 8, 3)],
+        "dkdv": [(32, 128, 8, 3), (32, 64, 8, 3), (64, 32, 8, 2), (32, 32, 8, 3)],
+        "dq": [(64, 32, 8, 3), (128, 32, 8, 3), (32, 64, 8, 3), (32, 128, 8, 2)],
+    },
+}
 
 
 def sdpa_path(backends: list[SDPBackend]) -> Callable:
@@ -89,8 +93,11 @@ def bench_point(tokens: int, t: int, hq: int, hkv: int, d: int) -> list[dict]:
         raise SystemExit("diff_attention_supported() is False for these inputs: is triton installed?")
     flops_fwd = 2 * b * hq * t * t * d
     point = dict(batch=b, seq=t, n_q_heads=hq, n_kv_heads=hkv, head_dim=d)
-    paths = {"fused": dat.diff_attention, "sdpa": sdpa_path(fused_sdpa_backends()),
-             "sdpa flash": sdpa_path([SDPBackend.FLASH_ATTENTION])}  # fmt: skip
+    paths = {
+        "fused": dat.diff_attention,
+        "sdpa": sdpa_path(fused_sdpa_backends()),
+        "sdpa flash": sdpa_path([SDPBackend.FLASH_ATTENTION]),
+    }
     with torch.no_grad():
         ref = paths["sdpa"](*views(leaves)).float()
     rows = []
@@ -123,8 +130,19 @@ def sweep_point(tokens: int, t: int, hq: int, hkv: int, d: int) -> list[dict]:
                 ms = r["fwd_ms"] if kind == "fwd" else r["fwd_bwd_ms"]
             except Exception as e:  # e.g. out of shared memory for this tile
                 ms, r = float("nan"), {"error": str(e).splitlines()[0][:120]}
-            rows.append(dict(seq=t, n_q_heads=hq, n_kv_heads=hkv, head_dim=d, kernel=kind, config=cfg, ms=ms,
-                             default=cfg == default[kind], **r))  # fmt: skip
+            rows.append(
+                dict(
+                    seq=t,
+                    n_q_heads=hq,
+                    n_kv_heads=hkv,
+                    head_dim=d,
+                    kernel=kind,
+                    config=cfg,
+                    ms=ms,
+                    default=cfg == default[kind],
+                    **r,
+                )
+            )
     dat.CONFIGS[d] = default
     return rows
 
@@ -193,8 +211,18 @@ def main() -> None:
         print_sweep(sweep_rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "diff_attn_kernel.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": dat.CONFIGS,
-                       "rows": rows, "sweep": sweep_rows}, f, indent=1, default=str)  # fmt: skip
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    "configs": dat.CONFIGS,
+                    "rows": rows,
+                    "sweep": sweep_rows,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,47 @@ def train_cmd(args: argparse.Namespace, data: Path, run_dir: Path, mode: str, gp
     "fsdp-never" / "fsdp-always" (FSDP2 with that ``fsdp_reshard_after_forward`` policy)."""
     parallel, _, suffix = mode.partition("-")
     scope, reshard = (None, suffix) if parallel == "fsdp" else (suffix, None)
-    flags = ["train", "--data", str(data), "--out_dir", str(run_dir), "--parallel", parallel, "--device", args.device,
-             "--preset", args.preset, "--attention", args.attention, "--steps", str(args.steps),
-             "--batch_size", str(args.batch_size), "--grad_accum", str(args.grad_accum), "--seq_len", str(args.seq_len),
-             "--lr", str(args.lr), "--warmup_steps", str(max(1, round(args.steps * args.lr_warmup_frac))),
-             "--eval_every", str(args.steps), "--eval_batches", "8", "--diag_every", "0", "--save_every",
-             str(args.steps // 2), "--log_every", str(args.log_every), "--sample_tokens", "0", "--no-tensorboard",
-             "--no-progress"]  # fmt: skip
+    flags = [
+        "train",
+        "--data",
+        str(data),
+        "--out_dir",
+        str(run_dir),
+        "--parallel",
+        parallel,
+        "--device",
+        args.device,
+        "--preset",
+        args.preset,
+        "--attention",
+        args.attention,
+        "--steps",
+        str(args.steps),
+        "--batch_size",
+        str(args.batch_size),
+        "--grad_accum",
+        str(args.grad_accum),
+        "--seq_len",
+        str(args.seq_len),
+        "--lr",
+        str(args.lr),
+        "--warmup_steps",
+        str(max(1, round(args.steps * args.lr_warmup_frac))),
+        "--eval_every",
+        str(args.steps),
+        "--eval_batches",
+        "8",
+        "--diag_every",
+        "0",
+        "--save_every",
+        str(args.steps // 2),
+        "--log_every",
+        str(args.log_every),
+        "--sample_tokens",
+        "0",
+        "--no-tensorboard",
+        "--no-progress",
+    ]
     flags += ["--compile"] if args.compile else []
     flags += ["--compile_scope", scope] if scope else []
     flags += ["--fsdp_reshard_after_forward", reshard] if reshard else []
@@ -53,8 +87,16 @@ def train_cmd(args: argparse.Namespace, data: Path, run_dir: Path, mode: str, gp
     flags += ["--profile_steps", str(args.profile_steps), "--profile_start", str(args.steps // 2 + 2)]
     if parallel == "none":
         return [sys.executable, "-m", "diffv2", *flags]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-            "-m", "diffv2", *flags]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        "diffv2",
+        *flags,
+    ]
 
 
 def launch(cmd: list[str], log: Path) -> None:
@@ -68,8 +110,9 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def summarize(name: str, gpus: int, run_dir: Path, warmup_frac: float, ref: dict | None,
-              same_code: dict | None = None) -> dict:  # fmt: skip
+def summarize(
+    name: str, gpus: int, run_dir: Path, warmup_frac: float, ref: dict | None, same_code: dict | None = None
+) -> dict:
     records = metrics(run_dir)
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     timed = [r for s, r in train.items() if "tokens_per_s" in r and s > warmup_frac * max(train)]
@@ -117,8 +160,11 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many steps at half-way, per rank")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--fsdp-fp32-params", action="store_true",
-                   help="FSDP2 with fp32 parameters under bf16 autocast (the 1-GPU and DDP numerics)")  # fmt: skip
+    p.add_argument(
+        "--fsdp-fp32-params",
+        action="store_true",
+        help="FSDP2 with fp32 parameters under bf16 autocast (the 1-GPU and DDP numerics)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--tokenizer", default="bpe")
     p.add_argument(
@@ -163,14 +209,18 @@ def main() -> None:
         f"\n{args.preset} {args.attention}: global batch {args.batch_size} x {args.grad_accum} x {args.seq_len} "
         f"tokens, {args.steps} steps, compile={args.compile}, AC={args.activation_checkpointing}"
     )
-    print(f"{'run':<14}{'tok/s':>10}{'tok/s/GPU':>11}{'scaling':>9}{'same code':>10}{'MFU':>7}{'peak GB/GPU':>13}"
-          f"{'loss':>8}{'val':>8}{'max|Δloss|':>12}{'steps 1-5':>11}")  # fmt: skip
+    print(
+        f"{'run':<14}{'tok/s':>10}{'tok/s/GPU':>11}{'scaling':>9}{'same code':>10}{'MFU':>7}{'peak GB/GPU':>13}"
+        f"{'loss':>8}{'val':>8}{'max|Δloss|':>12}{'steps 1-5':>11}"
+    )
     for r in rows:
         scaling = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
         same = f"{r['scaling_same_code']:.1%}" if "scaling_same_code" in r else "-"
-        print(f"{r['run']:<14}{r['tokens_per_s']:>10.0f}{r['tokens_per_s_per_gpu']:>11.0f}{scaling:>9}{same:>10}"
-              f"{r['mfu']:>7.1%}{r['peak_mem_gb_per_gpu']:>13.2f}{r['final_loss']:>8.4f}{r['val_loss']:>8.4f}"
-              f"{r.get('max_abs_dloss', 0.0):>12.2e}{r.get('max_abs_dloss_first5', 0.0):>11.2e}")  # fmt: skip
+        print(
+            f"{r['run']:<14}{r['tokens_per_s']:>10.0f}{r['tokens_per_s_per_gpu']:>11.0f}{scaling:>9}{same:>10}"
+            f"{r['mfu']:>7.1%}{r['peak_mem_gb_per_gpu']:>13.2f}{r['final_loss']:>8.4f}{r['val_loss']:>8.4f}"
+            f"{r.get('max_abs_dloss', 0.0):>12.2e}{r.get('max_abs_dloss_first5', 0.0):>11.2e}"
+        )
 
 
 if __name__ == "__main__":

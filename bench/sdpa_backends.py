@@ -26,8 +26,14 @@ def main() -> None:
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = []
-    for seq, hq, hkv, d in [(2048, 32, 4, 128), (2048, 16, 4, 128), (4096, 32, 8, 64), (4096, 16, 8, 64),
-                            (1024, 16, 2, 64), (1024, 8, 2, 64)]:  # fmt: skip
+    for seq, hq, hkv, d in [
+        (2048, 32, 4, 128),
+        (2048, 16, 4, 128),
+        (4096, 32, 8, 64),
+        (4096, 16, 8, 64),
+        (1024, 16, 2, 64),
+        (1024, 8, 2, 64),
+    ]:
         b = args.batch * 4096 // seq
         q = torch.randn(b, hq, seq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(b, hkv, seq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -46,18 +52,23 @@ def main() -> None:
 
                 try:
                     t_f, t_fb = cuda_time_ms(fwd, iters=10), cuda_time_ms(fwd_bwd, iters=10)
-                    rows.append((seq, hq, hkv, d, b, name, gqa, t_f, flops_fwd / t_f / 1e9, t_fb,
-                                 3.5 * flops_fwd / t_fb / 1e9))  # fmt: skip
+                    rows.append(
+                        (seq, hq, hkv, d, b, name, gqa, t_f, flops_fwd / t_f / 1e9, t_fb, 3.5 * flops_fwd / t_fb / 1e9)
+                    )
                 except RuntimeError as err:
                     rows.append((seq, hq, hkv, d, b, name, gqa, None, None, None, str(err).splitlines()[0][:60]))
-    print(f"{'T':>5} {'Hq':>3} {'Hkv':>3} {'d':>4} {'B':>3} {'backend':>9} {'gqa':>5} {'fwd ms':>8} {'TFLOP/s':>8} "
-          f"{'f+b ms':>8} {'TFLOP/s':>8}")  # fmt: skip
+    print(
+        f"{'T':>5} {'Hq':>3} {'Hkv':>3} {'d':>4} {'B':>3} {'backend':>9} {'gqa':>5} {'fwd ms':>8} {'TFLOP/s':>8} "
+        f"{'f+b ms':>8} {'TFLOP/s':>8}"
+    )
     for r in rows:
         if r[7] is None:
             print(f"{r[0]:>5} {r[1]:>3} {r[2]:>3} {r[3]:>4} {r[4]:>3} {r[5]:>9} {r[6]!s:>5}  unsupported: {r[10]}")
         else:
-            print(f"{r[0]:>5} {r[1]:>3} {r[2]:>3} {r[3]:>4} {r[4]:>3} {r[5]:>9} {r[6]!s:>5} {r[7]:>8.3f} {r[8]:>8.0f} "
-                  f"{r[9]:>8.3f} {r[10]:>8.0f}")  # fmt: skip
+            print(
+                f"{r[0]:>5} {r[1]:>3} {r[2]:>3} {r[3]:>4} {r[4]:>3} {r[5]:>9} {r[6]!s:>5} {r[7]:>8.3f} {r[8]:>8.0f} "
+                f"{r[9]:>8.3f} {r[10]:>8.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -82,8 +82,13 @@ def kernel_split(step, device: torch.device) -> dict[str, float | str | list]:
         if device_us <= 0:
             continue
         name = event.key.lower()
-        kind = ("attention" if any(k in name for k in ATTENTION_KERNELS)
-                else "gemm" if any(k in name for k in GEMM_KERNELS) else "other")  # fmt: skip
+        kind = (
+            "attention"
+            if any(k in name for k in ATTENTION_KERNELS)
+            else "gemm"
+            if any(k in name for k in GEMM_KERNELS)
+            else "other"
+        )
         totals[kind] += device_us
         if kind == "attention":
             top_attention = max(top_attention, (device_us, event.key[:60]))
@@ -94,8 +99,9 @@ def kernel_split(step, device: torch.device) -> dict[str, float | str | list]:
     return {**{k: v / total for k, v in totals.items()}, "attention_kernel": top_attention[1], "top_other": top_other}
 
 
-def measure(cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, device: torch.device,
-            micro_batches: int = 1) -> dict:  # fmt: skip
+def measure(
+    cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, device: torch.device, micro_batches: int = 1
+) -> dict:
     """One optimizer step over ``batch`` rows, in ``micro_batches`` forward/backward passes (gradient
     accumulation: the same tokens per step with less activation memory)."""
     torch.manual_seed(0)
@@ -128,8 +134,13 @@ def measure(cfg: ModelConfig, seq: int, batch: int, compile: bool, steps: int, d
             step()
             times.append(time.perf_counter() - t0)
         ms, peak_gb = statistics.median(times) * 1e3, None
-    out = {"tokens_per_s": batch * seq / ms * 1e3, "ms": ms, "peak_gb": peak_gb,
-           "flops_per_token": model.flops_per_token(seq), "params": model.num_params()["total"]}  # fmt: skip
+    out = {
+        "tokens_per_s": batch * seq / ms * 1e3,
+        "ms": ms,
+        "peak_gb": peak_gb,
+        "flops_per_token": model.flops_per_token(seq),
+        "params": model.num_params()["total"],
+    }
     out["split"] = kernel_split(step, device)
     return out
 
@@ -143,8 +154,12 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step (batch = this / seq)")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--micro-batches", type=int, default=1,
-                   help="passes per step to start with; doubled while a point runs out of memory")  # fmt: skip
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="passes per step to start with; doubled while a point runs out of memory",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -174,14 +189,17 @@ def main() -> None:
                     if device.type == "cuda":
                         gc.collect()
                         torch.cuda.empty_cache()  # the last model's memory, before the next is built
-                    rows.append(dict(shape=shape, seq=seq, batch=batch, micro_batches=micro, mode=mode,
-                                     variant=variant, **r))  # fmt: skip
+                    rows.append(
+                        dict(shape=shape, seq=seq, batch=batch, micro_batches=micro, mode=mode, variant=variant, **r)
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "train_bench.json"), "w") as f:
         json.dump({"device": name, "gemm_peak_tflops": peak, "rows": rows}, f, indent=1)
 
-    print(f"\n{'shape':<6}{'seq':>6}{'mode':>8}{'variant':>15}{'micro':>6}{'tok/s':>11}{'vs base':>8}{'MFU meas':>9}"
-          f"{'MFU 989':>8}{'peak GB':>8}{'mem/base':>9}{'attn%':>7}{'gemm%':>7}  attention kernel")  # fmt: skip
+    print(
+        f"\n{'shape':<6}{'seq':>6}{'mode':>8}{'variant':>15}{'micro':>6}{'tok/s':>11}{'vs base':>8}{'MFU meas':>9}"
+        f"{'MFU 989':>8}{'peak GB':>8}{'mem/base':>9}{'attn%':>7}{'gemm%':>7}  attention kernel"
+    )
     base = {(r["shape"], r["seq"], r["mode"]): r for r in rows if r["variant"] == "baseline" and "ms" in r}
     for r in rows:
         if "ms" not in r:
@@ -194,16 +212,20 @@ def main() -> None:
         same_passes = b and b["micro_batches"] == r["micro_batches"]  # else peak memory is not comparable
         mem_ratio = f"{r['peak_gb'] / b['peak_gb']:.3f}" if same_passes and r["peak_gb"] else "-"
         split = r["split"] or {}
-        print(f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>15}{r['micro_batches']:>6}{r['tokens_per_s']:>11.0f}"
-              f"{r['tokens_per_s'] / b['tokens_per_s'] if b else float('nan'):>8.3f}{mfu_meas:>9}"
-              f"{flops / 989e12:>8.1%}{mem:>8}{mem_ratio:>9}{split.get('attention', 0):>7.0%}"
-              f"{split.get('gemm', 0):>7.0%}  {split.get('attention_kernel', '')[:40]}")  # fmt: skip
+        print(
+            f"{r['shape']:<6}{r['seq']:>6}{r['mode']:>8}{r['variant']:>15}{r['micro_batches']:>6}{r['tokens_per_s']:>11.0f}"
+            f"{r['tokens_per_s'] / b['tokens_per_s'] if b else float('nan'):>8.3f}{mfu_meas:>9}"
+            f"{flops / 989e12:>8.1%}{mem:>8}{mem_ratio:>9}{split.get('attention', 0):>7.0%}"
+            f"{split.get('gemm', 0):>7.0%}  {split.get('attention_kernel', '')[:40]}"
+        )
     wide = {(r["shape"], r["seq"], r["mode"]): r for r in rows if r["variant"] == "baseline_2h" and "ms" in r}
     for r in rows:
         w = wide.get((r["shape"], r["seq"], r["mode"]))
         if w and r["variant"].startswith("diff_v2") and "ms" in r:
-            print(f"{r['variant']} / baseline_2h ({r['shape']}, {r['seq']}, {r['mode']}): tokens/s "
-                  f"{r['tokens_per_s'] / w['tokens_per_s']:.3f}, params {r['params'] / w['params']:.3f}")  # fmt: skip
+            print(
+                f"{r['variant']} / baseline_2h ({r['shape']}, {r['seq']}, {r['mode']}): tokens/s "
+                f"{r['tokens_per_s'] / w['tokens_per_s']:.3f}, params {r['params'] / w['params']:.3f}"
+            )
 
 
 if __name__ == "__main__":

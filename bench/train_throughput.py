@@ -38,34 +38,53 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         run_dir = out / f"{args.preset}-{variant}"
-        cfg = TrainConfig(data=str(data), out_dir=str(run_dir), preset=args.preset, model={"attention": variant},
-                          steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                          warmup_steps=args.steps // 10, compile=args.compile, eval_every=args.steps // 2,
-                          diag_every=args.diag_every, save_every=0, log_every=20, sample_tokens=0,
-                          tensorboard=False)  # fmt: skip
+        cfg = TrainConfig(
+            data=str(data),
+            out_dir=str(run_dir),
+            preset=args.preset,
+            model={"attention": variant},
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            warmup_steps=args.steps // 10,
+            compile=args.compile,
+            eval_every=args.steps // 2,
+            diag_every=args.diag_every,
+            save_every=0,
+            log_every=20,
+            sample_tokens=0,
+            tensorboard=False,
+        )
         summary = train(cfg, progress=False)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         timed = [r for r in records if r["kind"] == "train" and "tokens_per_s" in r and r["step"] > args.steps // 5]
-        rows.append({
-            "variant": variant,
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-            "mfu": statistics.median(r.get("mfu", float("nan")) for r in timed),
-            "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in timed),
-            "train_loss": summary["train_loss"],
-            "val_loss": summary["val_loss"],
-            "diag_overhead": summary["diag_overhead"],
-            "loss_spikes": summary["loss_spikes"],
-            "grad_spikes": summary["grad_spikes"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": variant,
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+                "mfu": statistics.median(r.get("mfu", float("nan")) for r in timed),
+                "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in timed),
+                "train_loss": summary["train_loss"],
+                "val_loss": summary["val_loss"],
+                "diag_overhead": summary["diag_overhead"],
+                "loss_spikes": summary["loss_spikes"],
+                "grad_spikes": summary["grad_spikes"],
+            }
+        )
     (out / "throughput.json").write_text(json.dumps(rows, indent=2))
     base = next((r for r in rows if r["variant"] == "baseline"), rows[0])
-    print(f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}, compile={args.compile}, "
-          f"{args.steps} steps")  # fmt: skip
+    print(
+        f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}, compile={args.compile}, "
+        f"{args.steps} steps"
+    )
     print(f"{'variant':<10}{'tok/s':>10}{'vs base':>9}{'MFU':>7}{'peak GB':>9}{'train':>8}{'val':>8}{'diag %':>8}")
     for r in rows:
-        print(f"{r['variant']:<10}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / base['tokens_per_s']:>9.3f}"
-              f"{r['mfu']:>7.1%}{r['peak_mem_gb']:>9.2f}{r['train_loss']:>8.3f}{r['val_loss']:>8.3f}"
-              f"{r['diag_overhead']:>8.2%}")  # fmt: skip
+        print(
+            f"{r['variant']:<10}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / base['tokens_per_s']:>9.3f}"
+            f"{r['mfu']:>7.1%}{r['peak_mem_gb']:>9.2f}{r['train_loss']:>8.3f}{r['val_loss']:>8.3f}"
+            f"{r['diag_overhead']:>8.2%}"
+        )
 
 
 if __name__ == "__main__":

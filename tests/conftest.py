@@ -26,8 +26,9 @@ def interpreter(monkeypatch):
     def widen(x):
         if x.dtype.scalar != tl.bfloat16:
             return x
-        return interp.TensorHandle(interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32),
-                                   tl.float32)  # fmt: skip
+        return interp.TensorHandle(
+            interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32
+        )
 
     def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)

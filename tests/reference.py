@@ -117,8 +117,9 @@ def forward(model, tokens: torch.Tensor, sd: dict[str, torch.Tensor] | None = No
     return torch.stack(out)
 
 
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
+def gqa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
     """Softmax attention in float64, head by head: q (B, Hq, T, d), k/v (B, Hkv, S, d); query head j reads K/V head
     j // (Hq/Hkv). ``mask`` (B, 1, T, S), True = may attend (default: causal, queries aligned to the last T keys);
     a query with no key gets zeros."""

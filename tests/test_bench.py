@@ -19,9 +19,27 @@ def run_script(*args: str) -> str:
 
 
 def test_train_bench_on_cpu(tmp_path):
-    out = run_script("bench/train.py", "--device", "cpu", "--shapes", "tiny", "--seqs", "64", "--batch-tokens", "256",
-                     "--steps", "1", "--modes", "eager", "--variants", "baseline,baseline_2h,diff_v2,diff_v2_keep",
-                     "--micro-batches", "2", "--out", str(tmp_path))  # fmt: skip
+    out = run_script(
+        "bench/train.py",
+        "--device",
+        "cpu",
+        "--shapes",
+        "tiny",
+        "--seqs",
+        "64",
+        "--batch-tokens",
+        "256",
+        "--steps",
+        "1",
+        "--modes",
+        "eager",
+        "--variants",
+        "baseline,baseline_2h,diff_v2,diff_v2_keep",
+        "--micro-batches",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
     rows = json.loads((tmp_path / "train_bench.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["baseline", "baseline_2h", "diff_v2", "diff_v2_keep"]
     assert all(r["batch"] == 4 and r["micro_batches"] == 2 for r in rows)  # 4 rows a step, in 2 passes
@@ -35,9 +53,30 @@ def test_train_bench_on_cpu(tmp_path):
 def test_scaling_bench_on_cpu(tmp_path):
     """One process, then DDP and FSDP2 (default and ZeRO-2 resharding) on two gloo ranks, then the FSDP
     checkpoint resumed in one process: in fp32 on the CPU the losses agree."""
-    out = run_script("bench/scaling.py", "--device", "cpu", "--preset", "tiny", "--tokenizer", "byte", "--steps", "4",
-                     "--batch-size", "2", "--seq-len", "32", "--grad-accum", "2", "--log-every", "2",
-                     "--modes", "ddp,fsdp,fsdp-never", "--no-one-rank", "--out", str(tmp_path))  # fmt: skip
+    out = run_script(
+        "bench/scaling.py",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        "byte",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--grad-accum",
+        "2",
+        "--log-every",
+        "2",
+        "--modes",
+        "ddp,fsdp,fsdp-never",
+        "--no-one-rank",
+        "--out",
+        str(tmp_path),
+    )
     rows = {r["run"]: r for r in json.loads((tmp_path / "scaling.json").read_text())}
     assert set(rows) == {"1 GPU", "ddp x2", "fsdp x2", "fsdp-never x2", "fsdp x2 -> 1"}
     assert "--fsdp_reshard_after_forward never" in out

@@ -47,8 +47,9 @@ BASE = dict(
 
 
 def make_config(data: Path | str, out: Path, **compare) -> CompareConfig:
-    return CompareConfig.from_dict({**BASE, "data": str(data), "model": dict(TINY), "compare": {"out_dir": str(out),
-                                    **compare}})  # fmt: skip
+    return CompareConfig.from_dict(
+        {**BASE, "data": str(data), "model": dict(TINY), "compare": {"out_dir": str(out), **compare}}
+    )
 
 
 def total_params(cfg: ModelConfig) -> int:
@@ -98,15 +99,17 @@ def test_grid_has_every_variant_lr_and_seed_with_unique_dirs(tmp_path):
     default = [v for v in VARIANTS if v not in OPT_IN]  # controls for a question run only when named
     assert cfg.variants == default and len(default) == 7
     assert len(specs) == 7 * 2 * 3
-    assert {(s.variant, s.lr, s.seed) for s in specs} == {(v, lr, s) for v in default for lr in (1e-3, 3e-3)
-                                                          for s in (0, 1, 2)}  # fmt: skip
+    assert {(s.variant, s.lr, s.seed) for s in specs} == {
+        (v, lr, s) for v in default for lr in (1e-3, 3e-3) for s in (0, 1, 2)
+    }
     assert len({s.run_dir for s in specs}) == len(specs)
     assert specs[0].run_dir == tmp_path / "out" / "baseline_matched" / "lr0.001" / "seed0"
     shared = {(s.train.data, s.train.steps, s.train.batch_size, s.train.seq_len, s.train.schedule) for s in specs}
     assert shared == {(str(tmp_path / "data"), 6, 4, 32, "cosine")}  # identical data, budget and schedule
     assert all(s.train.lr == s.lr and s.train.seed == s.seed and s.train.out_dir == str(s.run_dir) for s in specs)
-    kinds = {s.variant: (s.train.model["attention"], s.train.model["pairing"], s.train.model["lambda_mode"])
-             for s in specs}  # fmt: skip
+    kinds = {
+        s.variant: (s.train.model["attention"], s.train.model["pairing"], s.train.model["lambda_mode"]) for s in specs
+    }
     assert kinds["v2_split"] == ("diff_v2", "split", "sigmoid") and kinds["v2_linear"][2] == "linear"
     assert kinds["v2_no_lambda"][2] == "none" and kinds["diff_v1"][0] == "diff_v1"
 
@@ -353,8 +356,10 @@ def test_compare_cli_dry_run_and_report_only(text_dir, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- attention maps and inspect
-@pytest.mark.parametrize("overrides", [dict(attention="baseline"), dict(attention="diff_v1"), dict(),
-                                       dict(pairing="split"), dict(lambda_mode="linear")])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(attention="baseline"), dict(attention="diff_v1"), dict(), dict(pairing="split"), dict(lambda_mode="linear")],
+)
 def test_captured_maps_are_the_ones_the_forward_used(overrides):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, **TINY, **overrides)).eval()
@@ -375,8 +380,22 @@ def test_inspect_draws_maps_for_each_kind_of_checkpoint(grid, tmp_path, capsys):
     for variant, expected in [("diff_v2", 3), ("diff_v1", 2), ("baseline_matched", 2)]:
         run_dir = Path(grid.out_dir) / variant / "lr0.003" / "seed0"
         out = tmp_path / variant
-        assert cli("inspect", "--checkpoint", str(run_dir), "--prompt", "In the beginning", "--layer", "1",
-                   "--head", "1", "--out", str(out)) == 0  # fmt: skip
+        assert (
+            cli(
+                "inspect",
+                "--checkpoint",
+                str(run_dir),
+                "--prompt",
+                "In the beginning",
+                "--layer",
+                "1",
+                "--head",
+                "1",
+                "--out",
+                str(out),
+            )
+            == 0
+        )
         pngs = sorted(out.glob("*.png"))
         assert len(pngs) == expected and (out / "attention_L1_H1.png") in pngs
         assert all(png_size(p)[0] >= 400 for p in pngs)

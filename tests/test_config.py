@@ -1,4 +1,5 @@
-"""Config validation, presets, parameter accounting (spec §1.9) and parameter matching (spec §6 Q1)."""
+"""Config validation, presets, parameter accounting and parameter matching
+(docs/design.md#parameter-matching)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from diffv2 import (
 )
 from diffv2.attention import build_attention
 
-# spec §1.9: D=2048, h=16, d=128 → (base-h, DIFF V2, base-2h, base-1.5h) attention parameters per layer
+# docs/design.md#parameter-matching: D=2048, h=16, d=128 → (base-h, DIFF V2, base-2h, base-1.5h) attention
+# parameters per layer, from the shapes' formulas
 SPEC_TABLE = {
     1: (8_912_896, 13_139_968, 17_301_504, 13_107_200),
     2: (9_437_184, 13_664_256, 17_825_792, 13_631_488),
@@ -41,7 +43,7 @@ def test_attention_parameter_counts_match_spec_table(n_kv_heads):
     assert tuple(attention_params(c) for c in (base, cfg, base_2h)) == got
     if 24 % n_kv_heads == 0:
         assert _module_params(baseline_1p5h(cfg)) == SPEC_TABLE[n_kv_heads][3]
-    else:  # MHA: 24 query heads cannot share 16 KV heads; the spec's figure is the formula alone
+    else:  # MHA: 24 query heads cannot share 16 KV heads; the table's figure is the formula alone
         assert 2048 * 24 * 128 * 2 + 2 * 2048 * n_kv_heads * 128 == SPEC_TABLE[n_kv_heads][3]
         with pytest.raises(ConfigError, match="n_kv_heads"):
             baseline_1p5h(cfg)

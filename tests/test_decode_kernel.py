@@ -204,8 +204,17 @@ def test_interpreter_model_decode_through_the_kernel(attention, fused):
     from diffv2.attention import traced_routes
     from diffv2.generate.step import DecodeStep
 
-    cfg = ModelConfig(vocab_size=50, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=64,
-                      max_seq_len=32, attention=attention)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_hidden=64,
+        max_seq_len=32,
+        attention=attention,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     seq = torch.randint(0, 50, (2, 9))
@@ -218,8 +227,9 @@ def test_interpreter_model_decode_through_the_kernel(attention, fused):
             step = DecodeStep(model, cache, torch.tensor([0, 0]))
             for slot in range(5, 9):
                 torch.testing.assert_close(step(seq[:, slot], slot), full[:, slot], rtol=1e-4, atol=1e-4)
-    route = {"baseline": ["split_kv_decode"], "diff_v1": ["split_kv_decode"] * 4,
-             "diff_v2": ["diff_v2_decode_kernel"]}[attention]  # fmt: skip
+    route = {"baseline": ["split_kv_decode"], "diff_v1": ["split_kv_decode"] * 4, "diff_v2": ["diff_v2_decode_kernel"]}[
+        attention
+    ]
     assert taken == route * cfg.n_layers * 4
 
 
@@ -240,8 +250,7 @@ def test_interpreter_rows_at_different_lengths_through_the_kernel(attention, mon
         calls.append(args[4].tolist())  # each row's window end
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("diffv2.kernels.attention.decode_attention_triton", spy)
-    monkeypatch.setattr("diffv2.attention.decode_attention_triton", spy)
+    monkeypatch.setattr("diffv2.attention.dispatch.decode_attention_triton", spy)  # what the decode routes call
     shape = dict(vocab_size=50, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=64)
     cfg = ModelConfig(**shape, max_seq_len=24, attention=attention)
     torch.manual_seed(1)
@@ -269,8 +278,18 @@ def test_interpreter_rows_at_different_lengths_through_the_kernel(attention, mon
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("num_splits", [1, 5, None])
-@pytest.mark.parametrize(("hq", "hkv", "d", "t"), [(8, 8, 128, 1), (16, 8, 64, 1), (16, 4, 128, 4), (32, 4, 128, 1),
-                                                   (32, 4, 128, 16), (16, 2, 64, 16), (32, 4, 64, 4)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "t"),
+    [
+        (8, 8, 128, 1),
+        (16, 8, 64, 1),
+        (16, 4, 128, 4),
+        (32, 4, 128, 1),
+        (32, 4, 128, 16),
+        (16, 2, 64, 16),
+        (32, 4, 64, 4),
+    ],
+)
 @pytest.mark.parametrize("b", [1, 5])
 def test_gpu_matches_eager(b, hq, hkv, d, t, num_splits, dtype):
     q, k, v, start, end, w = make_inputs(b, hq, hkv, d, t, 1000, dtype, device="cuda", seed=b + t)

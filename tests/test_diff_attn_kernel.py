@@ -28,8 +28,12 @@ requires_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and trit
 # against the largest reference value. Half precision: measured ~1 unit in the last place of the largest value
 # (probabilities and dS enter the products in that dtype, results are rounded to it), so rtol ~2.5x that. The
 # atol covers T = 1, where dq and dk are exactly zero but delta = Σ dout·o comes from the rounded outputs.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 2e-5), torch.float16: (3e-3, 4e-3),
-       torch.bfloat16: (3e-2, 3e-2)}  # fmt: skip
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 2e-5),
+    torch.float16: (3e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
 
 
 def reference(q, k, v, w, scale=None):
@@ -207,8 +211,16 @@ def _model_pair(device: str, dtype: torch.dtype, d: int, max_seq_len: int = 64):
     """The same DIFF V2 weights with backend "sdpa" and backend "triton" (the fused kernel where it applies)."""
     from diffv2 import ModelConfig, Transformer
 
-    cfg = ModelConfig(vocab_size=64, d_model=4 * d, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=d, ffn_hidden=64,
-                      max_seq_len=max_seq_len)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=4 * d,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=d,
+        ffn_hidden=64,
+        max_seq_len=max_seq_len,
+    )
     torch.manual_seed(0)
     sdpa = Transformer(cfg).to(device, dtype)
     fused = Transformer(cfg.replace(backend="triton")).to(device, dtype)

@@ -84,8 +84,12 @@ def test_pair_subtract_project_compiled_helpers_match(monkeypatch):
     compiled = run()
     assert [t.dtype for t in compiled] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
     for got, want in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4 if got.dtype == torch.float32 else None,
-                                   atol=1e-4 if got.dtype == torch.float32 else None)  # fmt: skip
+        torch.testing.assert_close(
+            got,
+            want,
+            rtol=1e-4 if got.dtype == torch.float32 else None,
+            atol=1e-4 if got.dtype == torch.float32 else None,
+        )
 
 
 def test_pair_subtract_project_inside_torch_compile_traces_its_helpers_inline(monkeypatch):

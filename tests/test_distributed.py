@@ -33,8 +33,11 @@ PROBE = (torch.arange(2 * 16).reshape(2, 16) * 7) % 257  # byte-level token ids
 def config(data: Path, out: Path, **kw) -> TrainConfig:
     # grad_accum 4 = 2 micro-steps per rank, so gradients also accumulate unsynchronised; 3 eval batches do
     # not split evenly over 2 ranks, so the sharded model runs a padding batch.
-    return small_cfg(data, out, **{"steps": 10, "grad_accum": 4, "eval_every": 5, "eval_batches": 3,
-                                       "diag_every": 5, "save_every": 5, **kw})  # fmt: skip
+    return small_cfg(
+        data,
+        out,
+        **{"steps": 10, "grad_accum": 4, "eval_every": 5, "eval_batches": 3, "diag_every": 5, "save_every": 5, **kw},
+    )
 
 
 def free_port() -> int:
@@ -45,8 +48,9 @@ def free_port() -> int:
 
 def _join(rank: int, port: int) -> None:
     """Set up what torchrun would for a spawned rank (spawn targets must be importable module functions)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)  # the ranks share the machine's cores
 
 
@@ -79,8 +83,13 @@ def launched(data_dir, tmp_path_factory):  # noqa: F811
             out = tmp_path_factory.mktemp(mode) / "run"
             parallel, _, reshard = mode.partition("-")
             # activation checkpointing must not change the numbers either
-            cfg = config(data_dir, out, parallel=parallel, activation_checkpointing=mode == "fsdp",
-                         fsdp_reshard_after_forward=reshard or "default")  # fmt: skip
+            cfg = config(
+                data_dir,
+                out,
+                parallel=parallel,
+                activation_checkpointing=mode == "fsdp",
+                fsdp_reshard_after_forward=reshard or "default",
+            )
             mp.spawn(_rank_main, args=(free_port(), cfg.to_dict(), str(out / "probe.pt")), nprocs=WORLD)
             runs[mode] = out
         return runs[mode]
@@ -89,8 +98,11 @@ def launched(data_dir, tmp_path_factory):  # noqa: F811
 
 
 def trajectory(run_dir: Path) -> list[tuple[str, int, float, float | None]]:
-    return [(r["kind"], r["step"], r.get("loss", r.get("val_loss")), r.get("grad_norm"))
-            for kind in ("train", "eval") for r in read_metrics(run_dir, kind)]  # fmt: skip
+    return [
+        (r["kind"], r["step"], r.get("loss", r.get("val_loss")), r.get("grad_norm"))
+        for kind in ("train", "eval")
+        for r in read_metrics(run_dir, kind)
+    ]
 
 
 def assert_same_trajectory(got: Path, want: Path) -> None:
@@ -222,9 +234,17 @@ def test_a_failing_rank_ends_the_job_with_a_clear_message(data_dir, tmp_path, pa
         "--no-tensorboard",
         "--no-progress",
     ]
-    flags += [x for k, v in SMALL_MODEL.items() for x in (f"--{k}", str(v))]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(script), how, *flags]  # fmt: skip
+    flags += [x for k, v in SMALL_MODEL.items() for x in (f"--{k}", str(v))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        str(script),
+        how,
+        *flags,
+    ]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -253,8 +273,9 @@ def test_compile_scope_picks_what_is_compiled():
     cpu = torch.device("cpu")
     for scope, whole in (("auto", True), ("model", True), ("block", False)):
         model = Transformer(cfg)
-        par = parallelize(model, DistEnv(), cpu, compile=True, compile_scope=scope, activation_checkpointing=False,
-                          bf16=False)  # fmt: skip
+        par = parallelize(
+            model, DistEnv(), cpu, compile=True, compile_scope=scope, activation_checkpointing=False, bf16=False
+        )
         assert isinstance(par.train_fn, OptimizedModule) == whole, scope
         assert all(isinstance(block, OptimizedModule) for block in model.layers) == (not whole), scope
     with pytest.raises(ConfigError, match="compile_scope"):

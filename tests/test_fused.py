@@ -46,8 +46,9 @@ def test_fused_logits_equal_unfused_with_one_matmul_per_input_group(kw, monkeypa
             assert {k: v.shape for k, v in model.state_dict().items()} == {k: s for k, (s, _) in names.items()}
             got = model(tokens)
     # every projection of the layer input (q/k/v/λ or gate, SwiGLU's gate/up) ran inside one matmul per group
-    inputs = {"diff_v2": 4 if model.cfg.lambda_mode in ("sigmoid", "linear") else 3, "gated": 4}
-    assert unfused_calls - calls[0] == model.cfg.n_layers * (inputs.get(model.cfg.attention, 3) + 2)
+    attn = model.layers[0].attn
+    inputs = sum(getattr(attn, name, None) is not None for name in attn.input_projections)
+    assert unfused_calls - calls[0] == model.cfg.n_layers * (inputs + 2)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert not fused_now(model)
 

@@ -19,9 +19,17 @@ VARIANTS = ["baseline", "gated", "diff_v1", "diff_v2"]
 
 def _cfg(attention: str, head_dim: int = 64, **kw) -> ModelConfig:
     return ModelConfig(
-        vocab_size=1024, d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=head_dim,
-        ffn_hidden=1024, max_seq_len=1024, attention=attention, **kw,
-    )  # fmt: skip
+        vocab_size=1024,
+        d_model=512,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=head_dim,
+        ffn_hidden=1024,
+        max_seq_len=1024,
+        attention=attention,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

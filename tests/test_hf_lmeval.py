@@ -48,11 +48,27 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Transformer, 
     prepare_dataset(root / "text", root / "data", tokenizer="byte", val_fraction=0.2, progress=False)
     tok = Tokenizer.from_file(root / "data" / "tokenizer.json")
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
-                                    head_dim=16, ffn_hidden=64, max_seq_len=256)).eval()  # fmt: skip
+    model = Transformer(
+        ModelConfig(
+            vocab_size=tok.vocab_size,
+            d_model=32,
+            n_layers=2,
+            n_heads=2,
+            n_kv_heads=1,
+            head_dim=16,
+            ffn_hidden=64,
+            max_seq_len=256,
+        )
+    ).eval()
     state = {"step": 1, "tokenizer_sha256": tok.sha256()}
-    save_checkpoint(root / "run", 1, model=model, state=state, config={"train": {}, "model": model.cfg.to_dict()},
-                    tokenizer_json=tok.to_json_str())  # fmt: skip
+    save_checkpoint(
+        root / "run",
+        1,
+        model=model,
+        state=state,
+        config={"train": {}, "model": model.cfg.to_dict()},
+        tokenizer_json=tok.to_json_str(),
+    )
     docs = H.val_documents(root / "data")
     return root, model, tok, docs
 

@@ -68,8 +68,10 @@ def test_loader_is_deterministic_and_resumes_exactly(counting_data):
 
 
 def rank_loaders(data, world: int, **kw) -> list[TokenLoader]:
-    return [TokenLoader(data, "train", batch_size=7, seq_len=50, seed=7, rank=r, world_size=world, **kw)
-            for r in range(world)]  # fmt: skip
+    return [
+        TokenLoader(data, "train", batch_size=7, seq_len=50, seed=7, rank=r, world_size=world, **kw)
+        for r in range(world)
+    ]
 
 
 def same_batches(a, b) -> bool:
@@ -140,8 +142,9 @@ def test_eval_batches_are_fixed_and_sequential(counting_data):
 def test_eval_batches_split_across_ranks_in_equal_rounds(counting_data):
     data, _ = counting_data
     whole = list(EvalBatches(data, "train", batch_size=3, seq_len=100, max_batches=5))
-    ranks = [EvalBatches(data, "train", batch_size=3, seq_len=100, max_batches=5, rank=r, world_size=3)
-             for r in range(3)]  # fmt: skip
+    ranks = [
+        EvalBatches(data, "train", batch_size=3, seq_len=100, max_batches=5, rank=r, world_size=3) for r in range(3)
+    ]
     rounds = [list(ev.padded()) for ev in ranks]
     assert [len(r) for r in rounds] == [2, 2, 2] and [len(ev) for ev in ranks] == [2, 2, 1]
     assert [real for r in rounds for *_, real in r] == [True, True, True, True, True, False]

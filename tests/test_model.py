@@ -168,8 +168,11 @@ def test_a_seed_gives_the_weights_it_always_gave(attention, fingerprint):
     assert float(got) == pytest.approx(fingerprint, abs=1e-6)
 
 
-@pytest.mark.parametrize("attend", [lambda q, k, v: sdpa_attention(q, k, v, None),
-                                    lambda q, k, v: eager_attention(q, k, v)[0]], ids=["sdpa", "eager"])  # fmt: skip
+@pytest.mark.parametrize(
+    "attend",
+    [lambda q, k, v: sdpa_attention(q, k, v, None), lambda q, k, v: eager_attention(q, k, v)[0]],
+    ids=["sdpa", "eager"],
+)
 def test_attention_with_fewer_queries_than_keys_aligns_bottom_right(attend):
     """A KV-cache step (T < S) must equal the last T rows of the full causal attention."""
     torch.manual_seed(8)

@@ -49,8 +49,9 @@ def test_dispatcher_uses_pytorch_off_device_and_with_gradients():
 @interpreter_only
 @pytest.mark.usefixtures("interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("b", "t", "hq", "hk", "d", "per_row"), [(2, 3, 8, 2, 16, True), (1, 1, 32, 4, 64, False),
-                                                                   (3, 2, 6, 3, 32, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("b", "t", "hq", "hk", "d", "per_row"), [(2, 3, 8, 2, 16, True), (1, 1, 32, 4, 64, False), (3, 2, 6, 3, 32, True)]
+)
 def test_interpreter_matches_pytorch(b, t, hq, hk, d, per_row, dtype):
     q, k, cos, sin = make(b, t, hq, hk, d, dtype, per_row=per_row, seed=t)
     with torch.no_grad():

@@ -7,7 +7,7 @@
 source scripts/gpu/setup.sh
 export PYTHONUNBUFFERED=1
 # defaults (later arguments override): micro-batches of 16 x 1024 (8 left the GPU waiting on Python: see
-# docs/benchmarks.md, 2026-11-30), DDP with per-block graphs and around one whole-model graph, and FSDP2
+# docs/benchmarks.md#scaling), DDP with per-block graphs and around one whole-model graph, and FSDP2
 timeout 570 python3 bench/scaling.py --gpus 2 --compile --profile-steps 2 --steps 30 --log-every 5 --out /tmp/sc \
   --batch-size 16 --grad-accum 4 --modes ddp-model,fsdp,fsdp-never --no-one-rank "$@" > "$OUT/scaling.log" 2>&1
 echo "scaling exit $?" >> "$OUT/scaling.log"

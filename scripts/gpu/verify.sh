@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call (<= 10 min) on nvidia-h200-x2 that checks this tree's GPU paths and re-times what changed
-# since the last runs (docs/benchmarks.md). First every GPU test, alone on the machine (next to a compiling
-# training job the suite ran out of time, 2026-11-30). Then, side by side: on GPU 0 the whole decode benchmark
+# since the figures in docs/benchmarks.md. First every GPU test, alone on the machine (next to a compiling
+# training job the suite runs out of time). Then, side by side: on GPU 0 the whole decode benchmark
 # (batch 1, 16, 64 x context 1k, 8k, 32k; the compiled step at batch 1), on GPU 1 the training benchmark at
 # 4096 tokens (1b, TRAIN_SHAPES=1b,350m for both; baseline, DIFF V2 recomputing and keeping the pair difference,
 # baseline with 2h query heads: the time left after the tests fits about four 1b rows) for speed and peak

@@ -1,8 +1,8 @@
 """Model configuration: one validated dataclass and named presets.
 
-``n_heads`` is always h, the number of *output* heads = a baseline Transformer's head count (docs/design.md,
-"What h means"). Each attention variant derives its query heads from it (2h for DIFF V2) and checks the fields
-it cares about: the rules live with the variant's class in :mod:`diffv2.attention`, which registers itself in
+``n_heads`` is always h, the number of *output* heads = a baseline Transformer's head count
+(docs/design.md#what-h-means). Each attention variant derives its query heads from it (2h for DIFF V2) and checks
+the fields it cares about: the rules live with the variant's class in :mod:`diffv2.attention`, which registers itself in
 :data:`ATTENTION_VARIANTS`.
 """
 

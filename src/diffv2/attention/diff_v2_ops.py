@@ -95,8 +95,11 @@ def _compiled_or_eager(fn):
             raise
         except Exception as err:  # a compiler failure must not stop training: it only costs speed
             reason = f"{type(err).__name__}: {str(err)[:200]}"
-            warnings.warn(f"diffv2: torch.compile of {fn.__name__} failed ({reason}); the pair subtraction runs "
-                          "uncompiled from now on", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"diffv2: torch.compile of {fn.__name__} failed ({reason}); the pair subtraction runs "
+                "uncompiled from now on",
+                stacklevel=2,
+            )
             _FUSED["failed"] = True
             return fn(*args)
 
@@ -115,7 +118,7 @@ def pair_subtract_project(out: torch.Tensor, s: torch.Tensor, weight: torch.Tens
     A linear layer keeps its input for the weight gradient: here that input would be the h·d difference, an
     activation the baseline does not have. The backward recomputes it from ``out``, which SDPA's backward keeps
     anyway. A custom op, opaque to torch.compile's partitioner: as an inlined autograd.Function the partitioner
-    chose to keep the difference after all (docs/design.md, "Training memory").
+    chose to keep the difference after all (docs/design.md#training-memory).
     Its elementwise parts go through their own small compiled kernels on CUDA (``_fused``), and the gradient of
     ``out`` comes back as one tensor, not as two slices autograd would scatter into zeros."""
     return F.linear(_fused(_context, out)(out, s, interleaved), weight.to(out.dtype))

@@ -1,4 +1,5 @@
-"""The blog's claims (spec §3), each turned into a paired contrast between two variants of the grid.
+"""The blog's claims (numbered in docs/design.md#claims), each turned into a paired contrast between two variants
+of the grid.
 
 Every check states the direction the blog predicts and is measured at every horizon of the grid, each variant at
 its best learning rate (chosen on the validation select half; the spike checks use the grid's largest lr, where
@@ -6,7 +7,7 @@ the blog expects the difference), scored on the test half, paired by seed. The p
 contrasts the decision rules need, form one family and are Holm-adjusted together; a row agrees with the blog only
 when its adjusted p is below the rules' alpha. A row whose question this grid cannot ask says so instead: a budget
 below ``min_tokens``, a precondition (the baseline must have attention sinks before DIFF V2 can remove them), or a
-diagnostic the runs did not log. The claim texts are our paraphrases; the numbers are the spec's claim numbers.
+diagnostic the runs did not log. The claim texts are our paraphrases; the numbers are those of docs/design.md#claims.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def baseline_has_sinks(variant: str) -> Precondition:
 
 @dataclass
 class Check:
-    ref: str  # the spec's claim number(s), or the decision rule a row serves
+    ref: str  # the claim number(s) of docs/design.md#claims, or the decision rule a row serves
     claim: str  # our paraphrase of what the blog says
     a: str  # variant expected to be ...
     b: str  # ... lower than this one on the metric (or higher, see ``expect``)
@@ -83,40 +84,120 @@ class Check:
 
 
 CHECKS = [
-    Check("2", "DIFF V2 reaches a lower LM loss than a Transformer", "diff_v2", "baseline_matched", test_loss,
-          "test loss"),
-    Check("2, control", "DIFF V2 beats a Transformer with a per-head sigmoid gate (Gated Attention)", "diff_v2",
-          "baseline_gated", test_loss, "test loss"),
-    Check("2, control", "DIFF V2 beats a Transformer with its 2h query heads (the blog's comparison)", "diff_v2",
-          "baseline_2h_matched", test_loss, "test loss"),
-    Check("26", "DIFF V2 beats a parameter-matched 1.5h-head Transformer (ablation 4)", "diff_v2", "baseline_1p5h",
-          test_loss, "test loss"),
-    Check("3", "DIFF V2 has fewer loss spikes than a Transformer, most of all at large lr", "diff_v2",
-          "baseline_matched", _spikes("loss_spike"), "loss spikes after warmup", at_largest_lr=True),
-    Check("3", "DIFF V2 has fewer gradient spikes than a Transformer", "diff_v2", "baseline_matched",
-          _spikes("grad_spike"), "grad-norm spikes after warmup", at_largest_lr=True),
-    Check("14", "DIFF V1's gradient norm grows late in training, DIFF V2's less", "diff_v2", "diff_v1",
-          grad_growth_ratio, "grad norm, median of the last 20% / first 20% of post-warmup steps"),
-    Check("4", "DIFF V2 has smaller activation outliers than a Transformer", "diff_v2", "baseline_matched",
-          _diag(HIDDEN_OUTLIER_RATIO, max), "max over layers of max|h| / RMS(h)"),
-    Check("4", "DIFF V2 has smaller attention-logit outliers than a Transformer", "diff_v2", "baseline_matched",
-          _diag(LOGIT_TOP1, max), "largest attention logit over layers"),
-    Check("17", "DIFF V2 reduces attention sinks", "diff_v2", "baseline_matched", key0_per_map,
-          "key-0 mass per softmax map, mean over maps and layers",
-          precondition=baseline_has_sinks("baseline_matched")),
-    Check("23", "Pairing heads across GQA groups (ablation 1) raises the loss", "diff_v2", "v2_split", test_loss,
-          "test loss"),
-    Check("23", "Pairing heads across GQA groups (ablation 1) adds gradient spikes", "diff_v2", "v2_split",
-          _spikes("grad_spike"), "grad-norm spikes after warmup"),
+    Check(
+        "2", "DIFF V2 reaches a lower LM loss than a Transformer", "diff_v2", "baseline_matched", test_loss, "test loss"
+    ),
+    Check(
+        "2, control",
+        "DIFF V2 beats a Transformer with a per-head sigmoid gate (Gated Attention)",
+        "diff_v2",
+        "baseline_gated",
+        test_loss,
+        "test loss",
+    ),
+    Check(
+        "2, control",
+        "DIFF V2 beats a Transformer with its 2h query heads (the blog's comparison)",
+        "diff_v2",
+        "baseline_2h_matched",
+        test_loss,
+        "test loss",
+    ),
+    Check(
+        "26",
+        "DIFF V2 beats a parameter-matched 1.5h-head Transformer (ablation 4)",
+        "diff_v2",
+        "baseline_1p5h",
+        test_loss,
+        "test loss",
+    ),
+    Check(
+        "3",
+        "DIFF V2 has fewer loss spikes than a Transformer, most of all at large lr",
+        "diff_v2",
+        "baseline_matched",
+        _spikes("loss_spike"),
+        "loss spikes after warmup",
+        at_largest_lr=True,
+    ),
+    Check(
+        "3",
+        "DIFF V2 has fewer gradient spikes than a Transformer",
+        "diff_v2",
+        "baseline_matched",
+        _spikes("grad_spike"),
+        "grad-norm spikes after warmup",
+        at_largest_lr=True,
+    ),
+    Check(
+        "14",
+        "DIFF V1's gradient norm grows late in training, DIFF V2's less",
+        "diff_v2",
+        "diff_v1",
+        grad_growth_ratio,
+        "grad norm, median of the last 20% / first 20% of post-warmup steps",
+    ),
+    Check(
+        "4",
+        "DIFF V2 has smaller activation outliers than a Transformer",
+        "diff_v2",
+        "baseline_matched",
+        _diag(HIDDEN_OUTLIER_RATIO, max),
+        "max over layers of max|h| / RMS(h)",
+    ),
+    Check(
+        "4",
+        "DIFF V2 has smaller attention-logit outliers than a Transformer",
+        "diff_v2",
+        "baseline_matched",
+        _diag(LOGIT_TOP1, max),
+        "largest attention logit over layers",
+    ),
+    Check(
+        "17",
+        "DIFF V2 reduces attention sinks",
+        "diff_v2",
+        "baseline_matched",
+        key0_per_map,
+        "key-0 mass per softmax map, mean over maps and layers",
+        precondition=baseline_has_sinks("baseline_matched"),
+    ),
+    Check(
+        "23",
+        "Pairing heads across GQA groups (ablation 1) raises the loss",
+        "diff_v2",
+        "v2_split",
+        test_loss,
+        "test loss",
+    ),
+    Check(
+        "23",
+        "Pairing heads across GQA groups (ablation 1) adds gradient spikes",
+        "diff_v2",
+        "v2_split",
+        _spikes("grad_spike"),
+        "grad-norm spikes after warmup",
+    ),
     Check("24", "Dropping λ (ablation 2) raises the loss", "diff_v2", "v2_no_lambda", test_loss, "test loss"),
-    Check("24", "Dropping λ (ablation 2) makes the context RMS very small at init", "diff_v2", "v2_no_lambda",
-          _diag("context_rms", lambda xs: sum(xs) / len(xs), first=True), "mean context RMS at step 1",
-          expect="higher"),
-    Check("25", "Dropping the sigmoid (ablation 3) raises the loss", "diff_v2", "v2_linear", test_loss,
-          "test loss"),
-    Check("25", "Dropping the sigmoid (ablation 3) leaves the context RMS unbounded above", "diff_v2", "v2_linear",
-          _diag("context_rms_per_head", _max_nested), "max per-head context RMS"),
-]  # fmt: skip
+    Check(
+        "24",
+        "Dropping λ (ablation 2) makes the context RMS very small at init",
+        "diff_v2",
+        "v2_no_lambda",
+        _diag("context_rms", lambda xs: sum(xs) / len(xs), first=True),
+        "mean context RMS at step 1",
+        expect="higher",
+    ),
+    Check("25", "Dropping the sigmoid (ablation 3) raises the loss", "diff_v2", "v2_linear", test_loss, "test loss"),
+    Check(
+        "25",
+        "Dropping the sigmoid (ablation 3) leaves the context RMS unbounded above",
+        "diff_v2",
+        "v2_linear",
+        _diag("context_rms_per_head", _max_nested),
+        "max per-head context RMS",
+    ),
+]
 
 
 @dataclass

@@ -39,20 +39,31 @@ VARIANTS: dict[str, tuple[str, Callable[[ModelConfig], ModelConfig]]] = {
     "v2_split": ("DIFF V2 pairing heads i and i+h (blog ablation 1)", lambda v2: v2.replace(pairing="split")),
     "v2_no_lambda": ("DIFF V2 with weight 1, no σ(λ) (blog ablation 2)", lambda v2: v2.replace(lambda_mode="none")),
     "v2_linear": ("DIFF V2 with λ, no sigmoid (blog ablation 3)", lambda v2: v2.replace(lambda_mode="linear")),
-    "baseline_small_out": ("baseline_matched with o_proj initialised ×0.5: DIFF V2's smaller attention output at "
-                           "init (σ(λ) ≈ 0.5), without the subtraction",
-                           lambda v2: baseline_ffn_matched(v2).replace(o_proj_init_scale=0.5)),
-    "baseline_zero_out": ("baseline_matched with o_proj initialised at 0: every attention branch starts silent",
-                          lambda v2: baseline_ffn_matched(v2).replace(o_proj_init_scale=0.0)),
-    "diff_v2_zero_out": ("DIFF V2 with o_proj initialised at 0: its output scale at init no longer differs from "
-                         "baseline_zero_out's", lambda v2: v2.replace(o_proj_init_scale=0.0)),
-    "baseline_gated": ("baseline with a per-head sigmoid gate σ(x·g_iᵀ)·o_i (Gated Attention), SwiGLU matched to "
-                       "DIFF V2's total parameters", lambda v2: ffn_matched(v2.replace(attention="gated"), v2)),
+    "baseline_small_out": (
+        "baseline_matched with o_proj initialised ×0.5: DIFF V2's smaller attention output at "
+        "init (σ(λ) ≈ 0.5), without the subtraction",
+        lambda v2: baseline_ffn_matched(v2).replace(o_proj_init_scale=0.5),
+    ),
+    "baseline_zero_out": (
+        "baseline_matched with o_proj initialised at 0: every attention branch starts silent",
+        lambda v2: baseline_ffn_matched(v2).replace(o_proj_init_scale=0.0),
+    ),
+    "diff_v2_zero_out": (
+        "DIFF V2 with o_proj initialised at 0: its output scale at init no longer differs from baseline_zero_out's",
+        lambda v2: v2.replace(o_proj_init_scale=0.0),
+    ),
+    "baseline_gated": (
+        "baseline with a per-head sigmoid gate σ(x·g_iᵀ)·o_i (Gated Attention), SwiGLU matched to "
+        "DIFF V2's total parameters",
+        lambda v2: ffn_matched(v2.replace(attention="gated"), v2),
+    ),
     "diff_v2_const": ("DIFF V2 with σ fixed at 0.5, no lambda_proj", lambda v2: v2.replace(lambda_mode="const")),
-    "baseline_2h_matched": ("baseline with 2h heads (DIFF V2's query heads), SwiGLU shrunk to DIFF V2's total "
-                            "parameters: the blog's same-query-dimension comparison",
-                            lambda v2: ffn_matched(v2.replace(attention="baseline", n_heads=2 * v2.n_heads), v2)),
-}  # fmt: skip
+    "baseline_2h_matched": (
+        "baseline with 2h heads (DIFF V2's query heads), SwiGLU shrunk to DIFF V2's total "
+        "parameters: the blog's same-query-dimension comparison",
+        lambda v2: ffn_matched(v2.replace(attention="baseline", n_heads=2 * v2.n_heads), v2),
+    ),
+}
 # listed only when a grid names them: controls for a question, not part of the blog's comparison
 OPT_IN = (
     "baseline_small_out",
@@ -164,8 +175,10 @@ def variant_model(base: TrainConfig, variant: str, vocab_size: int) -> ModelConf
     try:
         return VARIANTS[variant][1](v2)
     except ConfigError as err:
-        raise ConfigError(f"variant {variant!r} cannot be built from this model: {err}; drop it from "
-                          "compare.variants or change the model shape") from None  # fmt: skip
+        raise ConfigError(
+            f"variant {variant!r} cannot be built from this model: {err}; drop it from "
+            "compare.variants or change the model shape"
+        ) from None
 
 
 @dataclass
@@ -201,8 +214,9 @@ def expand_grid(cfg: CompareConfig, data_dir: str | Path | None = None) -> list[
     data = str(data_dir if data_dir is not None else cfg.data_dir)
     out = Path(cfg.out_dir)
     # vocab_size is set by the tokenizer at train time; every other field is pinned here
-    models = {v: {k: x for k, x in variant_model(cfg.base, v, 2).to_dict().items() if k != "vocab_size"}
-              for v in cfg.variants}  # fmt: skip
+    models = {
+        v: {k: x for k, x in variant_model(cfg.base, v, 2).to_dict().items() if k != "vocab_size"} for v in cfg.variants
+    }
     specs = []
     for steps in cfg.steps:
         for seed in cfg.seeds:

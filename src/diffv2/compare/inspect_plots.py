@@ -45,8 +45,11 @@ def attention_figure(maps: LayerMaps, layer: int, head: int, labels: list[str], 
         w = maps.weight[head] if maps.kind == "diff_v2" else maps.weight  # per query token (V2), one scalar (V1)
         name = "σ(λ)" if maps.kind == "diff_v2" else "λ"
         first, second = ("query head 2i", "query head 2i+1") if maps.kind == "diff_v2" else ("q₁·k₁", "q₂·k₂")
-        panels += [(f"a¹ ({first})", maps.a1[head], False), (f"a² ({second})", maps.a2[head], False),
-                   (f"effective a¹ − {name}·a²", maps.effective[head], True)]  # fmt: skip
+        panels += [
+            (f"a¹ ({first})", maps.a1[head], False),
+            (f"a² ({second})", maps.a2[head], False),
+            (f"effective a¹ − {name}·a²", maps.effective[head], True),
+        ]
         if maps.kind == "diff_v2":
             title += f"; σ(λ) over tokens: mean {w.mean():.3f}, range [{w.min():.3f}, {w.max():.3f}]"
         else:
@@ -88,8 +91,9 @@ def sigma_figure(maps: LayerMaps, layer: int, labels: list[str], path: Path) -> 
     for h in range(weight.shape[0]):
         ax.plot(range(weight.shape[1]), weight[h].numpy(), marker="o", markersize=3, label=f"head {h}")
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":", label="0.5 (init, about)")
-    ax.set(title=f"Subtraction weight σ(λ) per query token, layer {layer}", xlabel="query position (token)",
-           ylabel="σ(λ)")  # fmt: skip
+    ax.set(
+        title=f"Subtraction weight σ(λ) per query token, layer {layer}", xlabel="query position (token)", ylabel="σ(λ)"
+    )
     if weight.shape[1] <= MAX_LABELS:
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     ax.grid(alpha=0.3)
@@ -104,8 +108,13 @@ def context_rms_figure(all_maps: list[LayerMaps], path: Path, title: str) -> Pat
     ax = fig.subplots()
     for layer, maps in enumerate(all_maps):
         per_head = maps.stats["context_rms"]
-        ax.bar(layer, sum(per_head) / len(per_head), color="#4c72b0", alpha=0.5, label="mean over heads" if layer == 0
-               else None)  # fmt: skip
+        ax.bar(
+            layer,
+            sum(per_head) / len(per_head),
+            color="#4c72b0",
+            alpha=0.5,
+            label="mean over heads" if layer == 0 else None,
+        )
         ax.plot([layer] * len(per_head), per_head, "k.", markersize=5, label="one head" if layer == 0 else None)
     ax.set(title=title, xlabel="layer (0 = first)", ylabel="context RMS before W_O")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

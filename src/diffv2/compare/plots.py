@@ -102,8 +102,18 @@ def _tokens_axis(ax, grid: Grid) -> None:
     ax.grid(alpha=0.3)
 
 
-def curve_figure(grid: Grid, path: Path, *, source: str, name: str, ylabel: str, title: str, log_y: bool = False,
-                 label: Callable[[str, list[RunResult]], str] | None = None, delta: bool = False) -> Path:  # fmt: skip
+def curve_figure(
+    grid: Grid,
+    path: Path,
+    *,
+    source: str,
+    name: str,
+    ylabel: str,
+    title: str,
+    log_y: bool = False,
+    label: Callable[[str, list[RunResult]], str] | None = None,
+    delta: bool = False,
+) -> Path:
     """One logged curve against training tokens, one column per lr: mean over seeds ± 1 std.
 
     ``log_y`` averages log10 values (geometric mean, ×/÷ band). ``delta`` adds a row with each variant's mean
@@ -164,8 +174,15 @@ def spike_figure(grid: Grid, path: Path) -> Path:
                 if not counts:
                     continue
                 x = i + (j - (len(grid.lrs) - 1) / 2) * width
-                ax.bar(x, sum(counts) / len(counts), width * 0.9, color=style(variant)["color"], alpha=shades[j],
-                       edgecolor="black", linewidth=0.5)  # fmt: skip
+                ax.bar(
+                    x,
+                    sum(counts) / len(counts),
+                    width * 0.9,
+                    color=style(variant)["color"],
+                    alpha=shades[j],
+                    edgecolor="black",
+                    linewidth=0.5,
+                )
                 ax.plot([x] * len(counts), counts, "k.", markersize=4)
                 top = max(top, *counts)
         for j, lr in enumerate(grid.lrs):  # legend entries for the shades only; colours are named on the x axis
@@ -234,11 +251,15 @@ def context_rms_figure(grid: Grid, path: Path) -> Path:
                 if vs:
                     hist_ax.hist(vs, bins=bins, histtype="step", linewidth=1.4, label=variant, **style(variant))
             hist_ax.set_xscale("log")
-        line_ax.set(title=f"mean over heads, {_lr_title(lr)}", xlabel="layer (0 = first)",
-                    ylabel="context RMS before W_O")  # fmt: skip
+        line_ax.set(
+            title=f"mean over heads, {_lr_title(lr)}", xlabel="layer (0 = first)", ylabel="context RMS before W_O"
+        )
         line_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        hist_ax.set(title=f"per head, all layers and seeds, {_lr_title(lr)}", xlabel="context RMS before W_O (log)",
-                    ylabel="heads (count)")  # fmt: skip
+        hist_ax.set(
+            title=f"per head, all layers and seeds, {_lr_title(lr)}",
+            xlabel="context RMS before W_O (log)",
+            ylabel="heads (count)",
+        )
         for ax in (line_ax, hist_ax):
             ax.grid(alpha=0.3)
     _suptitle(fig, "Context RMS per layer and head (blog: softmax ∈ [1/√n, 1), DIFF V2 ∈ (0, √2) for unit-RMS values)")
@@ -248,8 +269,11 @@ def context_rms_figure(grid: Grid, path: Path) -> Path:
 
 def lambda_figure(grid: Grid, path: Path, probes: dict[str, list[dict[str, Any]]]) -> Path:
     """σ(λ) per layer (mean ± std over tokens and heads, logged) and, from ``probes``, its per-token histogram."""
-    lam_variants = [v for v in grid.variants if grid.models[v]["attention"] in ("diff_v1", "diff_v2")
-                    and grid.models[v].get("lambda_mode") != "none"]  # fmt: skip
+    lam_variants = [
+        v
+        for v in grid.variants
+        if grid.models[v]["attention"] in ("diff_v1", "diff_v2") and grid.models[v].get("lambda_mode") != "none"
+    ]
     fig, axes = _grid_figure(len(grid.lrs), 2, width=5.4, height=3.4)
     for (layer_ax, hist_ax), lr in zip(axes, grid.lrs, strict=True):
         for k, variant in enumerate(lam_variants):
@@ -262,13 +286,25 @@ def lambda_figure(grid: Grid, path: Path, probes: dict[str, list[dict[str, Any]]
             for j, probe in enumerate(probes.get(f"{variant}@{lr!r}", [])):
                 edges, counts = probe["hist"]["edges"], probe["hist"]["counts"]
                 total = sum(counts) or 1
-                hist_ax.stairs([c / total for c in counts], edges, linewidth=1.4, alpha=0.9 if j == 0 else 0.45,
-                               label=variant if j == 0 else None, **style(variant))  # fmt: skip
-        layer_ax.set(title=f"per layer, mean ± std over tokens and heads, {_lr_title(lr)}", xlabel="layer (0 = first)",
-                     ylabel="subtraction weight σ(λ)")  # fmt: skip
+                hist_ax.stairs(
+                    [c / total for c in counts],
+                    edges,
+                    linewidth=1.4,
+                    alpha=0.9 if j == 0 else 0.45,
+                    label=variant if j == 0 else None,
+                    **style(variant),
+                )
+        layer_ax.set(
+            title=f"per layer, mean ± std over tokens and heads, {_lr_title(lr)}",
+            xlabel="layer (0 = first)",
+            ylabel="subtraction weight σ(λ)",
+        )
         layer_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        hist_ax.set(title=f"per token and head, all layers, {_lr_title(lr)}", xlabel="subtraction weight σ(λ)",
-                    ylabel="fraction of values")  # fmt: skip
+        hist_ax.set(
+            title=f"per token and head, all layers, {_lr_title(lr)}",
+            xlabel="subtraction weight σ(λ)",
+            ylabel="fraction of values",
+        )
         if not probes:
             hist_ax.text(
                 0.5, 0.5, "not measured (report run with --no-probe)", ha="center", transform=hist_ax.transAxes
@@ -284,8 +320,12 @@ def params_speed_figure(grid: Grid, params: dict[str, dict[str, float]], path: P
     """Parameters by component (stacked) and training throughput per variant."""
     fig, axes = _grid_figure(1, 2, width=max(5.5, 0.8 * len(grid.variants)))
     ax_p, ax_s = axes[0]
-    parts = (("embedding", "embedding + LM head", "#c7c7c7"), ("attention", "attention", "#4c72b0"),
-             ("mlp", "SwiGLU", "#dd8452"), ("norm", "norms", "#55a868"))  # fmt: skip
+    parts = (
+        ("embedding", "embedding + LM head", "#c7c7c7"),
+        ("attention", "attention", "#4c72b0"),
+        ("mlp", "SwiGLU", "#dd8452"),
+        ("norm", "norms", "#55a868"),
+    )
     bottom = [0.0] * len(grid.variants)
     for key, label, color in parts:
         vals = [params[v][key] + (params[v]["lm_head"] if key == "embedding" else 0) for v in grid.variants]

@@ -42,15 +42,20 @@ def probe_run(run_dir: str | Path, *, batches: int = 4, batch_size: int = 4) -> 
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     trained = load_pretrained(ckpt, backend="sdpa", device=device)
-    evals = EvalBatches(config["data"]["dir"], "val", batch_size=batch_size, seq_len=config["train"]["seq_len"],
-                        max_batches=batches)  # fmt: skip
+    evals = EvalBatches(
+        config["data"]["dir"], "val", batch_size=batch_size, seq_len=config["train"]["seq_len"], max_batches=batches
+    )
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(trained.model.cfg.n_layers)]
     for x, _ in evals:
         for i, weight in enumerate(subtraction_weights(trained.model, x.to(device))):
             per_layer[i].append(weight.flatten().cpu())
     values = [torch.cat(v) for v in per_layer]
-    result = {"checkpoint": ckpt.name, "batches": batches, "lambda_mode": config["model"]["lambda_mode"],
-              **summarize_values(values)}  # fmt: skip
+    result = {
+        "checkpoint": ckpt.name,
+        "batches": batches,
+        "lambda_mode": config["model"]["lambda_mode"],
+        **summarize_values(values),
+    }
     cache.write_text(json.dumps(result), encoding="utf-8")
     return result
 
@@ -64,9 +69,12 @@ def summarize_values(per_layer: list[torch.Tensor]) -> dict[str, Any]:
     counts = torch.histc(pooled, bins=BINS, min=lo, max=hi)
     q = torch.tensor(QUANTILES, dtype=torch.float64)
     layers = [
-        {"mean": v.double().mean().item(), "std": v.double().std().item() if v.numel() > 1 else 0.0,
-         "quantiles": dict(zip(map(str, QUANTILES), torch.quantile(v.double(), q).tolist(), strict=True))}
+        {
+            "mean": v.double().mean().item(),
+            "std": v.double().std().item() if v.numel() > 1 else 0.0,
+            "quantiles": dict(zip(map(str, QUANTILES), torch.quantile(v.double(), q).tolist(), strict=True)),
+        }
         for v in per_layer
-    ]  # fmt: skip
+    ]
     edges = torch.linspace(lo, hi, BINS + 1).tolist()
     return {"n_values": pooled.numel(), "layers": layers, "hist": {"edges": edges, "counts": counts.tolist()}}

@@ -114,23 +114,57 @@ def _horizon_figures(plots, grid: Grid, probes: dict, dest: Path, suffix: str, w
         else [("sink_mass", "weight on token 0 (effective map, mean)", False)]
     )
     return [
-        (f"Validation loss{where}", plots.curve_figure(grid, dest / f"val_loss{suffix}.png", source="evals",
-                                                       name="val_loss", ylabel="validation loss (nats/token)",
-                                                       title="Validation loss", delta=True)),
-        (f"Training loss{where}", plots.curve_figure(grid, dest / f"train_loss{suffix}.png", source="train",
-                                                     name="loss", ylabel="training loss (nats/token)",
-                                                     title="Training loss", delta=True)),
-        (f"Gradient norm{where}", plots.curve_figure(grid, dest / f"grad_norm{suffix}.png", source="train",
-                                                     name="grad_norm", ylabel="gradient norm before clipping",
-                                                     title="Gradient norm", log_y=True, label=per_variant_spikes)),
+        (
+            f"Validation loss{where}",
+            plots.curve_figure(
+                grid,
+                dest / f"val_loss{suffix}.png",
+                source="evals",
+                name="val_loss",
+                ylabel="validation loss (nats/token)",
+                title="Validation loss",
+                delta=True,
+            ),
+        ),
+        (
+            f"Training loss{where}",
+            plots.curve_figure(
+                grid,
+                dest / f"train_loss{suffix}.png",
+                source="train",
+                name="loss",
+                ylabel="training loss (nats/token)",
+                title="Training loss",
+                delta=True,
+            ),
+        ),
+        (
+            f"Gradient norm{where}",
+            plots.curve_figure(
+                grid,
+                dest / f"grad_norm{suffix}.png",
+                source="train",
+                name="grad_norm",
+                ylabel="gradient norm before clipping",
+                title="Gradient norm",
+                log_y=True,
+                label=per_variant_spikes,
+            ),
+        ),
         (f"Loss and gradient spikes{where}", plots.spike_figure(grid, dest / f"spikes{suffix}.png")),
-        (f"Outliers{where}", plots.layer_figure(grid, dest / f"outliers{suffix}.png", outliers,
-                                                "Activation and attention-logit outliers")),
+        (
+            f"Outliers{where}",
+            plots.layer_figure(
+                grid, dest / f"outliers{suffix}.png", outliers, "Activation and attention-logit outliers"
+            ),
+        ),
         (f"Context RMS{where}", plots.context_rms_figure(grid, dest / f"context_rms{suffix}.png")),
-        (f"Attention sinks{where}", plots.layer_figure(grid, dest / f"sink_mass{suffix}.png", sinks,
-                                                       "Attention-sink mass per layer")),
+        (
+            f"Attention sinks{where}",
+            plots.layer_figure(grid, dest / f"sink_mass{suffix}.png", sinks, "Attention-sink mass per layer"),
+        ),
         (f"Subtraction weight σ(λ){where}", plots.lambda_figure(grid, dest / f"lambda{suffix}.png", probes)),
-    ]  # fmt: skip
+    ]
 
 
 # ---------------------------------------------------------------------- sections
@@ -257,8 +291,10 @@ def _environment_line(grid: Grid) -> str:
     for run in grid.runs:
         if env := run.environment:
             dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
-            return (f"torch {env.get('torch')}, {env.get('cuda') or 'CPU'} ({env.get('cpu_count')} CPU cores), "
-                    f"git {str(env.get('git_commit'))[:10]}{dirty}")  # fmt: skip
+            return (
+                f"torch {env.get('torch')}, {env.get('cuda') or 'CPU'} ({env.get('cpu_count')} CPU cores), "
+                f"git {str(env.get('git_commit'))[:10]}{dirty}"
+            )
     return "unknown (no run has started)"
 
 
@@ -307,8 +343,13 @@ def _figure_section(figures: list[tuple[str, Path]]) -> list[str]:
 
 
 def _runs_section(grid: Grid) -> list[str]:
-    lines = ["## Runs", "", "Raw numbers: `results.csv` (one row per run) and `results.json` (with downsampled "
-             "curves and the last per-layer diagnostics).", ""]  # fmt: skip
+    lines = [
+        "## Runs",
+        "",
+        "Raw numbers: `results.csv` (one row per run) and `results.json` (with downsampled "
+        "curves and the last per-layer diagnostics).",
+        "",
+    ]
     odd = [r for r in grid.runs if r.status != "finished"]
     for r in odd:
         why = f": {r.error}" if r.error else ""

@@ -229,7 +229,7 @@ def claims_section(findings: list[Finding], grid: Grid, rule_set: RuleSet) -> li
     lines = [
         "## The blog's claims, measured",
         "",
-        "Each row is a claim of the DIFF V2 blog (our wording; the number is the claim's row in the spec's §3), "
+        "Each row is a claim of the DIFF V2 blog (our wording; the number is the claim's in docs/design.md#claims), "
         "or a control or rule contrast, turned into a paired contrast between two variants at each horizon. "
         f"The p-values of all {n_tests} tested rows are Holm-adjusted together (alpha {rule_set.alpha:g}). A "
         "verdict holds for this model size, data and token budget only; the blog's runs are production-scale.",

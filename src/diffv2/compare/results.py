@@ -123,8 +123,9 @@ def load_run(run_dir: Path, variant: str, lr: float, seed: int, key: str, steps:
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         result.status = "incomplete"
-        train_cols: dict[str, list[float]] = {k: [] for k in ("step", "loss", "grad_norm", "loss_spike", "grad_spike",
-                                                               "skipped")}  # fmt: skip
+        train_cols: dict[str, list[float]] = {
+            k: [] for k in ("step", "loss", "grad_norm", "loss_spike", "grad_spike", "skipped")
+        }
         for line in metrics.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
@@ -207,8 +208,9 @@ def downsample(steps: list[float], values: list[float], max_points: int = MAX_PO
     return [b[-1][0] for b in buckets], [sum(v for _, v in b) / len(b) for b in buckets]
 
 
-def seed_band(runs: list[RunResult], source: str, name: str, max_points: int = MAX_POINTS,
-              log: bool = False) -> dict[str, list]:  # fmt: skip
+def seed_band(
+    runs: list[RunResult], source: str, name: str, max_points: int = MAX_POINTS, log: bool = False
+) -> dict[str, list]:
     """Mean, std and count over seeds at each step of one curve (``source`` "train" or "evals").
 
     Steps are aligned exactly (every run of a grid logs the same steps); a diverged run simply stops contributing.

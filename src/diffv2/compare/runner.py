@@ -207,9 +207,23 @@ def _child_env(slot: int, jobs: int) -> dict[str, str]:
 
 # Fields that change what a run computes. A run folder made with other values is not this grid's run: resuming
 # it would splice two schedules, and calling it "done" would put another experiment into the report.
-_IGNORED_FIELDS = {"data", "out_dir", "device", "tensorboard", "sample_tokens", "sample_prompt", "keep_last",
-                   "save_every", "peak_flops", "log_every", "compile", "activation_checkpointing",
-                   "dist_timeout_s", "profile_steps", "profile_start"}  # fmt: skip
+_IGNORED_FIELDS = {
+    "data",
+    "out_dir",
+    "device",
+    "tensorboard",
+    "sample_tokens",
+    "sample_prompt",
+    "keep_last",
+    "save_every",
+    "peak_flops",
+    "log_every",
+    "compile",
+    "activation_checkpointing",
+    "dist_timeout_s",
+    "profile_steps",
+    "profile_start",
+}
 
 
 def check_run_config(spec: RunSpec) -> None:
@@ -224,8 +238,10 @@ def check_run_config(spec: RunSpec) -> None:
     differ = sorted(k for k in set(saved) | set(now) if k not in _IGNORED_FIELDS and saved.get(k) != now.get(k))
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in differ)
-        raise ConfigError(f"{spec.run_dir} was made with another config ({changes}); restore the config or "
-                          "use a new [compare] out_dir")  # fmt: skip
+        raise ConfigError(
+            f"{spec.run_dir} was made with another config ({changes}); restore the config or "
+            "use a new [compare] out_dir"
+        )
 
 
 def _execute_in_subprocess(spec: RunSpec, index: int, jobs: int, stop_after: int | None) -> tuple[str, str, str]:

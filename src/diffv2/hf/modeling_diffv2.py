@@ -5,11 +5,12 @@ copies it next to the weights so a folder loads with ``trust_remote_code=True`` 
 
 Module names equal the native ``diffv2.Transformer``'s (``tok_embeddings``, ``layers.{i}.attn.q_proj``,
 ``lambda_proj``, ``subln``, ``attn_norm``, ``mlp.gate_proj``, ``norm``, ``lm_head``...), so state dicts map 1:1.
-The math mirrors ``diffv2.attention``: RoPE (rotate_half) in fp32, one attention call with 2h query heads for
-DIFF V2 whose query head j reads KV head j // (2h/h_kv), then head i = head 2i − σ(λ_i)·head 2i+1 in fp32;
-DIFF V1 as two calls over regrouped queries with the value heads of each pair swapped. Attention runs through
-transformers' attention interface (eager, sdpa, flash, flex), the KV cache is a stock ``Cache`` holding only
-the h_kv K/V heads.
+The math is the native definition's: every block restated from ``diffv2`` carries a ``# Copied from
+diffv2.<module>.<name>`` line (``with A->B`` names a rename), and ``tests/test_hf_copies.py`` fails when a copy
+and its source differ. What differs on purpose: attention runs through transformers' attention interface
+(eager, sdpa, flash, flex; ``eager_attention`` below is that interface's signature), the KV cache is a stock
+``Cache`` holding only the h_kv K/V heads, DIFF V1 always makes two calls over regrouped queries, and init
+follows transformers' ``_init_weights`` (the same distributions as the native ``Transformer.reset_parameters``).
 """
 
 import dataclasses
@@ -37,25 +38,53 @@ _CACHE_FIELD = next(
 )
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """cos/sin tables (positions.shape + (head_dim,)) in fp32 or wider, the rotate_half layout."""
+# Copied from diffv2.kernels.rope.rope_cos_sin
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape ``positions.shape + (head_dim,)`` in ``dtype`` (fp32 or wider)."""
     exponent = torch.arange(0, head_dim, 2, dtype=dtype, device=positions.device) / head_dim
     freqs = positions.to(dtype)[..., None] * (1.0 / theta**exponent)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
+# Copied from diffv2.kernels.rope.apply_rope
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, d) with cos/sin (B or 1, T, d); the math runs in the tables' (wide) dtype."""
+    """Rotate ``x`` of shape (B, T, H, d) with cos/sin of shape (B or 1, T, d); math in fp32 or wider."""
     half = x.shape[-1] // 2
     xf = x.to(cos.dtype)
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """Upcast half precision to fp32; leave fp32/fp64 as they are."""
+# Copied from diffv2.attention.common.upcast
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to fp32; fp32/fp64 as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# Copied from diffv2.attention.common.split_pairs
+def split_pairs(heads: torch.Tensor, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2h, ...) → the two members of each pair, (B, h, ...) each (views): heads (2i, 2i+1), or (i, i+h)."""
+    if interleaved:
+        return heads[:, 0::2], heads[:, 1::2]
+    return heads.chunk(2, dim=1)
+
+
+# Copied from diffv2.attention.variants.subtract_pairs
+def subtract_pairs(o: torch.Tensor, weight: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """DIFF V2's combine: o (B, 2h, T, d), weight (B, h, T) → o₂ᵢ − weightᵢ·o₂ᵢ₊₁ (B, h, T, d), in fp32 (both
+    terms can be tiny for diffuse heads) and back in o's dtype."""
+    o1, o2 = split_pairs(o, interleaved)
+    return (upcast(o1) - weight[..., None] * upcast(o2)).to(o.dtype)
+
+
+# Copied from diffv2.attention.diff_v1.lambda_init_fn
+def lambda_init_fn(layer_idx: int) -> float:
+    """λ_init with a 0-based layer index: layer 0 gets 0.2 (the paper's 1-based l − 1)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
 
 
 def eager_attention(
@@ -104,6 +133,7 @@ class DiffV2Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
+        self.pairing, self.lambda_mode = config.pairing, config.lambda_mode
         self.n_query_heads = config.n_query_heads
         self.num_key_value_groups = self.n_query_heads // self.n_kv_heads  # read by the sdpa/flex interfaces
         self.scaling = self.head_dim**-0.5
@@ -114,11 +144,12 @@ class DiffV2Attention(nn.Module):
         self.v_proj = nn.Linear(dm, self.n_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, dm, bias=False)
         self.o_proj.diffv2_residual = True  # init: N(0, std/√(2L)) like the native model
-        if self.kind == "diff_v2" and config.lambda_mode != "none":
+        self.lambda_proj = None
+        if self.kind == "diff_v2" and config.lambda_mode in ("sigmoid", "linear"):
             self.lambda_proj = nn.Linear(dm, self.n_heads, bias=False)
             self.lambda_proj.diffv2_lambda = True  # init: PyTorch's default U(±1/√D), σ(λ) near 0.5
         if self.kind == "diff_v1":
-            self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+            self.lambda_init = lambda_init_fn(layer_idx)
             self.lambda_q1 = nn.Parameter(torch.zeros(d))
             self.lambda_k1 = nn.Parameter(torch.zeros(d))
             self.lambda_q2 = nn.Parameter(torch.zeros(d))
@@ -135,8 +166,8 @@ class DiffV2Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, _ = x.shape
         cos, sin = rope
-        q = apply_rope(self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2), cos, sin)
+        q = apply_rope(self.q_proj(x).view(b, t, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(b, t, -1, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -150,47 +181,69 @@ class DiffV2Attention(nn.Module):
             return out.transpose(1, 2), weights  # (B, Hq, T, d), as the native mixing code expects
 
         if self.kind == "diff_v1":
-            ctx, weights = self._mix_v1(q, v, attend)
+            o, weights = self._attend_v1(q, v, attend)
+            ctx = self.combine_v1(o, None)
         else:
-            out, weights = attend(q, v)
-            ctx = self._mix_v2(out, x) if self.kind == "diff_v2" else out
+            o, weights = attend(q, v)
+            ctx = o
+            if self.kind == "diff_v2":
+                lam = self.lambda_proj(x) if self.lambda_proj is not None else None  # (B, T, h): λ per token, head
+                ctx = self.combine_v2(o, lam)
         return self.o_proj(ctx.transpose(1, 2).reshape(b, t, -1)), weights
 
-    def _mix_v2(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2h, T, d) → (B, h, T, d): o_2i − σ(λ_i)·o_2i+1 (or the split pairing), in fp32."""
-        if self.config.pairing == "interleaved":
-            o1, o2 = out[:, 0::2], out[:, 1::2]
-        else:
-            o1, o2 = out[:, : self.n_heads], out[:, self.n_heads :]
-        if self.config.lambda_mode == "none":
-            s = torch.ones(*x.shape[:2], self.n_heads, device=x.device, dtype=_wide(x).dtype)
-        else:
-            lam = _wide(self.lambda_proj(x))
-            s = torch.sigmoid(lam) if self.config.lambda_mode == "sigmoid" else lam
-        s = s.transpose(1, 2)[..., None]  # (B, h, T, 1)
-        return (_wide(o1) - s * _wide(o2)).to(out.dtype)  # fp32: both terms can be tiny for diffuse heads
+    # Copied from diffv2.attention.variants.DiffV2Attention.combine with combine->combine_v2
+    def combine_v2(self, o, lam):
+        return subtract_pairs(o, self.weight(lam, like=o), self.pairing == "interleaved")
 
+    # Copied from diffv2.attention.variants.DiffV2Attention.weight
+    def weight(self, lam: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The subtraction weight (B, h, T), fp32: σ(λ), or the ablation's. ``like``: any (B, ·, T, ·) tensor."""
+        if self.lambda_mode == "sigmoid":
+            return torch.sigmoid(upcast(lam)).transpose(1, 2)
+        if self.lambda_mode == "linear":
+            return upcast(lam).transpose(1, 2)
+        b, t = like.shape[0], like.shape[-2]
+        value = 1.0 if self.lambda_mode == "none" else 0.5
+        return torch.full((b, self.n_heads, t), value, dtype=upcast(like).dtype, device=like.device)
+
+    def _attend_v1(self, q: torch.Tensor, v: torch.Tensor, attend: Callable) -> tuple[torch.Tensor, Any]:
+        """o (B, h, T, 2d) as the native ``DiffV1Attention.attend`` lays it out (pairs of query heads with their
+        2d-wide values), from two calls over regrouped queries, the second with each pair's value heads swapped."""
+        qg = self.grouped(q)
+        swapped = v.view(v.shape[0], self.n_kv_heads // 2, 2, *v.shape[2:]).flip(2).reshape(v.shape)
+        out_a, weights = attend(qg, v)
+        a0, a1 = self.ungrouped(out_a)  # a_s @ v_2g+s
+        b0, b1 = self.ungrouped(attend(qg, swapped)[0])  # a_s @ v_2g+1-s
+        o1, o2 = torch.cat((a0, b0), dim=-1), torch.cat((b1, a1), dim=-1)  # a_s @ [v_2g, v_2g+1]
+        return torch.stack((o1, o2), dim=2).flatten(1, 2), weights
+
+    # Copied from diffv2.attention.diff_v1.DiffV1Attention.combine with combine->combine_v1
+    def combine_v1(self, o, mix):
+        o1, o2 = split_pairs(o)
+        diff = upcast(o1) - self.lambda_full() * upcast(o2)  # (B, h/2, T, 2d)
+        normed = F.rms_norm(diff, (diff.shape[-1],), self.subln.weight.to(diff.dtype), self.subln.eps)
+        return (normed * (1.0 - self.lambda_init)).to(o.dtype)
+
+    # Copied from diffv2.attention.diff_v1.DiffV1Attention.lambda_full
     def lambda_full(self) -> torch.Tensor:
-        lam1 = torch.exp((_wide(self.lambda_q1) * _wide(self.lambda_k1)).sum())
-        lam2 = torch.exp((_wide(self.lambda_q2) * _wide(self.lambda_k2)).sum())
+        lam1 = torch.exp((upcast(self.lambda_q1) * upcast(self.lambda_k1)).sum())
+        lam2 = torch.exp((upcast(self.lambda_q2) * upcast(self.lambda_k2)).sum())
         return lam1 - lam2 + self.lambda_init
 
-    def _mix_v1(self, q: torch.Tensor, v: torch.Tensor, attend: Callable) -> tuple[torch.Tensor, Any]:
-        """Differential head i = g·rep + r uses q heads 2i, 2i+1, K heads 2g, 2g+1 and the value [v_2g, v_2g+1]."""
+    # Copied from diffv2.attention.diff_v1.DiffV1Attention.grouped
+    def grouped(self, q: torch.Tensor) -> torch.Tensor:
+        """q (B, h, T, d) reordered (g, s, r): differential head i = g·r_n + r uses query heads 2i (s=0) and 2i+1
+        (s=1), so in GQA order query head (g, s, r) reads K head 2g + s, the K head of its map."""
         b, hq, t, d = q.shape
         groups, rep = self.n_kv_heads // 2, self.n_heads // self.n_kv_heads
-        # order the q heads (group, member of the pair, r) so q1 of group g reads KV head 2g and q2 reads 2g+1
-        q_grouped = q.view(b, groups, rep, 2, t, d).transpose(2, 3).reshape(b, hq, t, d)
-        v_swapped = v.view(b, groups, 2, -1, d).flip(2).reshape(v.shape)
-        out_a, weights = attend(q_grouped, v)  # a_s @ v_{2g+s}
-        out_b, _ = attend(q_grouped, v_swapped)  # a_s @ v_{2g+1-s}
-        out_a, out_b = (o.reshape(b, groups, 2, rep, t, d) for o in (out_a, out_b))
-        attn1 = torch.cat((out_a[:, :, 0], out_b[:, :, 0]), dim=-1)
-        attn2 = torch.cat((out_b[:, :, 1], out_a[:, :, 1]), dim=-1)
-        diff = _wide(attn1) - self.lambda_full() * _wide(attn2)
-        normed = F.rms_norm(diff, (2 * d,), self.subln.weight.to(diff.dtype), self.subln.eps)
-        ctx = (normed * (1.0 - self.lambda_init)).to(q.dtype).reshape(b, hq // 2, t, 2 * d)
-        return ctx, weights
+        return q.view(b, groups, rep, 2, t, d).transpose(2, 3).reshape(b, hq, t, d)
+
+    # Copied from diffv2.attention.diff_v1.DiffV1Attention.ungrouped
+    def ungrouped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, T, ·) in (g, s, r) order → the s=0 and s=1 halves, (B, h/2, T, ·) each, in head order."""
+        b, hq = x.shape[:2]
+        x = x.view(b, self.n_kv_heads // 2, 2, hq // self.n_kv_heads, *x.shape[2:])
+        return x[:, :, 0].flatten(1, 2), x[:, :, 1].flatten(1, 2)
 
 
 class DiffV2MLP(nn.Module):
@@ -201,6 +254,7 @@ class DiffV2MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.down_proj.diffv2_residual = True
 
+    # Copied from diffv2.model.SwiGLU.forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

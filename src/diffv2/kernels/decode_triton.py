@@ -78,8 +78,8 @@ def choose_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.d
     at least SHORT_SPLITS splits (of >= 64 keys) when that cap leaves a short cache on a few programs.
 
     Depends on shapes only (never on kv_end), so a captured CUDA graph stays valid as the cache fills. Tuned
-    on the H200 sweep of ``bench/decode_kernel.py --sweep`` (docs/benchmarks.md): at B=1, 1k keys, 16 splits
-    ran 1.4x faster than 4; at 8k keys 32 splits beat 66 by 1.1x.
+    on the sweep of ``bench/decode_kernel.py --sweep`` (docs/benchmarks.md#decode-kernel): at batch 1, fewer
+    splits than SMs/2 left short caches on too few programs.
     """
     want = max(1, 2 * _sm_count(device) // (batch * n_kv_heads))
     by_keys = max(-(-seq_len // MIN_KEYS_PER_SPLIT), min(SHORT_SPLITS, -(-seq_len // 64)))
@@ -147,7 +147,8 @@ def decode_attention_triton(
 
 
 if HAS_TRITON:
-
+    # A kernel's signature keeps its layout (fmt: skip), one line per role: the tensors, each tensor's strides,
+    # the sizes, the compile-time constants; the launches pass them in the same order.
     @triton.jit
     def _split_kernel(
         Q, K, V, START, END, W, OUT, PART, LSE,
@@ -305,23 +306,64 @@ if HAS_TRITON:
         w = pair_weight if pair_weight is not None else q  # a placeholder pointer when there is no epilogue
         w_strides = pair_weight.stride() if pair_weight is not None else (0, 0, 0)
         _split_kernel[(ns, hkv, b)](
-            q, k, v, kv_start, kv_end, w, out, part, lse,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *w_strides, out.stride(0), out.stride(1), out.stride(2),
-            s, ns, scale * math.log2(math.e),
-            G=g, T=t, D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DIRECT=ns == 1, PAIR=pair,
+            q,
+            k,
+            v,
+            kv_start,
+            kv_end,
+            w,
+            out,
+            part,
+            lse,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            *w_strides,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            s,
+            ns,
+            scale * math.log2(math.e),
+            G=g,
+            T=t,
+            D=d,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            DIRECT=ns == 1,
+            PAIR=pair,
             SIGMOID=pair_sigmoid,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not TF32 products
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
         if ns > 1:
             # all splits of a row in one tile (ns <= MAX_SPLITS): two dependent loads instead of a serial loop
             block_s = triton.next_power_of_2(ns)
             _combine_kernel[(t, out.shape[1], b)](
-                part, lse, w, out, *w_strides, out.stride(0), out.stride(1), out.stride(2), hq, ns,
-                T=t, D=d, BLOCK_S=block_s, PAIR=pair, SIGMOID=pair_sigmoid,
+                part,
+                lse,
+                w,
+                out,
+                *w_strides,
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                hq,
+                ns,
+                T=t,
+                D=d,
+                BLOCK_S=block_s,
+                PAIR=pair,
+                SIGMOID=pair_sigmoid,
                 num_warps=4 if block_s * d <= 32 * 128 else 8,
-            )  # fmt: skip
+            )
         return out
 
     @_flash_decode.register_fake

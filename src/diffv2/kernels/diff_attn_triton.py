@@ -141,6 +141,8 @@ if HAS_TRITON:
         q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
         return b, i, start_m, rows, row_ok, dd, q1, q2
 
+    # A kernel's signature keeps its layout (fmt: skip), one line per role: the tensors, each tensor's strides,
+    # the sizes, the compile-time constants; the launches pass them in the same order.
     @triton.jit
     def _diff_attn_fwd_kernel(
         Q, K, V, W, OUT, O2, LSE,
@@ -266,8 +268,24 @@ if HAS_TRITON:
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
     @triton.jit
-    def _dq_step(q1, q2, do, w, lse1, lse2, dl1, dl2, kt, vt, dq1, dq2, allowed, qk_scale,
-                 MASKED: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    def _dq_step(
+        q1,
+        q2,
+        do,
+        w,
+        lse1,
+        lse2,
+        dl1,
+        dl2,
+        kt,
+        vt,
+        dq1,
+        dq2,
+        allowed,
+        qk_scale,
+        MASKED: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         s1 = tl.dot(q1, tl.trans(kt), input_precision=PRECISION) * qk_scale
         s2 = tl.dot(q2, tl.trans(kt), input_precision=PRECISION) * qk_scale
         if MASKED:
@@ -306,15 +324,15 @@ if HAS_TRITON:
             keys = n0 + cols
             kt = tl.load(k_base + keys[:, None] * skt + dd[None, :])
             vt = tl.load(v_base + keys[:, None] * svt + dd[None, :])
-            dq1, dq2 = _dq_step(q1, q2, do, w, lse1, lse2, dl1, dl2, kt, vt, dq1, dq2, None, qk_scale, False,
-                                PRECISION)  # fmt: skip
+            dq1, dq2 = _dq_step(q1, q2, do, w, lse1, lse2, dl1, dl2, kt, vt, dq1, dq2, None, qk_scale, False, PRECISION)
         for n0 in range(mid, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
             keys = n0 + cols
             kt = tl.load(k_base + keys[:, None] * skt + dd[None, :], mask=(keys < T)[:, None], other=0.0)
             vt = tl.load(v_base + keys[:, None] * svt + dd[None, :], mask=(keys < T)[:, None], other=0.0)
             allowed = keys[None, :] <= rows[:, None]
-            dq1, dq2 = _dq_step(q1, q2, do, w, lse1, lse2, dl1, dl2, kt, vt, dq1, dq2, allowed, qk_scale, True,
-                                PRECISION)  # fmt: skip
+            dq1, dq2 = _dq_step(
+                q1, q2, do, w, lse1, lse2, dl1, dl2, kt, vt, dq1, dq2, allowed, qk_scale, True, PRECISION
+            )
         dq_ptrs = DQ + b * sgb + (2 * i).to(tl.int64) * sgh + rows[:, None] * sgt + dd[None, :]
         tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
         tl.store(dq_ptrs + sgh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
@@ -323,15 +341,20 @@ if HAS_TRITON:
         """x's layout (a dense transposed view stays one: no copy on the way back) unless d is strided."""
         return torch.empty_like(x) if x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
+    def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+        """The (batch, head, time) strides of each tensor in turn: the kernels' stride arguments."""
+        return tuple(stride for x in tensors for stride in x.stride()[:3])
+
     def _new_out(q: torch.Tensor) -> torch.Tensor:
         """(B, h, T, d) as a transposed (B, T, h, d) buffer: the model's ``ctx.transpose(1, 2)`` is then free."""
         b, hq, t, d = q.shape
         return q.new_empty((b, t, hq // 2, d)).transpose(1, 2)
 
     @torch.library.custom_op(
-        "diffv2::diff_attn_fwd", mutates_args=(),
+        "diffv2::diff_attn_fwd",
+        mutates_args=(),
         schema="(Tensor q, Tensor k, Tensor v, Tensor w, float scale) -> (Tensor, Tensor, Tensor)",
-    )  # fmt: skip
+    )
     def _diff_attn_fwd(q, k, v, w, scale):
         """w: (B, h, T) fp32. Returns (out (B, h, T, d), o2 (B, h, T, d), lse (B, 2h, T) fp32 in log2 units); o2
         and lse feed the backward only."""
@@ -340,11 +363,10 @@ if HAS_TRITON:
         out, o2 = _new_out(q), q.new_empty((b, hq // 2, t, d))
         lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
         cfg = _config("fwd", q)
+        args = (q, k, v, w, out, o2, lse, *_strides(q, k, v, w, out, o2), hq // 2, t, scale * math.log2(math.e))
         _diff_attn_fwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * hq // 2)](
-            q, k, v, w, out, o2, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *w.stride(),
-            *out.stride()[:3], *o2.stride()[:3], hq // 2, t, scale * math.log2(math.e),
-            GROUP_PAIRS=hq // k.shape[1] // 2, D=d, **cfg,
-        )  # fmt: skip
+            *args, GROUP_PAIRS=hq // k.shape[1] // 2, D=d, **cfg
+        )
         return out, o2, lse
 
     @_diff_attn_fwd.register_fake
@@ -353,10 +375,11 @@ if HAS_TRITON:
         return _new_out(q), q.new_empty((b, hq // 2, t, d)), q.new_empty((b, hq, t), dtype=torch.float32)
 
     @torch.library.custom_op(
-        "diffv2::diff_attn_bwd", mutates_args=(),
+        "diffv2::diff_attn_bwd",
+        mutates_args=(),
         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w, Tensor out, Tensor o2, Tensor lse, float scale)"
         " -> (Tensor, Tensor, Tensor, Tensor)",
-    )  # fmt: skip
+    )
     def _diff_attn_bwd(dout, q, k, v, w, out, o2, lse, scale):
         """Returns (dq, dk, dv, dw), each in its input's layout (where d has unit stride)."""
         b, hq, t, d = q.shape
@@ -364,22 +387,16 @@ if HAS_TRITON:
         dq, dk, dv, dw = _grad_like(q), _grad_like(k), _grad_like(v), torch.empty_like(w)
         dout, q, k, v, out, o2 = (_unit_last(x) for x in (dout, q, k, v, out, o2))
         delta = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
-        _diff_attn_bwd_pre_kernel[(triton.cdiv(t, 64), b * h)](
-            dout, out, o2, w, delta, dw, *dout.stride()[:3], *out.stride()[:3], *o2.stride()[:3], *w.stride(),
-            *dw.stride(), h, t, D=d, BLOCK_M=64, num_warps=4,
-        )  # fmt: skip
-        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *w.stride(), *dout.stride()[:3])
+        args = (dout, out, o2, w, delta, dw, *_strides(dout, out, o2, w, dw), h, t)
+        _diff_attn_bwd_pre_kernel[(triton.cdiv(t, 64), b * h)](*args, D=d, BLOCK_M=64, num_warps=4)
+        strides, scales = _strides(q, k, v, w, dout), (scale * math.log2(math.e), scale)
         common = dict(GROUP_PAIRS=hq // k.shape[1] // 2, D=d)
         cfg = _config("dkdv", q)
-        _diff_attn_bwd_dkdv_kernel[(triton.cdiv(t, cfg["BLOCK_N"]), b * k.shape[1])](
-            q, k, v, w, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3], h, t,
-            scale * math.log2(math.e), scale, **common, **cfg,
-        )  # fmt: skip
+        args = (q, k, v, w, dout, lse, delta, dk, dv, *strides, *_strides(dk, dv), h, t, *scales)
+        _diff_attn_bwd_dkdv_kernel[(triton.cdiv(t, cfg["BLOCK_N"]), b * k.shape[1])](*args, **common, **cfg)
         cfg = _config("dq", q)
-        _diff_attn_bwd_dq_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * h)](
-            q, k, v, w, dout, lse, delta, dq, *strides, *dq.stride()[:3], h, t, scale * math.log2(math.e), scale,
-            **common, **cfg,
-        )  # fmt: skip
+        args = (q, k, v, w, dout, lse, delta, dq, *strides, *_strides(dq), h, t, *scales)
+        _diff_attn_bwd_dq_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * h)](*args, **common, **cfg)
         return dq, dk, dv, dw
 
     @_diff_attn_bwd.register_fake

@@ -1,7 +1,7 @@
 """Rotary position embedding in the Hugging Face Llama layout (``rotate_half``), used by all variants.
 
 The official DIFF code rotates interleaved channel pairs (GPT-J); from scratch the two layouts are equivalent
-up to a fixed permutation of q/k channels that the projections absorb (spec §6 Q6). We use rotate_half so
+up to a fixed permutation of q/k channels that the projections absorb (docs/design.md#rope). We use rotate_half so
 checkpoints map onto Llama-style models without permuting weights.
 """
 

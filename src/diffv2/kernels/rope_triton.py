@@ -2,8 +2,8 @@
 
 Why: in eager PyTorch :func:`~diffv2.kernels.rope.apply_rope` is seven elementwise kernels per tensor (upcast,
 negate, concatenate, two products, a sum, the downcast), fourteen per layer for q and k. A batch-1 decode
-step is bound by kernel launches more than by bytes (docs/benchmarks.md), so each launch saved counts. Here
-one program rotates every head of one token of q and of k, in fp32, and writes both in the inputs' dtype.
+step is bound by kernel launches more than by bytes (docs/benchmarks.md#batch-1-decode), so each launch saved
+counts. Here one program rotates every head of one token of q and of k, in fp32, and writes both in the inputs' dtype.
 
 Training and ``torch.compile`` keep the PyTorch version: it has autograd, and inductor fuses it (with the KV
 cache write) on its own. Off CUDA (and without ``TRITON_INTERPRET=1``) nothing here runs.
@@ -61,8 +61,22 @@ def rope_qk_triton(
 if HAS_TRITON:
 
     @triton.jit
-    def _rotate(X, OUT, stride_xb, stride_xt, stride_xh, b, t, cos1, cos2, sin1, sin2, n_heads,
-                HALF: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    def _rotate(
+        X,
+        OUT,
+        stride_xb,
+        stride_xt,
+        stride_xh,
+        b,
+        t,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        n_heads,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         """out = x·cos + rotate_half(x)·sin for every head of token (b, t); rotate_half(x) = [−x2, x1]."""
         hh = tl.arange(0, BLOCK_H)
         dd = tl.arange(0, HALF)
@@ -75,6 +89,8 @@ if HAS_TRITON:
         tl.store(dst, (x1 * cos1[None, :] - x2 * sin1[None, :]).to(OUT.dtype.element_ty), mask=ok)
         tl.store(dst + HALF, (x2 * cos2[None, :] + x1 * sin2[None, :]).to(OUT.dtype.element_ty), mask=ok)
 
+    # A kernel's signature keeps its layout (fmt: skip), one line per role: the tensors, each tensor's strides,
+    # the sizes, the compile-time constants; the launches pass them in the same order.
     @triton.jit
     def _rope_qk_kernel(
         Q, K, COS, SIN, QOUT, KOUT,
@@ -103,12 +119,28 @@ if HAS_TRITON:
         if q_out.numel() == 0:
             return q_out, k_out
         _rope_qk_kernel[(t, b)](
-            q, k, cos, sin, q_out, k_out,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            cos.stride(0), cos.stride(1), cos.stride(2), hq, hk,
-            HALF=d // 2, BLOCK_Q=triton.next_power_of_2(hq), BLOCK_K=triton.next_power_of_2(hk),
+            q,
+            k,
+            cos,
+            sin,
+            q_out,
+            k_out,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            cos.stride(0),
+            cos.stride(1),
+            cos.stride(2),
+            hq,
+            hk,
+            HALF=d // 2,
+            BLOCK_Q=triton.next_power_of_2(hq),
+            BLOCK_K=triton.next_power_of_2(hk),
             num_warps=4 if hq * d <= 4096 else 8,
-        )  # fmt: skip
+        )
         return q_out, k_out
 
     @_rope_qk.register_fake

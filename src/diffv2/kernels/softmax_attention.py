@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .masks import causal_mask
 
-# cuDNN first: it is the fastest causal prefill kernel on Hopper (docs/benchmarks.md, SDPA backends)
+# cuDNN first: it is the fastest causal prefill kernel on Hopper (docs/benchmarks.md#sdpa-backends)
 _FUSED = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 _fused_order: list[SDPBackend] = list(_FUSED)
 

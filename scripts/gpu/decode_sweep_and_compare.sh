@@ -1,5 +1,8 @@
 #!/bin/bash
-# Session 2, call 1 (2x H200): GPU tests on GPU 0 while the decode kernel is timed on GPU 1, then the grid.
+# One device call (<= 10 min) on two GPUs: tests/test_gpu.py and tests/test_decode_kernel.py on GPU 0 while
+# GPU 1 runs the decode kernel's split sweep (bench/decode_kernel.py --sweep), then the comparison grid
+# (scripts/gpu/compare.sh) for the time left.
+# Usage on the GPU machine: bash scripts/gpu/decode_sweep_and_compare.sh. Logs land in $OUT.
 T0=$(date +%s)
 source scripts/gpu/setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
