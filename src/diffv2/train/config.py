@@ -158,11 +158,15 @@ class TrainConfig:
             check_int(name, getattr(self, name), minimum=minimum, maximum=maximum, zero=zero)
         check_seed("seed", self.seed)
         if self.batch_size * self.seq_len > MAX_BATCH_TOKENS:
-            raise ConfigError(f"batch_size={self.batch_size} x seq_len={self.seq_len}: more than {MAX_BATCH_TOKENS} "
-                              "tokens per micro-step; use grad_accum for larger batches")  # fmt: skip
+            raise ConfigError(
+                f"batch_size={self.batch_size} x seq_len={self.seq_len}: more than {MAX_BATCH_TOKENS} tokens per "
+                "micro-step; use grad_accum for larger batches"
+            )
         if self.tokenizer == "bpe" and self.tokenizer_vocab < 257:
-            raise ConfigError(f"tokenizer_vocab={self.tokenizer_vocab}: a BPE vocabulary needs at least 257 entries "
-                              "(256 bytes + end-of-text)")  # fmt: skip
+            raise ConfigError(
+                f"tokenizer_vocab={self.tokenizer_vocab}: a BPE vocabulary needs at least 257 entries (256 bytes + "
+                "end-of-text)"
+            )
         for name, (positive, maximum) in _NUMBERS.items():
             check_number(name, getattr(self, name), positive=positive, maximum=maximum)
         for name in ("min_lr_ratio", "wsd_decay_frac"):
