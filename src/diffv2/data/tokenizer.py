@@ -100,7 +100,11 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"tokenizer file {path} does not exist")
-        return cls.from_json_str(path.read_text(encoding="utf-8"), source=str(path))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a tokenizer.json (not UTF-8 text at byte {e.start})") from None
+        return cls.from_json_str(text, source=str(path))
 
     @classmethod
     def from_json_str(cls, text: str, source: str = "(in memory)") -> Tokenizer:
@@ -108,7 +112,7 @@ class Tokenizer:
         try:
             tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the Rust side raises a plain Exception for any parse problem
-            raise DataError(f"{source}: not a valid tokenizer.json ({e})") from None
+            raise DataError(f"{source}: not a valid tokenizer.json ({str(e)[:200]})") from None
         eot = next((t for t in EOT_CANDIDATES if tok.token_to_id(t) is not None), None)
         if eot is None:
             raise DataError(

@@ -13,12 +13,14 @@ from torch import nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, read_checkpoint_meta
 from ..config import ModelConfig
-from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset
+from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset, verify_dataset
 from ..errors import CheckpointError, DataError, DiffV2Error
 from ..model import Transformer
 from .config import TrainConfig
 from .distributed import DistEnv, Parallel, init_distributed, parallelize
 from .monitor import environment
+
+DATA_CHECK_FILE = "data_check.json"  # the dataset's shards as last verified (see verify_dataset)
 
 
 class TrainingError(DiffV2Error):
@@ -98,11 +100,13 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
     init = load_pretrained(cfg.init_from) if cfg.init_from and not resume else None  # resume: the run's own
     init_tokenizer = str(init.checkpoint / "tokenizer.json") if init is not None else None
     if env.is_main:
-        resolve_data(cfg, run_dir, progress, tokenizer=init_tokenizer)  # once; the other ranks wait, then find it
+        data_dir = resolve_data(cfg, run_dir, progress, tokenizer=init_tokenizer)  # once; the others wait
+        # checksums, token ids < vocabulary, tokenizer: read once per run (the record skips unchanged shards)
+        verify_dataset(data_dir, record=run_dir / DATA_CHECK_FILE)
     env.barrier()
     data_dir = resolve_data(cfg, run_dir, progress, prepare=False)
     manifest = load_manifest(data_dir)
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(data_dir / manifest["tokenizer_file"])
     if init is None:
         model_cfg = cfg.model_config(tokenizer.vocab_size)
     else:
