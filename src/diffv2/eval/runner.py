@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_pretrained
+from ..checkpoint import load_pretrained, pick_device
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
@@ -154,7 +154,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """``run_tasks`` on a run / checkpoint / HF folder (None for model-free tasks only); ``out`` defaults to
     ``<run>/eval`` beside the checkpoints (an HF folder: ``<folder>/eval``)."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    dev = pick_device(device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
     if dtype not in dtypes:
         raise ConfigError(f"--dtype {dtype}: choose from {', '.join(dtypes)}")

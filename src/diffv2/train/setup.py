@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, read_checkpoint_meta
-from ..config import ModelConfig
+from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, model_config_of, read_checkpoint_meta
+from ..config import ModelConfig, check_int, check_table
 from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset, verify_dataset
 from ..errors import CheckpointError, DataError, DiffV2Error
 from ..model import Transformer
@@ -152,8 +153,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
 
 def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     saved_state, saved_cfg = read_checkpoint_meta(ckpt)
+    check_resume_state(ckpt, saved_state, saved_cfg)
     # through ModelConfig: a field added since the checkpoint was written takes its default
-    saved_model, now = ModelConfig.from_dict(saved_cfg.get("model", {})).to_dict(), run.model_cfg.to_dict()
+    saved_model, now = model_config_of(ckpt, saved_cfg).to_dict(), run.model_cfg.to_dict()
     if saved_model != now:
         diff = sorted(k for k in saved_model if saved_model[k] != now[k])
         raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}; resume with the same model")
@@ -166,6 +168,35 @@ def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     state = load_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, map_location=run.device)
     run.loader.load_state_dict(state["loader"])  # a global position: any world size continues the same stream
     return state
+
+
+def check_resume_state(ckpt: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
+    """Raise a one-line :class:`CheckpointError` unless state.json and config.json hold what a resume reads (their
+    checksums only say they are as written, not that a training run wrote them)."""
+    if not isinstance(config.get("train"), dict):
+        raise CheckpointError(
+            f"{ckpt / 'config.json'}: has no 'train' table, so no training run wrote it (a converted model?); start a "
+            "new run from it with --init_from instead of --resume"
+        )
+    file = ckpt / "state.json"
+    loader = check_table(f"{file}: loader", state.get("loader"), CheckpointError)
+    for key in ("window", "seed", "seq_len", "n_tokens", "epoch", "position", "world_size"):
+        if key in loader:
+            check_int(f"{file}: loader.{key}", loader[key], maximum=2**63 - 1, error=CheckpointError)
+    if "window" not in loader and not {"epoch", "position"} <= set(loader):
+        raise CheckpointError(f"{file}: loader has no 'window' (nor 'epoch' and 'position'); not a diffv2 state")
+    for name in ("loss_spikes", "grad_spikes") if "loss_spikes" in state or "grad_spikes" in state else ():
+        spikes = check_table(f"{file}: {name}", state.get(name), CheckpointError)
+        check_int(f"{file}: {name}.count", spikes.get("count"), error=CheckpointError)
+        history = spikes.get("history")
+        if not isinstance(history, list) or not all(_finite_number(v) for v in history):
+            raise CheckpointError(f"{file}: {name}.history must be a list of finite numbers")
+    if "nonfinite" in state:
+        check_int(f"{file}: nonfinite", state["nonfinite"], error=CheckpointError)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def write_json(path: Path, data: Any) -> None:
