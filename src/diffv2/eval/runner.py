@@ -52,13 +52,13 @@ def load_for_eval(path: PathLike, *, device: str | torch.device = "cpu", dtype: 
         and not (path / "checksums.json").is_file()
         and not (path / "checkpoints").is_dir()
     ):
-        from ..hf.convert import load_hf, native_tokenizer_json, to_native
+        from ..hf.convert import load_hf, read_tokenizer_json, to_native
 
         model = to_native(load_hf(path, dtype=torch.float32)).to(device, dtype=dtype).eval()
-        tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
+        text = read_tokenizer_json(path)
+        if text is None:
             raise CheckpointError(f"{path}: holds no tokenizer.json, so text tasks cannot be built")
-        tok = Tokenizer.from_json_str(native_tokenizer_json(tok_file.read_text(encoding="utf-8")), source=str(tok_file))
+        tok = Tokenizer.from_json_str(text, source=str(path / "tokenizer.json"))
         info = {"checkpoint": str(path), "format": "hf", "train_len": model.cfg.max_seq_len, "data_dir": None}
         return Loaded(model, tok, info)
     loaded = load_pretrained(path, device=device, dtype=dtype)
