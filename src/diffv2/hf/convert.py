@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..model import Transformer
 from .configuration_diffv2 import DiffV2Config
 from .modeling_diffv2 import DiffV2ForCausalLM
-from .upcycle import safetensors_files
+from .upcycle import check_shapes, read_json_file, safetensors_files
 
 PathLike = str | os.PathLike[str]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -183,9 +183,17 @@ def load_hf(path: PathLike, **kwargs: Any) -> DiffV2ForCausalLM:
     """``DiffV2ForCausalLM.from_pretrained`` with errors turned into one-line ``CheckpointError``s."""
     if not is_hf_folder(path):
         raise CheckpointError(f"{path}: not a Hugging Face diffv2 folder (no config.json with model_type 'diffv2')")
-    safetensors_files(Path(path))  # refuses pickle weights; every safetensors header must read
+    folder = Path(path)
     try:
-        return DiffV2ForCausalLM.from_pretrained(str(path), use_safetensors=True, **kwargs).eval()
+        cfg = from_hf_config(read_json_file(folder / "config.json"))
+    except (ConfigError, KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+        what = e if isinstance(e, ConfigError) else f"a field is missing or malformed ({type(e).__name__}: {e})"
+        raise CheckpointError(f"{folder / 'config.json'}: {what}") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    check_shapes(folder, safetensors_files(folder), expected)  # refuses pickle weights; headers must read
+    try:
+        return DiffV2ForCausalLM.from_pretrained(str(folder), use_safetensors=True, **kwargs).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 

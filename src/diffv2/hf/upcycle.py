@@ -87,6 +87,19 @@ def safetensors_files(folder: Path) -> list[str]:
     return files
 
 
+def check_shapes(folder: Path, files: list[str], expected: dict[str, tuple[int, ...]]) -> None:
+    """Each tensor in the safetensors ``files`` that ``expected`` names has that shape (read from the headers)."""
+    for name in files:
+        with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                shape = tuple(f.get_slice(key).get_shape())
+                if key in expected and shape != expected[key]:
+                    raise CheckpointError(
+                        f"{folder / name}: {key} has shape {shape}, but config.json gives {expected[key]}; the "
+                        "weights and config.json belong to different models"
+                    )
+
+
 def read_hf_folder(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """config.json and the safetensors weights (single file or sharded with an index) of an HF folder."""
     folder = Path(path)
@@ -273,7 +286,12 @@ def upcycle(
     else:
         config, weights = source.config.to_dict(), dict(source.state_dict())
         cfg = llama_model_config(config, attention=attention, max_seq_len=max_seq_len)
-    state = upcycle_state_dict(weights, cfg)
+    try:
+        state = upcycle_state_dict(weights, cfg)
+    except CheckpointError as err:  # a folder's weights: name the folder
+        if not isinstance(source, str | os.PathLike):
+            raise
+        raise CheckpointError(f"{source}: {err}") from None
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = set(model.state_dict())
