@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import check_file_name, check_int, check_str, check_table, show
+from ..config import check_file_name, check_int, check_number, check_str, check_table, show
 from ..errors import DataError
 from .shards import HEADER_BYTES, VERSION_DTYPES, atomic_write_bytes, read_header
 from .tokenizer import Tokenizer
@@ -25,6 +25,7 @@ TOKENIZER_NAME = "tokenizer.json"
 FORMAT = "diffv2-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+_REQUIRED = ("tokenizer_file", "tokenizer_sha256", "tokenizer_kind", "vocab_size", "eot_id", "source", "splits")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_BYTES = 1 << 24  # a multiple of every token size: each block after the header holds whole tokens
 
@@ -45,18 +46,22 @@ def check_manifest(path: Path, manifest: Any) -> dict:
             f"{path}: manifest format version {show(manifest.get('format_version'))} is not supported "
             f"(this diffv2 reads version {FORMAT_VERSION})"
         )
-    missing = [k for k in ("tokenizer_file", "tokenizer_sha256", "vocab_size", "eot_id", "splits") if k not in manifest]
+    missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise DataError(f"{path}: missing fields {missing}")
     check_file_name(f"{path}: tokenizer_file", manifest["tokenizer_file"], DataError)
     _check_sha(f"{path}: tokenizer_sha256", manifest["tokenizer_sha256"])
     vocab = check_int(f"{path}: vocab_size", manifest["vocab_size"], minimum=1, maximum=2**32, error=DataError)
     check_int(f"{path}: eot_id", manifest["eot_id"], maximum=vocab - 1, error=DataError)
-    for name in ("tokenizer_kind", "text_field"):
-        if name in manifest:
-            check_str(f"{path}: {name}", manifest[name], error=DataError)
-    if "source" in manifest:
-        check_table(f"{path}: source", manifest["source"], DataError)
+    check_str(f"{path}: tokenizer_kind", manifest["tokenizer_kind"], error=DataError)
+    if "text_field" in manifest:
+        check_str(f"{path}: text_field", manifest["text_field"], error=DataError)
+    check_table(f"{path}: source", manifest["source"], DataError)
+    if (dropped := manifest.get("val_near_duplicates")) is not None:
+        check_table(f"{path}: val_near_duplicates", dropped, DataError)
+        for name in ("ngram", "dropped_documents", "dropped_tokens"):
+            check_int(f"{path}: val_near_duplicates.{name}", dropped.get(name), error=DataError)
+        check_number(f"{path}: val_near_duplicates.threshold", dropped.get("threshold"), positive=True, error=DataError)
     splits = check_table(f"{path}: splits", manifest["splits"], DataError)
     for split in SPLITS:
         info = splits.get(split)
@@ -72,9 +77,8 @@ def check_manifest(path: Path, manifest: Any) -> dict:
             total += check_int(f"{where}.n_tokens", shard["n_tokens"], maximum=2**31 - 1, error=DataError)
             _check_sha(f"{where}.sha256", shard["sha256"])
         for name in ("n_tokens", "n_documents"):
-            if name in info:
-                check_int(f"{path}: splits.{split}.{name}", info[name], error=DataError)
-        if info.get("n_tokens", total) != total:
+            check_int(f"{path}: splits.{split}.{name}", info.get(name), error=DataError)
+        if info["n_tokens"] != total:
             raise DataError(
                 f"{path}: splits.{split}.n_tokens={info['n_tokens']} but its shards hold {total} tokens together"
             )
