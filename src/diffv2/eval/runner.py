@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_pretrained, pick_device
+from ..config import check_seed
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
@@ -95,6 +96,7 @@ def run_tasks(
     its tokenizer; ``train_len``: the context length it was trained at (default: ``model.cfg.max_seq_len``);
     ``data_dir``: a prepared dataset whose val split gives the text (default: the embedded corpus).
     """
+    check_seed("seed", seed)
     resolved = resolve_tasks(tasks)
     needing = [t.name for t in resolved if t.needs_model]
     if needing and (model is None or tokenizer is None):
