@@ -84,15 +84,14 @@ def load_for_serving(path: str, device, dtype):
             from ..hf import load_hf, to_native
         except ImportError as e:
             raise DiffV2Error(f"serving an HF folder needs transformers: pip install 'diffv2[hf]' ({e})") from None
-        model = to_native(load_hf(folder)).to(device, dtype=dtype).eval()
-        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            return model, None
-        try:
-            return model, AutoTokenizer.from_pretrained(str(folder))
-        except Exception as e:  # tokenizer classes raise many kinds of errors for a broken file
-            raise CheckpointError(
-                f"{folder}: its tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:160]})"
-            ) from None
+        tokenizer = None  # read first: a broken one fails before the weights load
+        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            except Exception as e:  # tokenizer classes raise many kinds of errors for a broken file
+                why = f"{type(e).__name__}: {str(e)[:160]}"
+                raise CheckpointError(f"{folder}: its tokenizer cannot be loaded ({why})") from None
+        return to_native(load_hf(folder)).to(device, dtype=dtype).eval(), tokenizer
     from ..checkpoint import load_pretrained
 
     loaded = load_pretrained(folder, device=device, dtype=dtype)

@@ -55,11 +55,11 @@ def load_for_eval(path: PathLike, *, device: str | torch.device = "cpu", dtype: 
     ):
         from ..hf.convert import load_hf, read_tokenizer_json, to_native
 
-        model = to_native(load_hf(path, dtype=torch.float32)).to(device, dtype=dtype).eval()
-        text = read_tokenizer_json(path)
+        text = read_tokenizer_json(path)  # first: a broken tokenizer fails before the weights load
         if text is None:
             raise CheckpointError(f"{path}: holds no tokenizer.json, so text tasks cannot be built")
         tok = Tokenizer.from_json_str(text, source=str(path / "tokenizer.json"))
+        model = to_native(load_hf(path, dtype=torch.float32)).to(device, dtype=dtype).eval()
         info = {"checkpoint": str(path), "format": "hf", "train_len": model.cfg.max_seq_len, "data_dir": None}
         return Loaded(model, tok, info)
     loaded = load_pretrained(path, device=device, dtype=dtype)

@@ -246,8 +246,8 @@ def save_native(
 def import_hf(src: PathLike, out: PathLike, *, force: bool = False) -> Path:
     """HF diffv2 folder → native run dir (step 0 checkpoint); returns the checkpoint dir."""
     out = check_out_dir(out, force)
-    hf = load_hf(src, dtype=torch.float32)
     text = read_tokenizer_json(src)
-    if text is not None:  # fail before writing anything when it is broken or lacks an end-of-text token
+    if text is not None:  # fail before loading or writing anything when it is broken or lacks an end-of-text token
         Tokenizer.from_json_str(text, source=str(Path(src) / "tokenizer.json"))
+    hf = load_hf(src, dtype=torch.float32)
     return save_native(to_native(hf), out, tokenizer_json=text, source={"format": "hf", "path": str(src)})

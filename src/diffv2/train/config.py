@@ -33,6 +33,7 @@ from ..config import (
     check_seed,
     check_str,
     check_table,
+    show,
 )
 from ..errors import ConfigError
 
@@ -193,6 +194,11 @@ class TrainConfig:
         check_table("model", self.model)
         if unknown := sorted(set(self.model) - {f.name for f in fields(ModelConfig)} - {"preset"}):
             raise ConfigError(f"unknown model config field(s) {unknown}; valid fields: {_MODEL_FIELDS}")
+        if "vocab_size" in self.model:  # it would be ignored: a silent surprise
+            raise ConfigError(
+                f"model.vocab_size={show(self.model['vocab_size'])}: the vocabulary follows the tokenizer; drop it "
+                "(tokenizer_vocab sizes a BPE tokenizer)"
+            )
         self.model_config(vocab_size=2)  # validates the model fields early
 
     def model_config(self, vocab_size: int) -> ModelConfig:

@@ -15,7 +15,7 @@ from torch import nn
 from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, model_config_of, read_checkpoint_meta
 from ..config import ModelConfig, check_int, check_table
 from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset, verify_dataset
-from ..errors import CheckpointError, DataError, DiffV2Error
+from ..errors import CheckpointError, ConfigError, DataError, DiffV2Error
 from ..model import Transformer
 from .config import TrainConfig
 from .distributed import DistEnv, Parallel, init_distributed, parallelize
@@ -77,7 +77,9 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
     return data_dir
 
 
-def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> tuple[Run, dict[str, Any]]:
+def setup(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> tuple[Run, dict[str, Any]]:
     """Join the job (if distributed), build everything, and load the latest checkpoint when resuming.
 
     Every rank builds the same full model from ``cfg.seed`` before it is wrapped or sharded. Rank 0 alone
@@ -144,6 +146,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
     state: dict[str, Any] = {"step": 0}
     if resume:
         state = _resume(run, existing)
+    check_stop_after(stop_after, state["step"])  # before the run's files are rewritten
     if env.is_main:
         write_json(run_dir / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict(),
                                              "data": {"dir": str(data_dir), "manifest": manifest}})  # fmt: skip
@@ -168,6 +171,11 @@ def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     state = load_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, map_location=run.device)
     run.loader.load_state_dict(state["loader"])  # a global position: any world size continues the same stream
     return state
+
+
+def check_stop_after(stop_after: int | None, step: int) -> None:
+    if stop_after is not None and stop_after <= step:
+        raise ConfigError(f"stop_after={stop_after}: the run is already at step {step}; give a later step")
 
 
 def check_resume_state(ckpt: Path, state: dict[str, Any], config: dict[str, Any]) -> None:

@@ -21,14 +21,13 @@ from ..checkpoint import gather_weights, latest_checkpoint, save_checkpoint
 from ..config import check_int
 from ..data import EvalBatches, SplitDocuments, split_documents, spread_windows
 from ..diagnostics import diagnose
-from ..errors import ConfigError
 from ..generate import generate
 from ..model import Transformer
 from .config import MAX_STEPS, TrainConfig
 from .distributed import clip_grad_norm_
 from .monitor import MetricsLogger, SpikeDetector, StepProfiler
 from .schedule import lr_at
-from .setup import Run, TrainingError, setup, write_json
+from .setup import Run, TrainingError, check_stop_after, setup, write_json
 
 VAL_SPLIT_FILE = "val_split.json"  # how the validation split was halved and how much of it each eval scores
 
@@ -101,9 +100,11 @@ class Trainer:
     """Drives one run: ``Trainer(cfg).fit()``. Each step: accumulate, clip, skip if non-finite, update, log;
     every N steps: diagnostics, evaluation, checkpoint. Under torch.distributed every rank runs it."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+    ) -> None:
         self.cfg = cfg
-        self.run, state = setup(cfg, resume=resume, progress=progress)
+        self.run, state = setup(cfg, resume=resume, progress=progress, stop_after=stop_after)
         self.env = self.run.env
         self.progress = progress and self.env.is_main
         self.logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard) if self.env.is_main else None
@@ -156,8 +157,7 @@ class Trainer:
 
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg, run = self.cfg, self.run
-        if stop_after is not None and stop_after <= self.step:
-            raise ConfigError(f"stop_after={stop_after}: the run is already at step {self.step}; give a later step")
+        check_stop_after(stop_after, self.step)
         end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
         run.model.train()
         if run.device.type == "cuda":
@@ -320,7 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     """
     if stop_after is not None:  # before setup: a bad value must not cost a data check or a model build
         check_int("stop_after", stop_after, minimum=1, maximum=MAX_STEPS)
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+    trainer = Trainer(cfg, resume=resume, progress=progress, stop_after=stop_after)
     summary = trainer.fit(stop_after)
     trainer.env.close()
     return summary
