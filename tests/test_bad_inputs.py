@@ -42,7 +42,7 @@ TRAIN = ["train", *QUIET, *MODEL_FLAGS]
 ON_DATA = [*TRAIN, "--data", "IN", "--out_dir", "TMP/run", "--steps", 1]  # a broken dataset
 RESUME = [*TRAIN, "--data", "DATA", "--out_dir", "IN", "--steps", 3, "--resume"]  # a broken run folder
 GEN = ["generate", "--checkpoint", "IN", "--prompt", "And", "--max-new-tokens", 2]
-GEN_OK = ["generate", "--checkpoint", "RUN", "--prompt", "And", "--max-new-tokens", 2]
+GEN_OK = ["generate", "--checkpoint", "RUN", "--prompt", "And", "--max-new-tokens", 2, "--seed", 0]
 PREP = ["data", "prepare", "--out", "TMP/prepared", "--no-progress", "--tokenizer", "byte"]
 UP = ["convert", "--from-llama", "IN", "--out", "TMP/out"]
 IMPORT = ["convert", "IN", "--out", "TMP/out"]
@@ -81,6 +81,31 @@ CASES = [
     ("d-model-10**9", None, None, [*TRAIN, "--d_model", 10**9], ["d_model"]),
     ("n-layers-10**9", None, None, [*TRAIN, "--n_layers", 10**9], ["n_layers"]),
     ("head-dim-10**9", None, None, [*TRAIN, "--head_dim", 10**9], ["head_dim"]),
+    (
+        "model-beyond-memory",
+        None,
+        None,
+        [
+            *TRAIN,
+            "--data",
+            "DATA",
+            "--out_dir",
+            "TMP/run",
+            "--d_model",
+            65536,
+            "--n_layers",
+            4096,
+            "--n_heads",
+            512,
+            "--n_kv_heads",
+            512,
+            "--head_dim",
+            128,
+            "--ffn_hidden",
+            262144,
+        ],
+        ["parameters", "GiB"],
+    ),
     ("beta1-1", None, None, [*TRAIN, "--beta1", 1], ["beta1"]),
     ("timeout-1e300", None, None, [*TRAIN, "--dist_timeout_s", 1e300], ["dist_timeout_s"]),
     ("out-dir-empty", None, None, [*TRAIN, "--out_dir", ""], ["out_dir"]),
@@ -320,7 +345,7 @@ CASES = [
     ("temperature-negative", None, None, [*GEN_OK, "--temperature", -1], ["temperature"]),
     ("generate-seed-2**70", None, None, [*GEN_OK, "--seed", 2**70], ["seed"]),
     ("generate-seed-negative", None, None, [*GEN_OK, "--seed", -1], ["seed"]),
-    ("top-k-0", None, None, [*GEN_OK, "--top-k", 0], ["top_k"]),
+    ("top-k-negative", None, None, [*GEN_OK, "--top-k", -1], ["top", "-1"]),
     ("top-p-0", None, None, [*GEN_OK, "--top-p", 0], ["top_p"]),
     ("top-p-nan", None, None, [*GEN_OK, "--top-p", "nan"], ["top_p"]),
     ("max-new-tokens-0", None, None, [*GEN_OK, "--max-new-tokens", 0], ["max_new_tokens"]),

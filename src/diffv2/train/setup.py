@@ -17,6 +17,7 @@ from ..config import ModelConfig, check_int, check_table
 from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset, verify_dataset
 from ..errors import CheckpointError, ConfigError, DataError, DiffV2Error
 from ..model import Transformer
+from ..sizing import total_params_fast
 from .config import TrainConfig
 from .distributed import DistEnv, Parallel, init_distributed, parallelize
 from .monitor import environment
@@ -120,6 +121,7 @@ def setup(
             )
         model_cfg = cfg.init_model_config(init.model.cfg)
 
+    check_memory(model_cfg, device, env.world_size if cfg.parallel == "fsdp" else 1)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
@@ -171,6 +173,25 @@ def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     state = load_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, map_location=run.device)
     run.loader.load_state_dict(state["loader"])  # a global position: any world size continues the same stream
     return state
+
+
+def check_memory(model_cfg: ModelConfig, device: torch.device, shards: int) -> None:
+    """Refuse at once a model whose weights and AdamW moments alone (12 bytes a parameter, split over ``shards``
+    FSDP ranks) exceed the device's memory: building it would only fail later, or be killed by the OS."""
+    n = total_params_fast(model_cfg)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the allocator will say it
+            return
+    if 12 * n / shards > memory:
+        raise ConfigError(
+            f"model: {n:,} parameters need at least {12 * n / shards / 2**30:,.0f} GiB for weights and AdamW state "
+            f"per {device.type} device, which has {memory / 2**30:,.0f} GiB; make it smaller (d_model, n_layers, "
+            "ffn_hidden, vocabulary) or shard it over more GPUs (parallel='fsdp')"
+        )
 
 
 def check_stop_after(stop_after: int | None, step: int) -> None:
