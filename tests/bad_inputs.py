@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 import struct
 import typing
@@ -17,9 +18,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from diffv2.cli import main
-from diffv2.config import _SIZE_LIMITS, ModelConfig
+from diffv2.config import SIZE_LIMITS, ModelConfig
 from diffv2.data import default_corpus_documents, prepare_dataset
-from diffv2.train.config import _INTS, _NUMBERS, TrainConfig
+from diffv2.train.config import INT_FIELDS, NUMBER_FIELDS, TrainConfig
 
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=32)
 MODEL_FLAGS = [x for k, v in MODEL.items() for x in (f"--{k}", str(v))]
@@ -219,6 +220,24 @@ def pickle_only(folder: Path) -> None:
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'touch PWNED'\ntR.")
 
 
+def fifo(name: str):
+    return lambda folder: os.mkfifo(folder / name)
+
+
+def without(key: str):
+    return lambda d: d.pop(key)
+
+
+def fewer_tokens(manifest: dict) -> None:
+    """The first train shard's count says 9000 (it holds 10000), the split's total agrees with the lie."""
+    manifest["splits"]["train"]["shards"][0]["n_tokens"] = 9000
+    manifest["splits"]["train"]["n_tokens"] -= 1000
+
+
+def first_shard(**changes):
+    return edit("manifest.json", lambda m: m["splits"]["train"]["shards"][0].update(changes))
+
+
 # ---------------------------------------------------------------------- wrong values of every config field
 def _toml(value: object) -> str:
     if isinstance(value, bool):
@@ -265,13 +284,13 @@ _PATHS = {"data", "tokenizer", "out_dir"}
 
 
 def _kind(name: str, hint: object) -> tuple[str, int, float | None]:
-    if name in _INTS:
-        minimum, maximum, _ = _INTS[name]
+    if name in INT_FIELDS:
+        minimum, maximum, _ = INT_FIELDS[name]
         return "int", minimum, maximum
     if name == "seed":
         return "int", 0, 2**63 - 1
-    if name in _NUMBERS:
-        positive, maximum = _NUMBERS[name]
+    if name in NUMBER_FIELDS:
+        positive, maximum = NUMBER_FIELDS[name]
         return ("positive" if positive else "float"), 0, maximum
     if name in ("min_lr_ratio", "wsd_decay_frac"):
         return "fraction", 0, None
@@ -279,8 +298,8 @@ def _kind(name: str, hint: object) -> tuple[str, int, float | None]:
         return "fraction<1", 0, None
     if name in _CHOICES:
         return "choice", 0, None
-    if name in _SIZE_LIMITS:
-        return "int", 1, _SIZE_LIMITS[name]
+    if name in SIZE_LIMITS:
+        return "int", 1, SIZE_LIMITS[name]
     if name == "o_proj_init_scale":
         return "float", 0, None
     if name in _PATHS:

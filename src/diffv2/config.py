@@ -34,7 +34,7 @@ MAX_CONTEXT = 1 << 24
 MAX_SEED = 2**63 - 1
 
 
-_SIZE_LIMITS = {
+SIZE_LIMITS = {
     "vocab_size": MAX_SIZE,
     "d_model": MAX_WIDTH,
     "n_heads": MAX_WIDTH,
@@ -98,15 +98,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.head_dim is None and _is_int(self.n_heads) and self.n_heads > 0 and _is_int(self.d_model):
+        if self.head_dim is None and is_int(self.n_heads) and self.n_heads > 0 and is_int(self.d_model):
             self.head_dim = self.d_model // self.n_heads
-        if self.ffn_hidden is None and _is_int(self.d_model):
+        if self.ffn_hidden is None and is_int(self.d_model):
             self.ffn_hidden = -(-(8 * self.d_model // 3) // 64) * 64
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (a ``ValueError``) naming the first field that breaks a rule."""
-        for name, maximum in _SIZE_LIMITS.items():
+        for name, maximum in SIZE_LIMITS.items():
             check_positive_int(name, getattr(self, name), maximum)
         for name in ("rope_theta", "norm_eps", "init_std"):
             check_number(name, getattr(self, name), positive=True)
@@ -164,7 +164,6 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_is_int = is_int
 # what a message shows of a value: short and on one line however large or nested the value is
 _SHOW = reprlib.Repr()
 _SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong, _SHOW.maxlist, _SHOW.maxdict = 2, 60, 60, 40, 4, 4

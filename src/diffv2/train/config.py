@@ -46,7 +46,7 @@ RESHARD_POLICIES = ("default", "always", "never")
 MAX_STEPS = 10**9
 MAX_BATCH_TOKENS = 2**31  # tokens per micro-step on a rank: beyond that, int32 indexing in kernels breaks
 # integer fields: (minimum, maximum, what 0 means when 0 is allowed)
-_INTS: dict[str, tuple[int, int, str]] = {
+INT_FIELDS: dict[str, tuple[int, int, str]] = {
     "steps": (1, MAX_STEPS, ""),
     "batch_size": (1, 1 << 20, ""),
     "grad_accum": (1, 1 << 20, ""),
@@ -68,7 +68,7 @@ _INTS: dict[str, tuple[int, int, str]] = {
     "profile_start": (0, MAX_STEPS, "at once"),
 }
 # float fields: (must be > 0, maximum)
-_NUMBERS: dict[str, tuple[bool, float | None]] = {
+NUMBER_FIELDS: dict[str, tuple[bool, float | None]] = {
     "lr": (True, 1e3),
     "grad_clip": (True, None),
     "spike_k": (True, None),
@@ -155,7 +155,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field that breaks a rule: every value's type is checked
         before it is compared, numbers must be finite, and sizes and counts have generous upper bounds."""
-        for name, (minimum, maximum, zero) in _INTS.items():
+        for name, (minimum, maximum, zero) in INT_FIELDS.items():
             check_int(name, getattr(self, name), minimum=minimum, maximum=maximum, zero=zero)
         check_seed("seed", self.seed)
         if self.batch_size * self.seq_len > MAX_BATCH_TOKENS:
@@ -168,7 +168,7 @@ class TrainConfig:
                 f"tokenizer_vocab={self.tokenizer_vocab}: a BPE vocabulary needs at least 257 entries (256 bytes + "
                 "end-of-text)"
             )
-        for name, (positive, maximum) in _NUMBERS.items():
+        for name, (positive, maximum) in NUMBER_FIELDS.items():
             check_number(name, getattr(self, name), positive=positive, maximum=maximum)
         for name in ("min_lr_ratio", "wsd_decay_frac"):
             check_fraction(name, getattr(self, name))
