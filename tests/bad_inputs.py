@@ -281,6 +281,8 @@ def wrong_values(kind: str, minimum: int = 0, maximum: float | None = None) -> l
 _CHOICES = {"preset", "schedule", "dtype", "device", "parallel", "compile_scope", "fsdp_reshard_after_forward"}
 _CHOICES |= {"attention", "pairing", "lambda_mode", "backend"}
 _PATHS = {"data", "tokenizer", "out_dir"}
+MODEL_FLOAT_LIMITS = {"rope_theta": (True, 1e12), "norm_eps": (True, 1.0), "init_std": (True, 10.0)}
+MODEL_FLOAT_LIMITS["o_proj_init_scale"] = (False, 1e3)
 
 
 def _kind(name: str, hint: object) -> tuple[str, int, float | None]:
@@ -300,8 +302,9 @@ def _kind(name: str, hint: object) -> tuple[str, int, float | None]:
         return "choice", 0, None
     if name in SIZE_LIMITS:
         return "int", 1, SIZE_LIMITS[name]
-    if name == "o_proj_init_scale":
-        return "float", 0, None
+    if name in MODEL_FLOAT_LIMITS:
+        positive, maximum = MODEL_FLOAT_LIMITS[name]
+        return ("positive" if positive else "float"), 0, maximum
     if name in _PATHS:
         return "path", 0, None
     base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
@@ -348,3 +351,35 @@ def config_file(folder: Path, table: str, name: str, value: object) -> Path:
 def copy_input(source: Path, dest: Path) -> Path:
     shutil.copytree(source, dest)
     return dest
+
+
+# ---------------------------------------------------------------------- random damage to a JSON file
+DAMAGE = [None, True, -1, 0, 2**70, 1.5, math.nan, "x", "", "../../etc/passwd", [], {}, [1, 2], {"a": 1}, "\x00"]
+
+
+def _leaves(data: object, path: tuple = ()) -> Iterator[tuple]:
+    if isinstance(data, dict | list) and data:
+        for key in data if isinstance(data, dict) else range(len(data)):
+            yield from _leaves(data[key], (*path, key))
+    if path:
+        yield path
+
+
+def damage_json(rng, rel: str) -> tuple[Mutation, str]:
+    """A mutation replacing (or deleting) one random node of a JSON file with a random value, and what it did."""
+    plan: list = []
+
+    def change(data: dict) -> None:
+        path = rng.choice(list(_leaves(data)))
+        *parents, last = path
+        node = data
+        for key in parents:
+            node = node[key]
+        if isinstance(node, dict) and rng.random() < 0.2:
+            del node[last]
+            plan.append(f"deleted {path}")
+        else:
+            node[last] = rng.choice(DAMAGE)
+            plan.append(f"{path} = {node[last]!r}")
+
+    return edit(rel, change), plan

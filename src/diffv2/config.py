@@ -108,9 +108,9 @@ class ModelConfig:
         """Raise :class:`ConfigError` (a ``ValueError``) naming the first field that breaks a rule."""
         for name, maximum in SIZE_LIMITS.items():
             check_positive_int(name, getattr(self, name), maximum)
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            check_number(name, getattr(self, name), positive=True)
-        check_number("o_proj_init_scale", self.o_proj_init_scale, positive=False)
+        for name, maximum in (("rope_theta", 1e12), ("norm_eps", 1.0), ("init_std", 10.0)):
+            check_number(name, getattr(self, name), positive=True, maximum=maximum)
+        check_number("o_proj_init_scale", self.o_proj_init_scale, positive=False, maximum=1e3)
         check_bool("tie_embeddings", self.tie_embeddings)
         check_bool("recompute_pair_difference", self.recompute_pair_difference)
         check_choice("attention", self.attention, tuple(ATTENTION_VARIANTS))

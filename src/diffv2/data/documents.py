@@ -158,7 +158,7 @@ def split_documents(data_dir: str | Path, split: str = "val") -> SplitDocuments 
         sources, lengths, source = _read_documents(record_path)
         ends = np.cumsum(lengths)
         eot = int(manifest["eot_id"])
-        if ends.size and (ends[-1] != tokens.size or np.any(tokens[ends - 1] != eot)):
+        if (ends[-1] if ends.size else 0) != tokens.size or np.any(tokens[ends - 1] != eot):
             raise DataError(f"{record_path}: does not match the val shards; prepare the dataset again")
         labeled = True
     else:
