@@ -186,7 +186,7 @@ def load_hf(path: PathLike, **kwargs: Any) -> DiffV2ForCausalLM:
     folder = Path(path)
     try:
         cfg = from_hf_config(read_json_file(folder / "config.json"))
-    except (ConfigError, KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
         what = e if isinstance(e, ConfigError) else f"a field is missing or malformed ({type(e).__name__}: {e})"
         raise CheckpointError(f"{folder / 'config.json'}: {what}") from None
     with torch.device("meta"):
@@ -194,8 +194,9 @@ def load_hf(path: PathLike, **kwargs: Any) -> DiffV2ForCausalLM:
     check_shapes(folder, safetensors_files(folder), expected)  # refuses pickle weights; headers must read
     try:
         return DiffV2ForCausalLM.from_pretrained(str(folder), use_safetensors=True, **kwargs).eval()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # the folder's own config drives it
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
 
 
 def check_out_dir(out: PathLike, force: bool) -> Path:

@@ -23,7 +23,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..config import ModelConfig, check_bool, check_file_name, check_number, check_positive_int, check_table, show
+from ..config import (
+    ModelConfig,
+    check_bool,
+    check_file_name,
+    check_int,
+    check_number,
+    check_positive_int,
+    check_table,
+    show,
+)
 from ..errors import CheckpointError, ConfigError, DiffV2Error
 from ..model import Transformer
 
@@ -158,6 +167,11 @@ def llama_model_config(
     layer_types = set(layer_types)
     if layer_types - {"full_attention"} and window is None:
         raise ConfigError(f"layer_types={sorted(layer_types)}: only 'full_attention' layers can be converted")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # copied into the converted config
+        ids = config.get(name)
+        for token in ids if isinstance(ids, list) and name == "eos_token_id" else [ids]:
+            if token is not None:
+                check_int(name, token, minimum=-1, maximum=sizes["vocab_size"] - 1)  # -1: none, in old configs
     n_heads = sizes["num_attention_heads"]
     return ModelConfig(
         vocab_size=sizes["vocab_size"],
