@@ -158,13 +158,15 @@ def test_resume_drops_a_torn_last_metrics_line_and_says_so(inputs, tmp_path, tai
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
 
 
-def test_a_tiny_temperature_decodes_greedily(inputs):
-    """1e-45 is a valid temperature: it must give the greedy tokens, not a NaN probability error."""
+def test_a_tiny_temperature_or_top_p_decodes_greedily(inputs):
+    """1e-45 is a valid temperature and 1e-300 a valid top-p: they must give the greedy tokens, not a NaN
+    probability error."""
     args = ["generate", "--checkpoint", inputs["run"], "--prompt", "And God", "--max-new-tokens", 8]
     greedy = cli([*args, "--temperature", 0])
     tiny = cli([*args, "--temperature", 1e-45])
-    assert greedy[0] == tiny[0] == 0, tiny[2]
-    assert tiny[1] == greedy[1]
+    nucleus = cli([*args, "--top-p", 1e-300, "--seed", 1])  # 0 in float32: only the most likely token is left
+    assert greedy[0] == tiny[0] == nucleus[0] == 0, (tiny[2], nucleus[2])
+    assert tiny[1] == greedy[1] == nucleus[1]
 
 
 def test_a_long_sample_prompt_is_cut_to_fit(inputs, tmp_path):

@@ -40,6 +40,7 @@ def sample_next(
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False  # the most likely token always stays, however small top_p is (1e-300 is 0 in fp32)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -66,6 +67,7 @@ def sample_rows(
     ranked = ranked.masked_fill(ranked < kth, float("-inf"))
     probs = torch.softmax(ranked, dim=-1)
     drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1)[:, None]
+    drop[:, 0] = False  # as in sample_next: the most likely token always stays
     probs = torch.softmax(ranked.masked_fill(drop, float("-inf")), dim=-1)
     drawn = order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
     return torch.where(sampled, drawn, logits.argmax(dim=-1))
