@@ -195,3 +195,14 @@ def test_debug_shows_the_traceback(inputs, tmp_path):
     (tmp_path / "c.toml").write_text('lr = "x"\n')
     with pytest.raises(ValueError, match="lr='x'"):
         cli(["--debug", "train", "--config", tmp_path / "c.toml"])
+
+
+@pytest.mark.parametrize("field", [{"seed": 2**64}, {"seed": -(2**63) - 1}, {"top_k": 2**40}])
+def test_serve_requests_refuse_values_no_generator_takes(field):
+    """A request's seed or top_k beyond what torch can hold is a 400 for that request, not a failed decode loop."""
+    pydantic = pytest.importorskip("pydantic")
+    from diffv2.serve.protocol import CompletionRequest
+
+    with pytest.raises(pydantic.ValidationError, match=next(iter(field))):
+        CompletionRequest(model="m", prompt="x", **field)
+    CompletionRequest(model="m", prompt="x", seed=2**64 - 1, top_k=2**31 - 1)
