@@ -181,10 +181,11 @@ def test_a_long_sample_prompt_is_cut_to_fit(inputs, tmp_path):
 def test_an_error_after_the_prompt_starts_a_new_line(inputs, tmp_path, monkeypatch):
     """generate prints the prompt before the first token; an error raised then must not continue that line."""
     import diffv2.cli.generate as generate_cli
+    from diffv2.errors import ConfigError
 
     def failing(*args, **kwargs):
         yield [1]
-        raise generate_cli.ConfigError("decode failed")
+        raise ConfigError("decode failed")
 
     monkeypatch.setattr(generate_cli, "stream_batch", failing)
     code, out, err = cli(["generate", "--checkpoint", inputs["run"], "--prompt", "And"])

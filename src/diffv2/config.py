@@ -254,6 +254,17 @@ def check_str(name: str, value: object, *, empty: bool = True, error: type[DiffV
     return value
 
 
+def check_text(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> str:
+    """Text to tokenize: a string of valid Unicode. Python keeps bytes of a command line that are not UTF-8 as
+    lone surrogates, which no tokenizer can encode."""
+    check_str(name, value, error=error)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise error(f"{name}: not valid UTF-8 text (at character {err.start}); pass UTF-8 text") from None
+    return value
+
+
 def check_table(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> dict[str, Any]:
     """A table (dict) whose keys are all strings."""
     if not isinstance(value, dict):

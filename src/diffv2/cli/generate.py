@@ -9,7 +9,8 @@ import time
 import torch
 
 from ..checkpoint import load_pretrained, pick_device
-from ..errors import CheckpointError, ConfigError
+from ..config import check_text
+from ..errors import CheckpointError
 from ..generate import stream_batch
 
 
@@ -78,16 +79,6 @@ def run(args: argparse.Namespace) -> int:
     if args.stats:
         print(clock.summary(len(prompts)), file=sys.stderr)
     return 0
-
-
-def check_text(flag: str, text: str) -> str:
-    """Text from the command line must be valid UTF-8 (Python keeps undecodable bytes as lone surrogates, which
-    no tokenizer can encode)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ConfigError(f"{flag}: not valid UTF-8 text (character {err.start}); pass UTF-8 text") from None
-    return text
 
 
 class _Clock:

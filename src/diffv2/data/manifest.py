@@ -139,19 +139,20 @@ def _read_record(record: Path | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def verify_dataset(data_dir: str | Path, *, record: str | Path | None = None) -> dict:
+def verify_dataset(data_dir: str | Path, *, record: str | Path | None = None, splits: tuple[str, ...] = SPLITS) -> dict:
     """Check every shard's header, size, sha256 and token ids (all below the manifest's ``vocab_size``), and the
     tokenizer (its hash, vocabulary size and end-of-text id) against the manifest; returns the manifest.
 
     With ``record`` (a JSON file, e.g. in a run folder) a shard already checked is not read again while its size,
-    modification time and inode are unchanged, so a resumed run does not re-read a large dataset.
+    modification time and inode are unchanged, so a resumed run does not re-read a large dataset. ``splits``
+    limits the shards checked to those a reader is about to read.
     """
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     record = Path(record) if record is not None else None
     seen = _read_record(record)
     checked: dict[str, Any] = {}
-    for split in SPLITS:
+    for split in splits:
         for shard in manifest["splits"][split]["shards"]:
             path = data_dir / shard["file"]
             key = [*_stat_key(path), shard["sha256"], manifest["vocab_size"]]

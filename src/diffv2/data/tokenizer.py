@@ -11,6 +11,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ..config import check_text
 from ..errors import ConfigError, DataError
 from .shards import atomic_write_bytes
 
@@ -148,7 +149,11 @@ class Tokenizer:
     # ---- encoding ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes only valid Unicode: say what is wrong with the text
+            check_text("text to encode", text, DataError)
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many texts, encoded in parallel by the tokenizers library."""
