@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Protocol
 
-from .errors import ConfigError
+from .errors import ConfigError, DiffV2Error
 
 Pairing = Literal["interleaved", "split"]
 LambdaMode = Literal["sigmoid", "none", "linear", "const"]
@@ -25,8 +26,24 @@ BACKENDS = ("sdpa", "eager", "triton")
 # fields that choose how the model runs, not what it is: they may differ from a checkpoint's
 RUNTIME_FIELDS = ("backend", "recompute_pair_difference", "max_seq_len")
 # generous bounds that catch a typo (10**9 layers) before it allocates anything
-MAX_SIZE = 1 << 20
+MAX_SIZE = 1 << 20  # vocabulary
+MAX_WIDTH = 1 << 16  # d_model, head_dim, heads
+MAX_FFN = 1 << 18
 MAX_LAYERS = 4096
+MAX_CONTEXT = 1 << 24
+MAX_SEED = 2**63 - 1
+
+
+SIZE_LIMITS = {
+    "vocab_size": MAX_SIZE,
+    "d_model": MAX_WIDTH,
+    "n_heads": MAX_WIDTH,
+    "n_kv_heads": MAX_WIDTH,
+    "head_dim": MAX_WIDTH,
+    "ffn_hidden": MAX_FFN,
+    "max_seq_len": MAX_CONTEXT,
+    "n_layers": MAX_LAYERS,
+}
 
 
 class VariantRules(Protocol):
@@ -81,20 +98,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.head_dim is None and _is_int(self.n_heads) and self.n_heads > 0 and _is_int(self.d_model):
+        if self.head_dim is None and is_int(self.n_heads) and self.n_heads > 0 and is_int(self.d_model):
             self.head_dim = self.d_model // self.n_heads
-        if self.ffn_hidden is None and _is_int(self.d_model):
+        if self.ffn_hidden is None and is_int(self.d_model):
             self.ffn_hidden = -(-(8 * self.d_model // 3) // 64) * 64
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (a ``ValueError``) naming the first field that breaks a rule."""
-        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "max_seq_len"):
-            check_positive_int(name, getattr(self, name), MAX_SIZE if name != "max_seq_len" else 1 << 24)
-        check_positive_int("n_layers", self.n_layers, MAX_LAYERS)
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            check_number(name, getattr(self, name), positive=True)
-        check_number("o_proj_init_scale", self.o_proj_init_scale, positive=False)
+        for name, maximum in SIZE_LIMITS.items():
+            check_positive_int(name, getattr(self, name), maximum)
+        for name, maximum in (("rope_theta", 1e12), ("norm_eps", 1.0), ("init_std", 10.0)):
+            check_number(name, getattr(self, name), positive=True, maximum=maximum)
+        check_number("o_proj_init_scale", self.o_proj_init_scale, positive=False, maximum=1e3)
         check_bool("tie_embeddings", self.tie_embeddings)
         check_bool("recompute_pair_difference", self.recompute_pair_difference)
         check_choice("attention", self.attention, tuple(ATTENTION_VARIANTS))
@@ -125,8 +141,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"model config: must be a table of fields, got {type(data).__name__}")
+        check_table("model", data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -137,40 +152,134 @@ class ModelConfig:
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (see :data:`PRESETS`) with any field overridden."""
         if not isinstance(name, str) or name not in PRESETS:
-            raise ConfigError(f"preset={name!r}: unknown preset; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"preset={show(name)}: unknown preset; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool`` (True is an int to Python, never a count to a config)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_positive_int(name: str, value: object, maximum: int | None = None) -> None:
-    if not _is_int(value) or value < 1:
-        raise ConfigError(f"{name}={value!r}: must be a positive integer")
+# what a message shows of a value: short and on one line however large or nested the value is
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong, _SHOW.maxlist, _SHOW.maxdict = 2, 60, 60, 40, 4, 4
+
+
+def show(value: object) -> str:
+    """``repr(value)`` cut to a short single line, for error messages."""
+    return _SHOW.repr(value)
+
+
+def check_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
+    error: type[DiffV2Error] = ConfigError,
+    zero: str = "",
+) -> int:
+    """An int (not a bool) in [minimum, maximum]; ``zero`` says what 0 means when it is allowed."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if not is_int(value) or value < minimum:
+        raise error(f"{name}={show(value)}: must be {what}" + (f" (0 = {zero})" if zero else ""))
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={value!r}: must be at most {maximum}")
+        raise error(f"{name}={show(value)}: must be at most {maximum}")
+    return value
 
 
-def check_number(name: str, value: object, *, positive: bool) -> None:
-    """A finite int or float; > 0 when ``positive``, else >= 0."""
+def check_positive_int(
+    name: str, value: object, maximum: int | None = None, error: type[DiffV2Error] = ConfigError
+) -> int:
+    return check_int(name, value, minimum=1, maximum=maximum, error=error)
+
+
+def check_seed(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> int:
+    """A seed: an integer in [0, 2**63 - 1], what every generator here (torch, NumPy) accepts."""
+    return check_int(name, value, maximum=MAX_SEED, error=error)
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    positive: bool,
+    maximum: float | None = None,
+    error: type[DiffV2Error] = ConfigError,
+) -> float:
+    """A finite int or float; > 0 when ``positive``, else >= 0; at most ``maximum`` when given."""
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r}: must be a finite number")
+        raise error(f"{name}={show(value)}: must be a finite number")
     if value < 0 or (positive and value == 0):
-        raise ConfigError(f"{name}={value!r}: must be {'positive' if positive else 'zero or positive'}")
+        raise error(f"{name}={show(value)}: must be {'positive' if positive else 'zero or positive'}")
+    if maximum is not None and value > maximum:
+        raise error(f"{name}={show(value)}: must be at most {maximum:g}")
+    return float(value)
 
 
-def check_bool(name: str, value: object) -> None:
+def check_fraction(
+    name: str, value: object, *, below_one: bool = False, error: type[DiffV2Error] = ConfigError
+) -> float:
+    """A finite number in [0, 1] (or [0, 1) with ``below_one``)."""
+    check_number(name, value, positive=False, error=error)
+    if value > 1 or (below_one and value == 1):
+        raise error(f"{name}={show(value)}: must lie in [0, {'1)' if below_one else '1]'}")
+    return float(value)
+
+
+def check_bool(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r}: must be true or false")
+        raise error(f"{name}={show(value)}: must be true or false")
+    return value
 
 
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: object, allowed: tuple[str, ...], error: type[DiffV2Error] = ConfigError) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+        raise error(f"{name}={show(value)}: must be one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def check_str(name: str, value: object, *, empty: bool = True, error: type[DiffV2Error] = ConfigError) -> str:
+    """A string (non-empty unless ``empty``) without NUL characters, which no path or text field may hold."""
+    if not isinstance(value, str):
+        raise error(f"{name}={show(value)}: must be a string")
+    if not value and not empty:
+        raise error(f"{name}='': must not be empty")
+    if "\x00" in value:
+        raise error(f"{name}={show(value)}: holds a NUL character")
+    return value
+
+
+def check_text(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> str:
+    """Text to tokenize: a string of valid Unicode. Python keeps bytes of a command line that are not UTF-8 as
+    lone surrogates, which no tokenizer can encode."""
+    check_str(name, value, error=error)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise error(f"{name}: not valid UTF-8 text (at character {err.start}); pass UTF-8 text") from None
+    return value
+
+
+def check_table(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> dict[str, Any]:
+    """A table (dict) whose keys are all strings."""
+    if not isinstance(value, dict):
+        raise error(f"{name}={show(value)}: must be a table (mapping of fields), not a {type(value).__name__}")
+    if bad := [k for k in value if not isinstance(k, str)]:
+        raise error(f"{name}: field names must be strings, got {show(bad[0])}")
+    return value
+
+
+def check_file_name(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> str:
+    """A plain file name: no folder part, so the file it names stays inside the folder that lists it."""
+    check_str(name, value, empty=False, error=error)
+    if value in (".", "..") or "/" in value or "\\" in value:
+        raise error(f"{name}={show(value)}: must be a plain file name inside its folder (no '/', '..')")
+    return value
 
 
 # Shapes follow common open models (GPT-2/Llama families); all use GQA so DIFF V2's pairing matters.

@@ -25,6 +25,13 @@ def total_params(cfg: ModelConfig) -> int:
     return _meta(Transformer, cfg).num_params()["total"]
 
 
+def total_params_fast(cfg: ModelConfig) -> int:
+    """:func:`total_params` from a one- and a two-layer build (every layer has the same shapes), so a config of
+    thousands of wide layers is counted at once."""
+    one, two = total_params(cfg.replace(n_layers=1)), total_params(cfg.replace(n_layers=2))
+    return one + (cfg.n_layers - 1) * (two - one)
+
+
 def attention_params(cfg: ModelConfig) -> int:
     """The weights of one attention layer (its own norms included, the block's pre-norm not)."""
     return sum(p.numel() for p in _meta(build_attention, cfg, 0).parameters())

@@ -15,8 +15,8 @@ state against a live model), :mod:`.sharded` (the same for FSDP2, imported on de
 """
 
 from .layout import FORMAT, latest_checkpoint, list_checkpoints, verify_checkpoint
-from .load import load_checkpoint, load_model_weights, read_checkpoint_meta, read_tokenizer_json
-from .pretrained import Pretrained, load_pretrained
+from .load import load_checkpoint, load_model_weights, model_config_of, read_checkpoint_meta, read_tokenizer_json
+from .pretrained import Pretrained, load_pretrained, pick_device
 from .save import save_checkpoint
 from .state import canonical_name, gather_weights
 
@@ -30,6 +30,8 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "load_pretrained",
+    "model_config_of",
+    "pick_device",
     "read_checkpoint_meta",
     "read_tokenizer_json",
     "save_checkpoint",

@@ -11,18 +11,38 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..errors import CheckpointError
+from ..config import ModelConfig, check_int
+from ..errors import CheckpointError, ConfigError
 from .files import PathLike, read_checked, read_json
 from .layout import resolve, verify
 from .rng import parse_rng
 from .state import ALIASES, apply_optimizer, apply_weights, check_optimizer, check_weights
 
+MAX_STEP = 10**12
+
 
 def read_checkpoint_meta(path: PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state, config)`` of a checkpoint (or of a run dir's latest one), after verifying every checksum."""
+    """``(state, config)`` of a checkpoint (or of a run dir's latest one), after verifying every checksum.
+
+    Checksums only say the files are as written; the fields every reader needs are checked here too: ``step``
+    in state.json, and config.json's ``model`` table when it has one."""
     ckpt = resolve(path)
     verify(ckpt)
-    return read_json(ckpt / "state.json"), read_json(ckpt / "config.json")
+    state, config = read_json(ckpt / "state.json"), read_json(ckpt / "config.json")
+    check_int(f"{ckpt / 'state.json'}: step", state.get("step"), maximum=MAX_STEP, error=CheckpointError)
+    return state, config
+
+
+def model_config_of(ckpt: Path, config: dict[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` in a checkpoint's config.json (as :func:`read_checkpoint_meta` returns it); a
+    missing or invalid table is a one-line :class:`CheckpointError` naming the file."""
+    file = ckpt / "config.json"
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{file}: has no 'model' table of ModelConfig fields; not a diffv2 training checkpoint")
+    try:
+        return ModelConfig.from_dict(config["model"])
+    except ConfigError as err:
+        raise CheckpointError(f"{file}: model: {err}") from None
 
 
 def read_tokenizer_json(path: PathLike) -> str | None:

@@ -134,6 +134,13 @@ def check_weights(file: Path, tensors: dict[str, torch.Tensor], model: nn.Module
             f"{file}: weights do not fit the model ({'; '.join(found)}); the checkpoint was made with a different "
             f"model config (see its config.json)"
         )
+    # a diverged run's NaN/inf weights would only show up as garbage tokens or NaN losses much later
+    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if nonfinite:
+        raise CheckpointError(
+            f"{file}: non-finite weights (NaN or inf) in {few(nonfinite)}; the run diverged before this step: "
+            "use an earlier checkpoint (a folder under checkpoints/)"
+        )
 
 
 def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool) -> None:

@@ -22,9 +22,14 @@ class _Parser(argparse.ArgumentParser):
         extra = [a for a in dict.fromkeys(alternates) if a not in names]
         return super().add_argument(*names, *extra, **kwargs)
 
+    def error(self, message: str):  # type: ignore[override]
+        """A bad flag is one line, like every other error (argparse would print the usage first)."""
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffv2", description="DIFF V2 / DIFF V1 / baseline language models")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     models.add_parser(sub)
     data.add_parser(sub)
@@ -39,16 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: object) -> str:
+    """A message on one line (a terminal line per error, whatever a library put in its text)."""
+    return " ".join(str(text).split("\n")).strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DiffV2Error as err:  # user-fixable: one line, no traceback
-        print(f"diffv2: error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"diffv2: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffv2: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the system refused (permission, disk full, a vanished file): its own words
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if err.filename is not None else ""
+        print(f"diffv2: error: {where}{one_line(err.strerror or err)}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug, not bad input: say so on one line; --debug shows where
+        if args.debug:
+            raise
+        bug = f"{type(err).__name__}: {one_line(err)[:300]}"
+        print(f"diffv2: error: internal error ({bug}); please report it with `diffv2 --debug ...`", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

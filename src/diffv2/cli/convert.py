@@ -10,7 +10,6 @@ Needs ``transformers`` (the ``hf`` extra); imported only when the command runs.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import ConfigError, DiffV2Error
 
@@ -63,17 +62,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _upcycle(args: argparse.Namespace, hf) -> int:
-    from ..hf.convert import check_out_dir, save_hf, save_native
+    from ..hf.convert import check_out_dir, read_tokenizer_json, save_hf, save_native
 
     out = check_out_dir(args.out, args.force)
     model, source = hf.upcycle(args.from_llama, attention=args.attention, max_seq_len=args.max_seq_len)
-    tok_file = Path(args.from_llama) / "tokenizer.json"
     what = f"{source.get('model_type')} → {args.attention}"
     if (args.to or "hf") == "native":
-        text = tok_file.read_text(encoding="utf-8") if tok_file.is_file() else None
         try:
+            text = read_tokenizer_json(args.from_llama)
             ckpt = save_native(model, out, tokenizer_json=text, source={"format": "hf", "path": args.from_llama})
-        except ValueError as e:  # a tokenizer without an end-of-text token: keep the weights, say so
+        except ValueError as e:  # a tokenizer without an end-of-text token, or not one at all: keep the weights
             print(f"warning: tokenizer not copied ({e})")
             ckpt = save_native(model, out, source={"format": "hf", "path": args.from_llama})
         print(f"upcycled {what}: wrote native checkpoint {ckpt}")

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from ..checkpoint import load_pretrained
+from ..checkpoint import load_pretrained, pick_device
+from ..config import check_text
 from ..errors import CheckpointError
 from ..generate import stream_batch
 
@@ -32,9 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
+    for prompt in args.prompt:
+        check_text("--prompt", prompt)
+    device = pick_device(args.device)
     loaded = load_pretrained(args.checkpoint, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
@@ -45,23 +46,31 @@ def run(args: argparse.Namespace) -> int:
     eos = None if args.no_stop else tokenizer.eot_id
     new: list[list[int]] = [[] for _ in prompts]
     single = len(prompts) == 1
-    if single:
-        print(args.prompt[0], end="", flush=True)
     shown = ""
     clock = _Clock()
-    for step in stream_batch(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, eos_id=eos, seed=args.seed, compile=args.compile,
-                             cuda_graph=False if args.no_cuda_graph else None):  # fmt: skip
-        clock.tick()
-        for row, tok in zip(new, step, strict=True):
-            if tok is not None and tok != eos:
-                row.append(tok)
-        if single:  # stream: print what the new tokens decode to so far (BPE pieces may join later)
-            text = tokenizer.decode(new[0])
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(shown) :])
-                sys.stdout.flush()
-                shown = text
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    graph = False if args.no_cuda_graph else None
+    steps = stream_batch(
+        model, prompts, args.max_new_tokens, eos_id=eos, compile=args.compile, cuda_graph=graph, **sampling
+    )
+    if single:
+        print(args.prompt[0], end="", flush=True)
+    try:
+        for step in steps:
+            clock.tick()
+            for row, tok in zip(new, step, strict=True):
+                if tok is not None and tok != eos:
+                    row.append(tok)
+            if single:  # stream: print what the new tokens decode to so far (BPE pieces may join later)
+                text = tokenizer.decode(new[0])
+                if not text.endswith("\ufffd"):
+                    sys.stdout.write(text[len(shown) :])
+                    sys.stdout.flush()
+                    shown = text
+    except BaseException:
+        if single:  # an error message must not continue the line of text printed so far
+            print(flush=True)
+        raise
     if single:
         print(tokenizer.decode(new[0])[len(shown) :])
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_text
 from ..errors import ConfigError, DataError
 
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     trained = load_pretrained(args.checkpoint, backend="eager")
     if trained.tokenizer is None:
         raise DataError(f"{trained.checkpoint}: holds no tokenizer.json, so a text prompt cannot be encoded")
-    prompt = args.prompt if args.prompt is not None else trained.config["train"].get("sample_prompt", "")
+    prompt = args.prompt if args.prompt is not None else trained.config.get("train", {}).get("sample_prompt", "")
+    check_text("--prompt", prompt)
     ids = trained.tokenizer.encode(prompt)[: trained.model.cfg.max_seq_len]
     if not ids:
         raise ConfigError("--prompt: encodes to no tokens; give some text")

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..config import PRESETS, ModelConfig
+from ..config import PRESETS, ModelConfig, check_positive_int
 from ..model import Transformer
 from ..sizing import baseline_1p5h, baseline_ffn_matched
 
@@ -39,6 +39,8 @@ def variants(cfg: ModelConfig) -> dict[str, ModelConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_positive_int("--seq-len", args.seq_len)
+    check_positive_int("--batch-size", args.batch_size, 1 << 16)
     base = ModelConfig.preset(args.preset, vocab_size=args.vocab_size)
     t = min(args.seq_len, base.max_seq_len)
     header = f"{'variant':<24}{'total':>14}{'attention':>14}{'mlp':>14}{'GFLOP/token':>13}"

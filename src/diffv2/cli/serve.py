@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from ..config import check_int, check_positive_int, check_seed
 from ..errors import CheckpointError, DiffV2Error
 
 
@@ -83,9 +84,14 @@ def load_for_serving(path: str, device, dtype):
             from ..hf import load_hf, to_native
         except ImportError as e:
             raise DiffV2Error(f"serving an HF folder needs transformers: pip install 'diffv2[hf]' ({e})") from None
-        model = to_native(load_hf(folder)).to(device, dtype=dtype).eval()
-        has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        return model, AutoTokenizer.from_pretrained(str(folder)) if has_tokenizer else None
+        tokenizer = None  # read first: a broken one fails before the weights load
+        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            except Exception as e:  # tokenizer classes raise many kinds of errors for a broken file
+                why = f"{type(e).__name__}: {str(e)[:160]}"
+                raise CheckpointError(f"{folder}: its tokenizer cannot be loaded ({why})") from None
+        return to_native(load_hf(folder)).to(device, dtype=dtype).eval(), tokenizer
     from ..checkpoint import load_pretrained
 
     loaded = load_pretrained(folder, device=device, dtype=dtype)
@@ -99,12 +105,14 @@ def run(args: argparse.Namespace) -> int:
         from ..serve import Scheduler, TextCodec, create_app, run_forever
     except ImportError as e:
         raise DiffV2Error(f"serve needs the serve extra: pip install 'diffv2[serve]' ({e})") from None
-    for name in ("max_batch", "max_queue", "prefill_chunk"):
-        if getattr(args, name) < 1:
-            raise DiffV2Error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    device = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
+    from ..checkpoint import pick_device
+
+    for name, maximum in (("max_batch", 1 << 16), ("max_queue", 1 << 24), ("prefill_chunk", 1 << 24)):
+        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name), maximum)
+    check_int("--port", args.port, maximum=65535)
+    if args.seed is not None:
+        check_seed("--seed", args.seed)
+    device = pick_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tokenizer = load_for_serving(args.checkpoint, device, dtype)

@@ -56,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults ← config file ← flags."""
     data = load_config_file(args.config) if args.config else {}
     data = dict(data)
-    model = dict(data.pop("model", None) or {})
+    model = TrainConfig.model_table(data.pop("model", None))
     for name in args._train_fields:
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)

@@ -3,7 +3,8 @@
 from .corpus import default_corpus_documents, default_corpus_info, iter_documents, iter_labeled_documents
 from .documents import HALVES, SplitDocuments, split_documents
 from .loader import EvalBatches, TokenLoader, spread_windows
-from .prepare import load_manifest, prepare_dataset, verify_dataset
+from .manifest import load_manifest, verify_dataset
+from .prepare import prepare_dataset
 from .shards import read_shard, write_shard
 from .tokenizer import Tokenizer
 

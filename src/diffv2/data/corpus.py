@@ -220,6 +220,8 @@ def iter_labeled_documents(source: str | Path, text_field: str = "text") -> Iter
                 if not files:
                     raise DataError(f"no .txt, .md or .jsonl (optionally .gz) files under {path}")
                 docs = ((source_label(f, path), doc) for f in files for doc in _iter_file(f, text_field))
+        elif not path.is_file():  # a FIFO, socket or device: reading it could block forever
+            raise DataError(f"source {path} is not a regular file; give {SUPPORTED}, or 'default'")
         elif _is_supported(path):
             docs = ((source_label(path), d) for d in _iter_file(path, text_field))
         else:

@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from ..config import is_int
 from ..errors import DataError
 from .dedup import NGRAM, NearDupReport, near_duplicates
 from .loader import _TokenStream, split_shard_paths
-from .prepare import DOCUMENTS_NAME, load_manifest
+from .manifest import load_manifest
+from .prepare import DOCUMENTS_NAME
 from .tokenizer import Tokenizer
 
 HALVES = ("select", "test")
@@ -125,6 +127,26 @@ def dataset_near_duplicates(
     return report, train, val
 
 
+def _read_documents(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(source names, token count and source index of each document) of a ``val_documents.json``, checked."""
+    broken = f"{path}: not a val_documents.json written by `diffv2 data prepare`; prepare the dataset again"
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise DataError(broken) from None
+    if not isinstance(record, dict):
+        raise DataError(broken)
+    sources, documents = record.get("sources"), record.get("documents")
+    if not (isinstance(sources, list) and all(isinstance(s, str) for s in sources) and isinstance(documents, list)):
+        raise DataError(broken)
+    if not all(isinstance(d, list) and len(d) == 2 and all(is_int(v) and 0 <= v < 2**62 for v in d) for d in documents):
+        raise DataError(broken)
+    table = np.array(documents, dtype=np.int64).reshape(-1, 2)
+    if np.any(table[:, 0] < 1) or np.any((table[:, 1] < 0) | (table[:, 1] >= len(sources))):
+        raise DataError(broken)
+    return sources, table[:, 0], table[:, 1]
+
+
 def split_documents(data_dir: str | Path, split: str = "val") -> SplitDocuments | None:
     """The documents of ``split``; None for a bare folder of shards (no manifest, so no end-of-text id)."""
     data_dir = Path(data_dir)
@@ -133,14 +155,11 @@ def split_documents(data_dir: str | Path, split: str = "val") -> SplitDocuments 
         return None
     record_path = data_dir / DOCUMENTS_NAME
     if split == "val" and record_path.is_file():
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        lengths = np.array([d[0] for d in record["documents"]], dtype=np.int64)
+        sources, lengths, source = _read_documents(record_path)
         ends = np.cumsum(lengths)
         eot = int(manifest["eot_id"])
-        if ends.size and (ends[-1] != tokens.size or np.any(tokens[ends - 1] != eot)):
+        if (ends[-1] if ends.size else 0) != tokens.size or np.any(tokens[ends - 1] != eot):
             raise DataError(f"{record_path}: does not match the val shards; prepare the dataset again")
-        sources = list(record["sources"])
-        source = np.array([d[1] for d in record["documents"]], dtype=np.int64)
         labeled = True
     else:
         ends = np.flatnonzero(tokens == int(manifest["eot_id"])) + 1

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .prepare import MANIFEST_NAME, SPLITS, load_manifest
+from .manifest import MANIFEST_NAME, SPLITS, load_manifest
 from .shards import read_shard
 
 

@@ -1,4 +1,5 @@
-"""Turn a text source into a tokenized dataset folder: shards, tokenizer.json and manifest.json."""
+"""Turn a text source into a tokenized dataset folder: shards, tokenizer.json and manifest.json (its schema and
+checks: :mod:`.manifest`)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ConfigError, DataError
+from ..config import MAX_SIZE, check_fraction, check_int, check_number, check_seed, check_str
+from ..errors import DataError
 from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents, iter_labeled_documents
 from .dedup import NGRAM, ShinglePool, WordIds, overlap, shingles
-from .shards import ShardWriter, atomic_write_bytes, file_sha256, read_header, version_for_max_id
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME
+from .shards import ShardWriter, atomic_write_bytes, version_for_max_id
 from .tokenizer import Tokenizer
 
-MANIFEST_NAME = "manifest.json"
-TOKENIZER_NAME = "tokenizer.json"
-FORMAT = "diffv2-tokens"
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
 _DATASET_FILE = re.compile(r"^(?:(?:train|val)_\d{6}\.bin|tokenizer\.json|manifest\.json|val_documents\.json)$")
 DOCUMENTS_NAME = "val_documents.json"  # per val document: token count and source (see .documents)
 _TEMP_FILE = re.compile(r"^\.(.+)\.[^.]+\.tmp$")
@@ -212,14 +210,13 @@ def prepare_dataset(
     13-grams occurs in the train split (see :mod:`.dedup`); the manifest lists what was dropped. Every kept
     validation document's token count and source go to ``val_documents.json`` (see :mod:`.documents`).
     """
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise ConfigError(f"shard_tokens must be positive, got {shard_tokens}")
-    if seed < 0:
-        raise ConfigError(f"seed must be non-negative, got {seed}")
-    if val_near_dup_threshold is not None and not 0 < val_near_dup_threshold <= 1:
-        raise ConfigError(f"val_near_dup_threshold must be in (0, 1], got {val_near_dup_threshold}")
+    check_fraction("val_fraction", val_fraction, below_one=True)
+    check_int("vocab_size", vocab_size, minimum=1, maximum=MAX_SIZE)
+    check_int("shard_tokens", shard_tokens, minimum=1, maximum=2**31 - 1)  # the shard header counts in int32
+    check_seed("seed", seed)
+    check_str("text_field", text_field, empty=False)
+    if val_near_dup_threshold is not None:
+        check_number("val_near_dup_threshold", val_near_dup_threshold, positive=True, maximum=1)
     out_dir = Path(out_dir)
     fixed = _fixed_tokenizer(tokenizer)  # before the long passes, so a bad path fails at once
     old = _old_dataset_files(out_dir, overwrite)
@@ -300,65 +297,3 @@ def _describe_source(source: str | Path) -> dict:
         info = default_corpus_info()
         return {"given": DEFAULT_SOURCE, "resolved": f"{info['name']} ({info['source_package']})", **info}
     return {"given": str(source), "resolved": str(Path(source).expanduser().resolve())}
-
-
-def load_manifest(data_dir: str | Path) -> dict:
-    """Read and check ``data_dir/manifest.json`` (format, fields, files present); returns it."""
-    data_dir = Path(data_dir)
-    path = data_dir / MANIFEST_NAME
-    if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist; run `diffv2 data prepare --out {data_dir}` first")
-    if not path.is_file():
-        raise DataError(
-            f"{data_dir} has no {MANIFEST_NAME} (missing or unfinished prepare); "
-            f"run `diffv2 data prepare --out {data_dir}` first"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not a diffv2 dataset manifest (format is not {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{path}: manifest format version {manifest.get('format_version')} is not supported "
-            f"(this diffv2 reads version {FORMAT_VERSION})"
-        )
-    required = ("tokenizer_file", "tokenizer_sha256", "vocab_size", "eot_id", "splits")
-    missing = [k for k in required if k not in manifest]
-    if missing:
-        raise DataError(f"{path}: missing fields {missing}")
-    for split in SPLITS:
-        info = manifest["splits"].get(split)
-        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
-            raise DataError(f"{path}: no shard list for split {split!r}")
-        for shard in info["shards"]:
-            if not {"file", "n_tokens", "sha256"} <= set(shard):
-                raise DataError(f"{path}: a {split} shard entry lacks file/n_tokens/sha256: {shard}")
-            if not (data_dir / shard["file"]).is_file():
-                raise DataError(f"{data_dir / shard['file']}: shard listed in the manifest is missing")
-    if not (data_dir / manifest["tokenizer_file"]).is_file():
-        raise DataError(f"{data_dir / manifest['tokenizer_file']}: tokenizer listed in the manifest is missing")
-    return manifest
-
-
-def verify_dataset(data_dir: str | Path) -> dict:
-    """Check every shard's header, size and sha256 and the tokenizer's hash against the manifest."""
-    data_dir = Path(data_dir)
-    manifest = load_manifest(data_dir)
-    for split in SPLITS:
-        for shard in manifest["splits"][split]["shards"]:
-            path = data_dir / shard["file"]
-            _, n_tokens, _ = read_header(path)
-            if n_tokens != shard["n_tokens"]:
-                raise DataError(f"{shard['file']}: holds {n_tokens} tokens but the manifest says {shard['n_tokens']}")
-            sha = file_sha256(path)
-            if sha != shard["sha256"]:
-                raise DataError(
-                    f"{shard['file']}: corrupted: sha256 is {sha[:16]}... but the manifest says "
-                    f"{shard['sha256'][:16]}...; run `diffv2 data prepare --overwrite` again"
-                )
-    tok = Tokenizer.from_file(data_dir / manifest["tokenizer_file"])
-    if tok.sha256() != manifest["tokenizer_sha256"]:
-        raise DataError(f"{data_dir / manifest['tokenizer_file']}: does not match the manifest's sha256")
-    return manifest

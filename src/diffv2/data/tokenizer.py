@@ -11,6 +11,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ..config import check_text
 from ..errors import ConfigError, DataError
 from .shards import atomic_write_bytes
 
@@ -100,7 +101,11 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"tokenizer file {path} does not exist")
-        return cls.from_json_str(path.read_text(encoding="utf-8"), source=str(path))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a tokenizer.json (not UTF-8 text at byte {e.start})") from None
+        return cls.from_json_str(text, source=str(path))
 
     @classmethod
     def from_json_str(cls, text: str, source: str = "(in memory)") -> Tokenizer:
@@ -108,7 +113,7 @@ class Tokenizer:
         try:
             tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the Rust side raises a plain Exception for any parse problem
-            raise DataError(f"{source}: not a valid tokenizer.json ({e})") from None
+            raise DataError(f"{source}: not a valid tokenizer.json ({str(e)[:200]})") from None
         eot = next((t for t in EOT_CANDIDATES if tok.token_to_id(t) is not None), None)
         if eot is None:
             raise DataError(
@@ -144,7 +149,11 @@ class Tokenizer:
     # ---- encoding ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes only valid Unicode: say what is wrong with the text
+            check_text("text to encode", text, DataError)
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many texts, encoded in parallel by the tokenizers library."""

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_pretrained
+from ..checkpoint import load_pretrained, pick_device
+from ..config import check_seed
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
@@ -52,13 +53,13 @@ def load_for_eval(path: PathLike, *, device: str | torch.device = "cpu", dtype: 
         and not (path / "checksums.json").is_file()
         and not (path / "checkpoints").is_dir()
     ):
-        from ..hf.convert import load_hf, native_tokenizer_json, to_native
+        from ..hf.convert import load_hf, read_tokenizer_json, to_native
 
-        model = to_native(load_hf(path, dtype=torch.float32)).to(device, dtype=dtype).eval()
-        tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
+        text = read_tokenizer_json(path)  # first: a broken tokenizer fails before the weights load
+        if text is None:
             raise CheckpointError(f"{path}: holds no tokenizer.json, so text tasks cannot be built")
-        tok = Tokenizer.from_json_str(native_tokenizer_json(tok_file.read_text(encoding="utf-8")), source=str(tok_file))
+        tok = Tokenizer.from_json_str(text, source=str(path / "tokenizer.json"))
+        model = to_native(load_hf(path, dtype=torch.float32)).to(device, dtype=dtype).eval()
         info = {"checkpoint": str(path), "format": "hf", "train_len": model.cfg.max_seq_len, "data_dir": None}
         return Loaded(model, tok, info)
     loaded = load_pretrained(path, device=device, dtype=dtype)
@@ -95,6 +96,7 @@ def run_tasks(
     its tokenizer; ``train_len``: the context length it was trained at (default: ``model.cfg.max_seq_len``);
     ``data_dir``: a prepared dataset whose val split gives the text (default: the embedded corpus).
     """
+    check_seed("seed", seed)
     resolved = resolve_tasks(tasks)
     needing = [t.name for t in resolved if t.needs_model]
     if needing and (model is None or tokenizer is None):
@@ -154,7 +156,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """``run_tasks`` on a run / checkpoint / HF folder (None for model-free tasks only); ``out`` defaults to
     ``<run>/eval`` beside the checkpoints (an HF folder: ``<folder>/eval``)."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    dev = pick_device(device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
     if dtype not in dtypes:
         raise ConfigError(f"--dtype {dtype}: choose from {', '.join(dtypes)}")

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..data.corpus import default_corpus_documents, default_corpus_info
 from ..data.loader import split_shard_paths
+from ..data.manifest import verify_dataset
 from ..data.shards import read_shard
 from ..data.tokenizer import Tokenizer
 from ..errors import DiffV2Error
@@ -55,6 +56,8 @@ def val_documents(data_dir: str | Path, tokenizer: Tokenizer) -> list[np.ndarray
         return None
     if manifest is not None and manifest.get("tokenizer_sha256") not in (None, tokenizer.sha256()):
         return None
+    if manifest is not None:  # a damaged split would change the texts silently: its checksums first
+        verify_dataset(data_dir, splits=("val",))
     tokens = np.concatenate([np.asarray(read_shard(p), dtype=np.int64) for p in paths]) if paths else None
     if tokens is None or tokens.size == 0:
         return None

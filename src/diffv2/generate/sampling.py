@@ -7,11 +7,16 @@ from collections.abc import Iterator
 
 import torch
 
+from ..config import MAX_SEED, check_int, check_number
 from ..errors import ConfigError
 from ..model import Transformer
 from .cache import KVCache
 from .fusion import fused_projections
 from .step import DecodeStep
+
+# Temperatures below this decode greedily (argmax). Sampling at such a temperature differs from argmax only where
+# logits lie within ~1e-4 of the largest, and much lower ones overflow float32 when the logits are divided by them.
+GREEDY_BELOW = 1e-5
 
 
 def sample_next(
@@ -22,8 +27,9 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V). ``temperature`` 0 means greedy."""
-    if temperature == 0:
+    """Next token ids (B,) from last-position logits (B, V). ``temperature`` 0 (or below :data:`GREEDY_BELOW`)
+    means greedy."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -34,6 +40,7 @@ def sample_next(
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False  # the most likely token always stays, however small top_p is (1e-300 is 0 in fp32)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -52,7 +59,7 @@ def sample_rows(
     row is drawn from the distribution :func:`sample_next` would draw it from (the random draws differ: one
     generator serves the whole batch)."""
     vocab = logits.shape[-1]
-    sampled = temperature > 0
+    sampled = temperature >= GREEDY_BELOW
     scaled = logits.float() / torch.where(sampled, temperature, 1.0).float()[:, None]
     ranked, order = torch.sort(scaled, dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
@@ -60,12 +67,12 @@ def sample_rows(
     ranked = ranked.masked_fill(ranked < kth, float("-inf"))
     probs = torch.softmax(ranked, dim=-1)
     drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1)[:, None]
+    drop[:, 0] = False  # as in sample_next: the most likely token always stays
     probs = torch.softmax(ranked.masked_fill(drop, float("-inf")), dim=-1)
     drawn = order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
     return torch.where(sampled, drawn, logits.argmax(dim=-1))
 
 
-@torch.no_grad()
 def stream_batch(
     model: Transformer,
     prompts: list[list[int]],
@@ -93,26 +100,49 @@ def stream_batch(
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompts: give at least one prompt, each with at least one token")
-    cfg, device = model.cfg, next(model.parameters()).device
+    cfg = model.cfg
     width = max(map(len, prompts))
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
     if width + max_new_tokens > cfg.max_seq_len:
         raise ConfigError(
             f"max_new_tokens={max_new_tokens}: the prompt ({width} tokens) plus the new tokens exceed the model's "
             f"max_seq_len={cfg.max_seq_len}; ask for fewer new tokens or shorten the prompt"
         )
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ConfigError(
-            f"temperature={temperature}, top_k={top_k}, top_p={top_p}: need temperature >= 0 (0 = greedy), "
-            "top_k >= 1 and 0 < top_p <= 1"
-        )
+    if bad := [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]:
+        raise ConfigError(f"prompts: token id {bad[0]} is outside the model's vocabulary of {cfg.vocab_size}")
+    check_number("temperature", temperature, positive=False)  # 0 = greedy
+    if top_k is not None:
+        check_int("top_k", top_k, minimum=1)
+    if top_p is not None and not 0 < check_number("top_p", top_p, positive=True) <= 1:
+        raise ConfigError(f"top_p={top_p}: must lie in (0, 1]")
+    if seed is not None:
+        check_int("seed", seed, maximum=MAX_SEED)
+    device = next(model.parameters()).device
     static = (device.type == "cuda" or compile) if static is None else static
     if compile and not static:
         raise ConfigError("compile=True compiles the fixed-shape decode step: it needs static=True (or unset)")
     cuda_graph = static and device.type == "cuda" if cuda_graph is None else cuda_graph
     if cuda_graph and not (static and device.type == "cuda"):
         raise ConfigError(f"cuda_graph=True: needs static=True and a model on a CUDA device (it is on {device})")
+    # the checks above run now, not at the first token: a caller that prints before iterating sees them first
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return _stream(model, prompts, max_new_tokens, eos_id, sampling, static, cuda_graph, compile)
+
+
+@torch.no_grad()
+def _stream(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int | None,
+    sampling: dict,
+    static: bool,
+    cuda_graph: bool,
+    compile: bool,
+) -> Iterator[list[int | None]]:
+    temperature, top_k, top_p, seed = (sampling[k] for k in ("temperature", "top_k", "top_p", "seed"))
+    cfg, device = model.cfg, next(model.parameters()).device
+    width = max(map(len, prompts))
     with fused_projections(model):  # per layer one matmul for q/k/v(/λ), one for gate/up: fewer launches
         batch = len(prompts)
         start = torch.tensor([width - len(p) for p in prompts], device=device)  # first real slot per row

@@ -80,8 +80,8 @@ class DiffV2Config(PretrainedConfig):
         self.check()
 
     @property
-    def rope_theta(self) -> float:
-        return float(self.rope_parameters["rope_theta"])
+    def rope_theta(self) -> float:  # a config.json that names no theta gets the default, as everywhere else
+        return float((self.rope_parameters or {}).get("rope_theta", 10000.0))
 
     @rope_theta.setter
     def rope_theta(self, value: float) -> None:

@@ -20,10 +20,11 @@ from transformers import PreTrainedTokenizerFast
 from ..checkpoint import load_pretrained, save_checkpoint
 from ..config import ModelConfig
 from ..data.tokenizer import Tokenizer
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..model import Transformer
 from .configuration_diffv2 import DiffV2Config
 from .modeling_diffv2 import DiffV2ForCausalLM
+from .upcycle import check_shapes, read_json_file, safetensors_files
 
 PathLike = str | os.PathLike[str]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,17 +131,35 @@ def native_tokenizer_json(text: str) -> str:
     """tokenizer.json text as our tokenizer wrote it: transformers adds a post-processor that adds nothing
     (single = [A], pair = [A, B], no special tokens); dropping it restores the original sha256, which the
     trainer compares with its dataset's tokenizer."""
-    data = json.loads(text)
-    post = data.get("post_processor") or {}
-    if (
-        post.get("type") == "TemplateProcessing"
-        and not post.get("special_tokens")
-        and [next(iter(p)) for p in post.get("single", [])] == ["Sequence"]
-        and [next(iter(p)) for p in post.get("pair", [])] == ["Sequence", "Sequence"]
-    ):
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return text  # not JSON: Tokenizer.from_json_str says so in one line
+    post = data.get("post_processor") if isinstance(data, dict) else None
+    if not isinstance(post, dict) or post.get("type") != "TemplateProcessing" or post.get("special_tokens"):
+        return text
+    single, pair = post.get("single"), post.get("pair")
+    if not (isinstance(single, list) and isinstance(pair, list) and all(isinstance(p, dict) for p in single + pair)):
+        return text
+    if [next(iter(p), None) for p in single] == ["Sequence"] and [next(iter(p), None) for p in pair] == [
+        "Sequence",
+        "Sequence",
+    ]:
         data["post_processor"] = None
         return json.dumps(data, ensure_ascii=False)
     return text
+
+
+def read_tokenizer_json(folder: PathLike) -> str | None:
+    """The text of an HF folder's tokenizer.json as :func:`native_tokenizer_json` gives it, or None without one;
+    a file that is not text is a one-line :class:`DataError`."""
+    file = Path(folder) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        return native_tokenizer_json(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not a tokenizer.json (not UTF-8 text at byte {e.start})") from None
 
 
 # ---------------------------------------------------------------------- whole checkpoints
@@ -164,10 +183,20 @@ def load_hf(path: PathLike, **kwargs: Any) -> DiffV2ForCausalLM:
     """``DiffV2ForCausalLM.from_pretrained`` with errors turned into one-line ``CheckpointError``s."""
     if not is_hf_folder(path):
         raise CheckpointError(f"{path}: not a Hugging Face diffv2 folder (no config.json with model_type 'diffv2')")
+    folder = Path(path)
     try:
-        return DiffV2ForCausalLM.from_pretrained(str(path), **kwargs).eval()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        cfg = from_hf_config(read_json_file(folder / "config.json"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+        what = e if isinstance(e, ConfigError) else f"a field is missing or malformed ({type(e).__name__}: {e})"
+        raise CheckpointError(f"{folder / 'config.json'}: {what}") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    check_shapes(folder, safetensors_files(folder), expected)  # refuses pickle weights; headers must read
+    try:
+        return DiffV2ForCausalLM.from_pretrained(str(folder), use_safetensors=True, **kwargs).eval()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # the folder's own config drives it
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
 
 
 def check_out_dir(out: PathLike, force: bool) -> Path:
@@ -218,9 +247,8 @@ def save_native(
 def import_hf(src: PathLike, out: PathLike, *, force: bool = False) -> Path:
     """HF diffv2 folder → native run dir (step 0 checkpoint); returns the checkpoint dir."""
     out = check_out_dir(out, force)
+    text = read_tokenizer_json(src)
+    if text is not None:  # fail before loading or writing anything when it is broken or lacks an end-of-text token
+        Tokenizer.from_json_str(text, source=str(Path(src) / "tokenizer.json"))
     hf = load_hf(src, dtype=torch.float32)
-    tok_file = Path(src) / "tokenizer.json"
-    text = native_tokenizer_json(tok_file.read_text(encoding="utf-8")) if tok_file.is_file() else None
-    if text is not None:
-        Tokenizer.from_json_str(text)  # fail before writing anything when it lacks an end-of-text token
     return save_native(to_native(hf), out, tokenizer_json=text, source={"format": "hf", "path": str(src)})

@@ -23,12 +23,23 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
+from ..config import (
+    ModelConfig,
+    check_bool,
+    check_file_name,
+    check_int,
+    check_number,
+    check_positive_int,
+    check_table,
+    show,
+)
+from ..errors import CheckpointError, ConfigError, DiffV2Error
 from ..model import Transformer
 
 PathLike = str | os.PathLike[str]
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Llama names → native names, inside one layer
 _LAYER_KEYS = {
@@ -44,22 +55,68 @@ _LAYER_KEYS = {
 }
 
 
+def read_json_file(file: Path, error: type[DiffV2Error] = CheckpointError) -> dict[str, Any]:
+    """A JSON object from ``file``; anything else (missing, binary, not JSON, a list) is a one-line error."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise error(f"{file}: unreadable ({e.strerror or type(e).__name__})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{file}: not a JSON file ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def safetensors_files(folder: Path) -> list[str]:
+    """The weight files of an HF folder (``model.safetensors``, or the shards its index names), each a plain name
+    inside ``folder`` whose header reads; pickle files (``pytorch_model.bin``) are refused, never opened."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_file(index).get("weight_map")
+        check_table(f"{index}: weight_map", weight_map, CheckpointError)
+        files = sorted(
+            {check_file_name(f"{index}: weight_map[{k!r}]", v, CheckpointError) for k, v in weight_map.items()}
+        )
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise CheckpointError(
+            f"{folder}: holds only pickle weights (pytorch_model.bin); only model.safetensors is read, since loading "
+            "a pickle can run code. Convert it with transformers (save_pretrained(..., safe_serialization=True))"
+        )
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors")
+    for name in files:
+        try:
+            with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+                f.keys()
+        except Exception as e:  # SafetensorError, OSError: a missing, truncated or lying file
+            raise CheckpointError(f"{folder / name}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    return files
+
+
+def check_shapes(folder: Path, files: list[str], expected: dict[str, tuple[int, ...]]) -> None:
+    """Each tensor in the safetensors ``files`` that ``expected`` names has that shape (read from the headers)."""
+    for name in files:
+        with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                shape = tuple(f.get_slice(key).get_shape())
+                if key in expected and shape != expected[key]:
+                    raise CheckpointError(
+                        f"{folder / name}: {key} has shape {shape}, but config.json gives {expected[key]}; the "
+                        "weights and config.json belong to different models"
+                    )
+
+
 def read_hf_folder(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """config.json and the safetensors weights (single file or sharded with an index) of an HF folder."""
     folder = Path(path)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: unreadable ({type(e).__name__})") from None
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{folder}: no model.safetensors (only safetensors weights can be upcycled)")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    config = read_json_file(folder / "config.json")
     weights: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in safetensors_files(folder):
         try:
             with safe_open(str(folder / name), framework="pt", device="cpu") as f:
                 weights.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
@@ -72,9 +129,12 @@ def llama_model_config(
     config: dict[str, Any], *, attention: str = "diff_v2", max_seq_len: int | None = None
 ) -> ModelConfig:
     """The native config of an upcycled Llama-style config (config.json as a dict); refuses what cannot map."""
+    check_table("config", config)
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ConfigError(f"model_type={model_type!r}: upcycling reads Llama-style models ({', '.join(MODEL_TYPES)})")
+        raise ConfigError(
+            f"model_type={show(model_type)}: upcycling reads Llama-style models ({', '.join(MODEL_TYPES)})"
+        )
     if attention not in ("diff_v2", "baseline"):
         raise ConfigError(
             f"attention={attention!r}: upcycling makes 'diff_v2' (or a 'baseline' copy), not {attention!r}"
@@ -89,38 +149,51 @@ def llama_model_config(
             )
     if config.get("quantization_config"):
         raise ConfigError("quantization_config: quantized checkpoints cannot be converted; use a full-precision one")
+    sizes = {k: check_positive_int(k, config.get(k)) for k in _REQUIRED_SIZES}
+    optional = {k: check_positive_int(k, config[k]) for k in _OPTIONAL_SIZES if config.get(k) is not None}
+    if max_seq_len is not None:
+        check_positive_int("max_seq_len", max_seq_len)
     theta = _rope_theta(config)
-    context = int(max_seq_len or config.get("max_position_embeddings") or 2048)
+    context = max_seq_len or optional.get("max_position_embeddings", 2048)
     window = _sliding_window(config)
     if window is not None and window < context:
         raise ConfigError(
             f"sliding_window={window}: the native model attends to the whole context ({context} tokens); pass "
             f"--max-seq-len {window} (or less) to keep the conversion exact"
         )
-    layer_types = set(config.get("layer_types") or ["full_attention"])
+    layer_types = config.get("layer_types") or ["full_attention"]
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise ConfigError(f"layer_types={show(layer_types)}: must be a list of strings")
+    layer_types = set(layer_types)
     if layer_types - {"full_attention"} and window is None:
         raise ConfigError(f"layer_types={sorted(layer_types)}: only 'full_attention' layers can be converted")
-    n_heads = config["num_attention_heads"]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # copied into the converted config
+        ids = config.get(name)
+        for token in ids if isinstance(ids, list) and name == "eos_token_id" else [ids]:
+            if token is not None:
+                check_int(name, token, minimum=-1, maximum=sizes["vocab_size"] - 1)  # -1: none, in old configs
+    n_heads = sizes["num_attention_heads"]
     return ModelConfig(
-        vocab_size=config["vocab_size"],
-        d_model=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
+        vocab_size=sizes["vocab_size"],
+        d_model=sizes["hidden_size"],
+        n_layers=sizes["num_hidden_layers"],
         n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
-        ffn_hidden=config["intermediate_size"],
+        n_kv_heads=optional.get("num_key_value_heads", n_heads),
+        head_dim=optional.get("head_dim", sizes["hidden_size"] // n_heads),
+        ffn_hidden=sizes["intermediate_size"],
         rope_theta=theta,
         max_seq_len=context,
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        norm_eps=check_number("rms_norm_eps", config.get("rms_norm_eps", 1e-6), positive=True),
+        tie_embeddings=check_bool("tie_word_embeddings", config.get("tie_word_embeddings", False)),
         attention=attention,
-        init_std=float(config.get("initializer_range", 0.02)),
+        init_std=check_number("initializer_range", config.get("initializer_range", 0.02), positive=True),
     )
 
 
 def _rope_theta(config: dict[str, Any]) -> float:
     # transformers 5 saves `rope_parameters`; 4.x saved `rope_theta` + `rope_scaling` at the top level
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    check_table("rope_parameters", rope)
     if any(isinstance(v, dict) for v in rope.values()):
         raise ConfigError(f"rope_parameters={rope!r}: per-layer-type RoPE cannot be converted")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -129,7 +202,7 @@ def _rope_theta(config: dict[str, Any]) -> float:
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ConfigError(f"partial_rotary_factor={partial}: the native model rotates every channel")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    return check_number("rope_theta", rope.get("rope_theta", config.get("rope_theta", 10000.0)), positive=True)
 
 
 def _sliding_window(config: dict[str, Any]) -> int | None:
@@ -137,7 +210,7 @@ def _sliding_window(config: dict[str, Any]) -> int | None:
     window = config.get("sliding_window")
     if config.get("model_type") == "qwen2" and not config.get("use_sliding_window", False):
         return None
-    return int(window) if window else None
+    return check_positive_int("sliding_window", window) if window else None
 
 
 def upcycle_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -148,6 +221,7 @@ def upcycle_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> di
         raise CheckpointError(
             f"{biases[0]}{more}: the native projections are bias-free; biased checkpoints cannot be converted"
         )
+    _check_shapes(weights, cfg)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in weights.items():
         if key.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints saved; RoPE is recomputed
@@ -181,6 +255,37 @@ def upcycle_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> di
     return out
 
 
+def _check_shapes(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Every Llama weight has the shape its config gives, so nothing fails (or reshapes silently) later."""
+    d, q, kv, v, ffn = (
+        cfg.d_model,
+        cfg.n_heads * cfg.head_dim,
+        cfg.n_kv_heads * cfg.head_dim,
+        cfg.vocab_size,
+        cfg.ffn_hidden,
+    )
+    top = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    layer = {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "mlp.gate_proj.weight": (ffn, d),
+        "mlp.up_proj.weight": (ffn, d),
+        "mlp.down_proj.weight": (d, ffn),
+    }
+    for key, tensor in weights.items():
+        m = _LAYER.fullmatch(key)
+        want = top.get(key) or (layer.get(m.group(2)) if m else None)
+        if want is not None and tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"{key}: shape {tuple(tensor.shape)}, but the config gives {want}; the weights and config.json "
+                "belong to different models"
+            )
+
+
 def upcycle(
     source: PathLike | Any, *, attention: str = "diff_v2", max_seq_len: int | None = None
 ) -> tuple[Transformer, dict[str, Any]]:
@@ -188,10 +293,19 @@ def upcycle(
     (e.g. ``LlamaForCausalLM``); also returns the source config dict (its eos/bos ids, ...)."""
     if isinstance(source, str | os.PathLike):
         config, weights = read_hf_folder(source)
+        try:
+            cfg = llama_model_config(config, attention=attention, max_seq_len=max_seq_len)
+        except ConfigError as err:  # name the file the field came from
+            raise ConfigError(f"{Path(source) / 'config.json'}: {err}") from None
     else:
         config, weights = source.config.to_dict(), dict(source.state_dict())
-    cfg = llama_model_config(config, attention=attention, max_seq_len=max_seq_len)
-    state = upcycle_state_dict(weights, cfg)
+        cfg = llama_model_config(config, attention=attention, max_seq_len=max_seq_len)
+    try:
+        state = upcycle_state_dict(weights, cfg)
+    except CheckpointError as err:  # a folder's weights: name the folder
+        if not isinstance(source, str | os.PathLike):
+            raise
+        raise CheckpointError(f"{source}: {err}") from None
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = set(model.state_dict())

@@ -29,9 +29,11 @@ class _Sampling(BaseModel):
     model: str
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: int | None = Field(None, description="extension: sample from the k most likely tokens; -1 or 0: off")
+    top_k: Annotated[int, Field(le=2**31 - 1)] | None = Field(
+        None, description="extension: sample from the k most likely tokens; -1 or 0: off"
+    )
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # what torch.Generator accepts
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1

@@ -20,7 +20,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, RUNTIME_FIELDS, ModelConfig, check_choice, check_positive_int
+from ..config import (
+    MAX_CONTEXT,
+    PRESETS,
+    RUNTIME_FIELDS,
+    ModelConfig,
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_number,
+    check_seed,
+    check_str,
+    check_table,
+    show,
+)
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -29,6 +43,41 @@ DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("none", "ddp", "fsdp")
 COMPILE_SCOPES = ("auto", "model", "block")
 RESHARD_POLICIES = ("default", "always", "never")
+MAX_STEPS = 10**9
+MAX_BATCH_TOKENS = 2**31  # tokens per micro-step on a rank: beyond that, int32 indexing in kernels breaks
+# integer fields: (minimum, maximum, what 0 means when 0 is allowed)
+INT_FIELDS: dict[str, tuple[int, int, str]] = {
+    "steps": (1, MAX_STEPS, ""),
+    "batch_size": (1, 1 << 20, ""),
+    "grad_accum": (1, 1 << 20, ""),
+    "seq_len": (1, MAX_CONTEXT, ""),
+    "tokenizer_vocab": (1, 1 << 20, ""),
+    "log_every": (1, MAX_STEPS, ""),
+    "diag_batch": (1, 1 << 16, ""),
+    "spike_window": (1, 1 << 20, ""),
+    "keep_last": (1, 1 << 20, ""),
+    "max_nonfinite": (1, MAX_STEPS, ""),
+    "warmup_steps": (0, MAX_STEPS, "no warmup"),
+    "eval_every": (0, MAX_STEPS, "no evaluation"),
+    "eval_batches": (0, MAX_STEPS, "the whole split"),
+    "diag_every": (0, MAX_STEPS, "no diagnostics"),
+    "diag_dense_until": (0, MAX_STEPS, "off"),
+    "save_every": (0, MAX_STEPS, "only at the end"),
+    "sample_tokens": (0, MAX_CONTEXT, "no sample"),
+    "profile_steps": (0, MAX_STEPS, "no profile"),
+    "profile_start": (0, MAX_STEPS, "at once"),
+}
+# float fields: (must be > 0, maximum)
+NUMBER_FIELDS: dict[str, tuple[bool, float | None]] = {
+    "lr": (True, 1e3),
+    "grad_clip": (True, None),
+    "spike_k": (True, None),
+    "adam_eps": (True, 1.0),
+    "dist_timeout_s": (True, 1e7),  # beyond ~4 months timedelta overflows
+    "weight_decay": (False, None),
+    "peak_flops": (False, None),
+}
+_MODEL_FIELDS = sorted(f.name for f in fields(ModelConfig))
 
 
 @dataclass
@@ -104,33 +153,34 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "diag_batch",
-                     "spike_window", "keep_last", "max_nonfinite", "tokenizer_vocab"):  # fmt: skip
-            check_positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "diag_every", "save_every", "sample_tokens", "seed",
-                     "profile_steps", "profile_start"):  # fmt: skip
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 disables)")
-        for name, zero in (("eval_batches", "the whole split"), ("diag_dense_until", "off")):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name}={value!r}: must be an integer >= 0 (0 = {zero})")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction={self.val_fraction!r}: must lie in [0, 1)")
-        for name in ("lr", "grad_clip", "spike_k", "adam_eps", "dist_timeout_s"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{name}={value!r}: must be a positive number")
-        for name in ("weight_decay", "peak_flops"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
-        for name in ("min_lr_ratio", "beta1", "beta2", "wsd_decay_frac"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must lie in [0, 1]")
+        """Raise :class:`ConfigError` naming the first field that breaks a rule: every value's type is checked
+        before it is compared, numbers must be finite, and sizes and counts have generous upper bounds."""
+        for name, (minimum, maximum, zero) in INT_FIELDS.items():
+            check_int(name, getattr(self, name), minimum=minimum, maximum=maximum, zero=zero)
+        check_seed("seed", self.seed)
+        if self.batch_size * self.seq_len > MAX_BATCH_TOKENS:
+            raise ConfigError(
+                f"batch_size={self.batch_size} x seq_len={self.seq_len}: more than {MAX_BATCH_TOKENS} tokens per "
+                "micro-step; use grad_accum for larger batches"
+            )
+        if self.tokenizer == "bpe" and self.tokenizer_vocab < 257:
+            raise ConfigError(
+                f"tokenizer_vocab={self.tokenizer_vocab}: a BPE vocabulary needs at least 257 entries (256 bytes + "
+                "end-of-text)"
+            )
+        for name, (positive, maximum) in NUMBER_FIELDS.items():
+            check_number(name, getattr(self, name), positive=positive, maximum=maximum)
+        for name in ("min_lr_ratio", "wsd_decay_frac"):
+            check_fraction(name, getattr(self, name))
+        for name in ("val_fraction", "beta1", "beta2"):  # AdamW needs betas below 1
+            check_fraction(name, getattr(self, name), below_one=True)
         for f in dataclasses.fields(self):
-            if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: must be true or false")
+            if f.type in (bool, "bool"):
+                check_bool(f.name, getattr(self, f.name))
+        for name in ("data", "tokenizer", "out_dir"):  # '' would mean the working directory
+            check_str(name, getattr(self, name), empty=False)
+        for name in ("init_from", "sample_prompt"):
+            check_str(name, getattr(self, name))
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
@@ -140,10 +190,15 @@ class TrainConfig:
         if self.parallel == "fsdp" and self.compile_scope == "model":
             raise ConfigError("compile_scope='model' with parallel='fsdp': FSDP2 compiles each transformer block "
                               "(its gathers sit between them); use compile_scope='block' or 'auto'")  # fmt: skip
-        if self.preset not in PRESETS:
-            raise ConfigError(f"preset={self.preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
-        if not isinstance(self.model, dict):
-            raise ConfigError(f"model={self.model!r}: must be a table of ModelConfig fields")
+        check_choice("preset", self.preset, tuple(PRESETS))
+        check_table("model", self.model)
+        if unknown := sorted(set(self.model) - {f.name for f in fields(ModelConfig)} - {"preset"}):
+            raise ConfigError(f"unknown model config field(s) {unknown}; valid fields: {_MODEL_FIELDS}")
+        if "vocab_size" in self.model:  # it would be ignored: a silent surprise
+            raise ConfigError(
+                f"model.vocab_size={show(self.model['vocab_size'])}: the vocabulary follows the tokenizer; drop it "
+                "(tokenizer_vocab sizes a BPE tokenizer)"
+            )
         self.model_config(vocab_size=2)  # validates the model fields early
 
     def model_config(self, vocab_size: int) -> ModelConfig:
@@ -180,32 +235,38 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        model = dict(data.pop("model", None) or {})
+        """A config from a dict (a config file's contents): ``model`` is a table of ModelConfig fields, which
+        may name the ``preset``; a ``null`` model means no overrides."""
+        data = dict(check_table("config", data))
+        model = cls.model_table(data.pop("model", None))
         if "preset" in model:
             data.setdefault("preset", model.pop("preset"))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown training config field(s) {unknown}; valid fields: {sorted(known)}")
-        model_known = {f.name for f in fields(ModelConfig)}
-        bad = sorted(set(model) - model_known)
-        if bad:
-            raise ConfigError(f"unknown model config field(s) {bad}; valid fields: {sorted(model_known)}")
         return cls(**data, model=model)
+
+    @staticmethod
+    def model_table(value: Any) -> dict[str, Any]:
+        """A copy of a config file's ``model`` table (None, a missing or empty table, gives {})."""
+        return dict(check_table("model", value)) if value is not None else {}
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) config file into a dict."""
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) config file into a dict of fields."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path}: not found")
-    text = path.read_text(encoding="utf-8")
     if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ConfigError(f"config file {path}: use a .toml, .yaml/.yml or .json file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found (or not a regular file)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.start}); is it a binary file?") from None
     import yaml
 
     try:
@@ -214,9 +275,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            data = yaml.safe_load(text) or {}
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"config file {path}: cannot parse: {err}") from None
+            data = yaml.safe_load(text)
+            data = {} if data is None else data
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"config file {path}: cannot parse YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: nested too deeply to be a config") from None
+    except ValueError as err:  # TOMLDecodeError, JSONDecodeError, and integers too long to convert
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"config file {path}: cannot parse: {first[:200]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a table/mapping of fields")
-    return data
+    return check_table(f"config file {path}", data)

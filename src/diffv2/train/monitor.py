@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..data.shards import atomic_write_bytes
+
 
 class SpikeDetector:
     """Counts values above ``k`` × the running median of the last ``window`` values (loss or grad norm)."""
@@ -63,19 +65,35 @@ class MetricsLogger:
                 self.tb.add_scalar(f"{kind}/{name}", value, step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records past the checkpoint so the log holds one trajectory."""
+        """On resume, drop records past the checkpoint so the log holds one trajectory. A line that is not a
+        record (torn by a crash mid-write, or overwritten with binary) is dropped too, and said so."""
         self.file.close()
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True) if self.path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        lines = self.path.read_bytes().splitlines(keepends=True) if self.path.exists() else []
+        kept, torn = [], 0
+        for line in lines:
+            record = _record(line)
+            if record is None:
+                torn += line.strip() != b""
+            elif record.get("step", 0) <= step:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if torn:
+            print(f"{self.path}: dropped {torn} line(s) that are not JSON records (torn by an interrupted write)")
+        atomic_write_bytes(self.path, b"".join(kept))
         self.file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The metrics record on one line of metrics.jsonl, or None when it is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step", 0), int) else None
 
 
 def _flatten(values: dict[str, Any], prefix: str = ""):

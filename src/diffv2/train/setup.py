@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, read_checkpoint_meta
-from ..config import ModelConfig
-from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset
-from ..errors import CheckpointError, DataError, DiffV2Error
+from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, model_config_of, read_checkpoint_meta
+from ..config import ModelConfig, check_int, check_table
+from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset, verify_dataset
+from ..errors import CheckpointError, ConfigError, DataError, DiffV2Error
 from ..model import Transformer
+from ..sizing import total_params_fast
 from .config import TrainConfig
 from .distributed import DistEnv, Parallel, init_distributed, parallelize
 from .monitor import environment
+
+DATA_CHECK_FILE = "data_check.json"  # the dataset's shards as last verified (see verify_dataset)
 
 
 class TrainingError(DiffV2Error):
@@ -74,7 +78,9 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
     return data_dir
 
 
-def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> tuple[Run, dict[str, Any]]:
+def setup(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> tuple[Run, dict[str, Any]]:
     """Join the job (if distributed), build everything, and load the latest checkpoint when resuming.
 
     Every rank builds the same full model from ``cfg.seed`` before it is wrapped or sharded. Rank 0 alone
@@ -98,11 +104,13 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
     init = load_pretrained(cfg.init_from) if cfg.init_from and not resume else None  # resume: the run's own
     init_tokenizer = str(init.checkpoint / "tokenizer.json") if init is not None else None
     if env.is_main:
-        resolve_data(cfg, run_dir, progress, tokenizer=init_tokenizer)  # once; the other ranks wait, then find it
+        data_dir = resolve_data(cfg, run_dir, progress, tokenizer=init_tokenizer)  # once; the others wait
+        # checksums, token ids < vocabulary, tokenizer: read once per run (the record skips unchanged shards)
+        verify_dataset(data_dir, record=run_dir / DATA_CHECK_FILE)
     env.barrier()
     data_dir = resolve_data(cfg, run_dir, progress, prepare=False)
     manifest = load_manifest(data_dir)
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(data_dir / manifest["tokenizer_file"])
     if init is None:
         model_cfg = cfg.model_config(tokenizer.vocab_size)
     else:
@@ -113,6 +121,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
             )
         model_cfg = cfg.init_model_config(init.model.cfg)
 
+    check_memory(model_cfg, device, env.world_size if cfg.parallel == "fsdp" else 1)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
@@ -139,6 +148,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
     state: dict[str, Any] = {"step": 0}
     if resume:
         state = _resume(run, existing)
+    check_stop_after(stop_after, state["step"])  # before the run's files are rewritten
     if env.is_main:
         write_json(run_dir / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict(),
                                              "data": {"dir": str(data_dir), "manifest": manifest}})  # fmt: skip
@@ -148,8 +158,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
 
 def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     saved_state, saved_cfg = read_checkpoint_meta(ckpt)
+    check_resume_state(ckpt, saved_state, saved_cfg)
     # through ModelConfig: a field added since the checkpoint was written takes its default
-    saved_model, now = ModelConfig.from_dict(saved_cfg.get("model", {})).to_dict(), run.model_cfg.to_dict()
+    saved_model, now = model_config_of(ckpt, saved_cfg).to_dict(), run.model_cfg.to_dict()
     if saved_model != now:
         diff = sorted(k for k in saved_model if saved_model[k] != now[k])
         raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}; resume with the same model")
@@ -162,6 +173,59 @@ def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     state = load_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, map_location=run.device)
     run.loader.load_state_dict(state["loader"])  # a global position: any world size continues the same stream
     return state
+
+
+def check_memory(model_cfg: ModelConfig, device: torch.device, shards: int) -> None:
+    """Refuse at once a model whose weights and AdamW moments alone (12 bytes a parameter, split over ``shards``
+    FSDP ranks) exceed the device's memory: building it would only fail later, or be killed by the OS."""
+    n = total_params_fast(model_cfg)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the allocator will say it
+            return
+    if 12 * n / shards > memory:
+        raise ConfigError(
+            f"model: {n:,} parameters need at least {12 * n / shards / 2**30:,.0f} GiB for weights and AdamW state "
+            f"per {device.type} device, which has {memory / 2**30:,.0f} GiB; make it smaller (d_model, n_layers, "
+            "ffn_hidden, vocabulary) or shard it over more GPUs (parallel='fsdp')"
+        )
+
+
+def check_stop_after(stop_after: int | None, step: int) -> None:
+    if stop_after is not None and stop_after <= step:
+        raise ConfigError(f"stop_after={stop_after}: the run is already at step {step}; give a later step")
+
+
+def check_resume_state(ckpt: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
+    """Raise a one-line :class:`CheckpointError` unless state.json and config.json hold what a resume reads (their
+    checksums only say they are as written, not that a training run wrote them)."""
+    if not isinstance(config.get("train"), dict):
+        raise CheckpointError(
+            f"{ckpt / 'config.json'}: has no 'train' table, so no training run wrote it (a converted model?); start a "
+            "new run from it with --init_from instead of --resume"
+        )
+    file = ckpt / "state.json"
+    loader = check_table(f"{file}: loader", state.get("loader"), CheckpointError)
+    for key in ("window", "seed", "seq_len", "n_tokens", "epoch", "position", "world_size"):
+        if key in loader:
+            check_int(f"{file}: loader.{key}", loader[key], maximum=2**63 - 1, error=CheckpointError)
+    if "window" not in loader and not {"epoch", "position"} <= set(loader):
+        raise CheckpointError(f"{file}: loader has no 'window' (nor 'epoch' and 'position'); not a diffv2 state")
+    for name in ("loss_spikes", "grad_spikes") if "loss_spikes" in state or "grad_spikes" in state else ():
+        spikes = check_table(f"{file}: {name}", state.get(name), CheckpointError)
+        check_int(f"{file}: {name}.count", spikes.get("count"), error=CheckpointError)
+        history = spikes.get("history")
+        if not isinstance(history, list) or not all(_finite_number(v) for v in history):
+            raise CheckpointError(f"{file}: {name}.history must be a list of finite numbers")
+    if "nonfinite" in state:
+        check_int(f"{file}: nonfinite", state["nonfinite"], error=CheckpointError)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -18,15 +18,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import gather_weights, latest_checkpoint, save_checkpoint
+from ..config import check_int
 from ..data import EvalBatches, SplitDocuments, split_documents, spread_windows
 from ..diagnostics import diagnose
 from ..generate import generate
 from ..model import Transformer
-from .config import TrainConfig
+from .config import MAX_STEPS, TrainConfig
 from .distributed import clip_grad_norm_
 from .monitor import MetricsLogger, SpikeDetector, StepProfiler
 from .schedule import lr_at
-from .setup import Run, TrainingError, setup, write_json
+from .setup import Run, TrainingError, check_stop_after, setup, write_json
 
 VAL_SPLIT_FILE = "val_split.json"  # how the validation split was halved and how much of it each eval scores
 
@@ -99,9 +100,11 @@ class Trainer:
     """Drives one run: ``Trainer(cfg).fit()``. Each step: accumulate, clip, skip if non-finite, update, log;
     every N steps: diagnostics, evaluation, checkpoint. Under torch.distributed every rank runs it."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+    ) -> None:
         self.cfg = cfg
-        self.run, state = setup(cfg, resume=resume, progress=progress)
+        self.run, state = setup(cfg, resume=resume, progress=progress, stop_after=stop_after)
         self.env = self.run.env
         self.progress = progress and self.env.is_main
         self.logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard) if self.env.is_main else None
@@ -154,6 +157,7 @@ class Trainer:
 
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg, run = self.cfg, self.run
+        check_stop_after(stop_after, self.step)
         end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
         run.model.train()
         if run.device.type == "cuda":
@@ -314,7 +318,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     Under torchrun (``parallel`` "ddp"/"fsdp") every rank calls this; the process group it creates is
     destroyed when training ends.
     """
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+    if stop_after is not None:  # before setup: a bad value must not cost a data check or a model build
+        check_int("stop_after", stop_after, minimum=1, maximum=MAX_STEPS)
+    trainer = Trainer(cfg, resume=resume, progress=progress, stop_after=stop_after)
     summary = trainer.fit(stop_after)
     trainer.env.close()
     return summary
@@ -323,7 +329,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 def sample_text(run: Run, model: torch.nn.Module, prompt: str, n_tokens: int, seed: int = 0) -> str:
     """A short sample from the trained model (temperature 0.8, top-k 50) to eyeball what it learned."""
     model.eval()
-    ids = run.tokenizer.encode(prompt)
+    # an empty prompt starts after an end-of-text token, as a document does; a long one keeps its end, so that
+    # at least one new token fits in the context
+    encoded = run.tokenizer.encode(prompt)
+    ids = (encoded or [run.tokenizer.eot_id])[-(run.model_cfg.max_seq_len - 1) :]
     n_tokens = min(n_tokens, run.model_cfg.max_seq_len - len(ids))
     out = list(generate(model, ids, n_tokens, temperature=0.8, top_k=50, eos_id=run.tokenizer.eot_id, seed=seed))
-    return prompt + run.tokenizer.decode([t for t in out if t != run.tokenizer.eot_id])
+    shown = prompt if ids == encoded or not encoded else run.tokenizer.decode(ids)
+    return shown + run.tokenizer.decode([t for t in out if t != run.tokenizer.eot_id])
