@@ -166,7 +166,7 @@ def _error_line(capsys, argv: list[str]) -> str:
 
 def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
     base = ["train", "--data", str(data_dir), "--no-progress", "--no-tensorboard", "--sample_tokens", "0",
-            "--eval_every", "0", "--diag_every", "0", "--batch_size", "4", "--seq_len", "32"]  # fmt: skip
+            "--eval_every", "0", "--diag_every", "0", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "1"]  # fmt: skip
     base += [x for k, v in SMALL_MODEL.items() for x in (f"--{k}", str(v))]
     out = str(tmp_path / "run")
     assert "n_kv_heads" in _error_line(capsys, [*base, "--out_dir", out, "--n_kv_heads", "3"])
@@ -180,7 +180,7 @@ def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
     # a corrupted checkpoint names the file and nothing is overwritten
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002" / "model.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:-100])
-    assert "model.safetensors" in _error_line(capsys, [*base, "--out_dir", out, "--steps", "4", "--resume"])
+    assert "model.safetensors" in _error_line(capsys, [*base, "--out_dir", out, "--steps", "4", "--resume", "--force"])
     assert ckpt.is_file() and not (tmp_path / "run" / "checkpoints" / "step_00000004").exists()
     # a truncated shard names the shard
     bad = tmp_path / "bad"

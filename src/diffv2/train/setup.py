@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, read_checkpoint_meta
-from ..config import ModelConfig
+from ..config import RUNTIME_FIELDS, ModelConfig
 from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset
 from ..errors import CheckpointError, DataError, DiffV2Error
 from ..model import Transformer
@@ -103,7 +103,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> t
     data_dir = resolve_data(cfg, run_dir, progress, prepare=False)
     manifest = load_manifest(data_dir)
     tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
-    if init is None:
+    if init is None and resume and cfg.init_from:  # the architecture came from init_from: the checkpoint has it
+        model_cfg = cfg.init_model_config(ModelConfig.from_dict(read_checkpoint_meta(existing)[1]["model"]))
+    elif init is None:
         model_cfg = cfg.model_config(tokenizer.vocab_size)
     else:
         if init.tokenizer is None or init.tokenizer.sha256() != tokenizer.sha256():
@@ -150,8 +152,8 @@ def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     saved_state, saved_cfg = read_checkpoint_meta(ckpt)
     # through ModelConfig: a field added since the checkpoint was written takes its default
     saved_model, now = ModelConfig.from_dict(saved_cfg.get("model", {})).to_dict(), run.model_cfg.to_dict()
-    if saved_model != now:
-        diff = sorted(k for k in saved_model if saved_model[k] != now[k])
+    diff = sorted(k for k in saved_model if saved_model[k] != now[k] and k not in RUNTIME_FIELDS)
+    if diff:  # the fields in RUNTIME_FIELDS choose how the model runs, and may change
         raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}; resume with the same model")
     if saved_state.get("tokenizer_sha256") != run.tokenizer.sha256():
         raise CheckpointError(f"{ckpt}: was trained with another tokenizer than {run.data_dir / 'tokenizer.json'}")

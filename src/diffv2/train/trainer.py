@@ -9,6 +9,8 @@ norm and the skip decision are reduced across ranks, so all ranks take the same 
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from ..diagnostics import diagnose
 from ..generate import generate
 from ..model import Transformer
 from .config import TrainConfig
+from .console import StopRequests, log_line, stop_message
 from .distributed import clip_grad_norm_
 from .monitor import MetricsLogger, SpikeDetector, StepProfiler
 from .schedule import lr_at
@@ -103,7 +106,9 @@ class Trainer:
         self.cfg = cfg
         self.run, state = setup(cfg, resume=resume, progress=progress)
         self.env = self.run.env
-        self.progress = progress and self.env.is_main
+        self.progress = progress and self.env.is_main  # a progress bar; without it, plain log lines (rank 0)
+        self.stops = StopRequests()
+        self.stop_signal = 0  # set when any rank was asked to stop (SIGINT / SIGTERM)
         self.logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard) if self.env.is_main else None
         self.step = state["step"]
         if resume and self.logger is not None:
@@ -144,9 +149,13 @@ class Trainer:
         self.eval_result: dict[str, Any] = {}
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train to ``cfg.steps`` (or stop after ``stop_after``, with a checkpoint); returns a summary."""
+        """Train to ``cfg.steps`` (or stop after ``stop_after``, with a checkpoint); returns a summary.
+
+        SIGINT or SIGTERM stops it after the current step, with a checkpoint of that step and a line saying how
+        to resume; the summary's ``signal`` is then the signal's number."""
         try:
-            return self._fit(stop_after)
+            with self.stops:
+                return self._fit(stop_after)
         except RuntimeError as err:  # a peer that died or hung surfaces here as a failed collective
             if (message := self.env.failure_message(err)) is None:
                 raise
@@ -161,6 +170,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc=run.run_dir.name,
                    dynamic_ncols=True)  # fmt: skip
         profiler = StepProfiler(run.run_dir / "profile", self.env.rank, cfg.profile_start, cfg.profile_steps)
+        started, first = time.perf_counter(), self.step
         while self.step < end:
             profiler.before(self.step)
             record = self.train_step()
@@ -170,6 +180,9 @@ class Trainer:
                 record.update(self.throughput())
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
+                if self.env.is_main and not self.progress:
+                    eta = (time.perf_counter() - started) / (done - first) * (end - done)
+                    print(log_line(done, cfg.steps, record, self.val_loss, eta), flush=True)
             self.log("train", done, **record)
             if (cfg.diag_every and (done % cfg.diag_every == 0 or done == 1)) or done <= cfg.diag_dense_until:
                 self.diagnose()
@@ -177,11 +190,20 @@ class Trainer:
                 self.eval_result = evaluate(run, self.evals, self.val_documents)
                 self.val_loss = self.eval_result["val_loss"]
                 self.log("eval", done, **self.eval_result, val_ppl=math.exp(min(self.val_loss, 50)))
-                if self.progress:
+                if self.env.is_main:  # above the bar, or a plain line
                     bar.write(f"step {done}: train loss {record['loss']:.4f}  val loss {self.val_loss:.4f}")
-            if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+                    sys.stdout.flush()
+            saved = (cfg.save_every and done % cfg.save_every == 0) or done == end
+            if saved:
                 self.save()
             bar.update(1)
+            if self.stop_signal:
+                checkpoint = latest_checkpoint(run.run_dir) if saved else self.save()
+                bar.close()
+                if self.env.is_main:
+                    line = stop_message(self.stop_signal, done, checkpoint, run.run_dir, self.env.world_size)
+                    print(line, file=sys.stderr, flush=True)
+                break
         bar.close()
         profiler.close()
         summary: dict[str, Any] = {
@@ -198,6 +220,8 @@ class Trainer:
             "diag_overhead": self.diag_time / max(1e-9, self.train_time),
             "world_size": self.env.world_size,
         }
+        if self.stop_signal:
+            summary["signal"] = self.stop_signal
         if summary["finished"] and cfg.sample_tokens:
             model = self.inference_model()
             if model is not None:
@@ -224,7 +248,12 @@ class Trainer:
                 (loss / run.micro_steps).backward()  # ranks average their gradients: the mean over grad_accum
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(self.params, cfg.grad_clip).item()  # syncs; the same on every rank
-        loss_value = run.env.all_reduce(loss_sum).item() / cfg.grad_accum
+        # A stop request travels with the loss (no collective of its own), so every rank stops after one step.
+        asked = torch.tensor(float(self.stops.signum), device=run.device)
+        loss_total, stop = run.env.all_reduce(torch.stack([loss_sum, asked])).tolist()
+        loss_value = loss_total / cfg.grad_accum
+        if stop:
+            self.stop_signal = self.stops.signum or int(signal.SIGTERM)  # a peer's request: SIGTERM's status
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)  # so every rank skips or steps alike
         if finite:
             run.optimizer.step()
