@@ -282,7 +282,7 @@ def test_generate_cli_streams_from_a_checkpoint(tmp_path, capsys):
     assert re.search(r"first token after \d+ ms; 5 decode steps at [\d.]+ steps/s \([\d.]+ tokens/s over 2 prompts\)",
                      capsys.readouterr().err)  # fmt: skip
     assert main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
-    assert "no such checkpoint" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err
     for flags, field in ((["--max-new-tokens", "100000"], "max_new_tokens"), (["--top-p", "1.5"], "top_p")):
         assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "In", *flags]) == 2
         err = capsys.readouterr().err
