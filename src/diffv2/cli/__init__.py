@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from .. import __version__
 from ..errors import DiffV2Error
 from . import compare, convert, data, eval_command, evaluate, generate, inspect, models, serve, train
 
@@ -25,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffv2", description="DIFF V2 / DIFF V1 / baseline language models")
+    parser.add_argument("--version", action="version", version=f"diffv2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     models.add_parser(sub)
     data.add_parser(sub)
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffv2: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`diffv2 models | head`): nothing left to say to it
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- so the interpreter's final flush finds no pipe
+        return 0
 
 
 if __name__ == "__main__":

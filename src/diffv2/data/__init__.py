@@ -3,7 +3,7 @@
 from .corpus import default_corpus_documents, default_corpus_info, iter_documents, iter_labeled_documents
 from .documents import HALVES, SplitDocuments, split_documents
 from .loader import EvalBatches, TokenLoader, spread_windows
-from .prepare import load_manifest, prepare_dataset, verify_dataset
+from .prepare import describe_skipped, load_manifest, prepare_dataset, verify_dataset
 from .shards import read_shard, write_shard
 from .tokenizer import Tokenizer
 
@@ -15,6 +15,7 @@ __all__ = [
     "Tokenizer",
     "default_corpus_documents",
     "default_corpus_info",
+    "describe_skipped",
     "iter_documents",
     "iter_labeled_documents",
     "load_manifest",

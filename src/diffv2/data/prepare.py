@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
-from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents, iter_labeled_documents
+from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents, iter_labeled_documents, skipped_files
 from .dedup import NGRAM, ShinglePool, WordIds, overlap, shingles
 from .shards import ShardWriter, atomic_write_bytes, file_sha256, read_header, version_for_max_id
 from .tokenizer import Tokenizer
@@ -192,7 +192,7 @@ def prepare_dataset(
     source: str | Path,
     out_dir: str | Path,
     tokenizer: str | Path | Tokenizer = "bpe",
-    vocab_size: int = 8192,
+    vocab_size: int = 4096,
     val_fraction: float = 0.01,
     shard_tokens: int = 100_000_000,
     seed: int = 0,
@@ -225,7 +225,8 @@ def prepare_dataset(
     old = _old_dataset_files(out_dir, overwrite)
 
     # A counting pass first: the split is chosen by document index, and the progress bar needs a total.
-    n_docs = sum(1 for _ in iter_documents(source, text_field))
+    empty = [0]
+    n_docs = sum(1 for _ in iter_labeled_documents(source, text_field, empty))
     val_idx = _val_indices(n_docs, val_fraction, seed)
     if fixed is None:
         train_docs = (d for i, d in enumerate(iter_documents(source, text_field)) if i not in val_idx)
@@ -288,11 +289,54 @@ def prepare_dataset(
         "shard_tokens": shard_tokens,
         "splits": splits,
         "val_near_duplicates": near_dups,
+        "skipped": {"files": skipped_files(source), "empty_documents": empty[0]},
+        "warnings": split_warnings(splits, val_fraction, n_docs),
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "diffv2_version": _diffv2_version(),
     }
     atomic_write_bytes(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return manifest
+
+
+# below this many tokens a validation loss is too noisy to compare runs by (a few hundred windows of 128)
+MIN_VAL_TOKENS = 20_000
+
+
+def split_warnings(splits: dict, val_fraction: float, n_docs: int) -> list[str]:
+    """What is off about a train/val split: a validation split too small to measure with, or one far larger
+    than ``val_fraction`` because too few documents were there to choose from."""
+    if val_fraction == 0:
+        return []
+    n_val, n_train = splits["val"]["n_tokens"], splits["train"]["n_tokens"]
+    share = n_val / max(1, n_val + n_train)
+    out = []
+    if n_val < MIN_VAL_TOKENS:
+        out.append(
+            f"the validation split holds {n_val:,} tokens ({splits['val']['n_documents']} of {n_docs} "
+            f"documents), too few for a steady validation loss (want >= {MIN_VAL_TOKENS:,}); give more "
+            "text or a larger --val-fraction"
+        )
+    if share > max(3 * val_fraction, 0.05):
+        out.append(
+            f"the validation split is {share:.0%} of the tokens for val_fraction={val_fraction:g}: with "
+            f"{n_docs} documents it takes whole ones; give more (smaller) documents"
+        )
+    return out
+
+
+def describe_skipped(manifest: dict) -> list[str]:
+    """Lines saying what a prepare left out (files it cannot read, empty documents) and what is off about its
+    split; empty when all is well."""
+    lines = []
+    skipped = manifest.get("skipped") or {}
+    files = skipped.get("files") or {}
+    if files:
+        names = {"hidden": "hidden", "(none)": "without an extension"}
+        kinds = ", ".join(f"{n} {names.get(k, k)}" for k, n in files.items())
+        lines.append(f"skipped {sum(files.values())} file(s) that are not .txt/.md/.jsonl(.gz): {kinds}")
+    if skipped.get("empty_documents"):
+        lines.append(f"skipped {skipped['empty_documents']} empty document(s)")
+    return lines + [f"warning: {w}" for w in manifest.get("warnings", [])]
 
 
 def _describe_source(source: str | Path) -> dict:

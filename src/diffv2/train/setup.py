@@ -13,7 +13,7 @@ from torch import nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, read_checkpoint_meta
 from ..config import RUNTIME_FIELDS, ModelConfig
-from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset
+from ..data import Tokenizer, TokenLoader, describe_skipped, load_manifest, prepare_dataset
 from ..errors import CheckpointError, DataError, DiffV2Error
 from ..model import Transformer
 from .config import TrainConfig
@@ -62,7 +62,7 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
                             "put --out_dir on a shared filesystem, or give every node a prepared --data")  # fmt: skip
         tokenizer = tokenizer or cfg.tokenizer
         print(f"preparing {cfg.data!r} with the tokenizer {tokenizer} into {data_dir} ...")
-        prepare_dataset(
+        manifest = prepare_dataset(
             cfg.data,
             data_dir,
             tokenizer=tokenizer,
@@ -71,6 +71,8 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
             seed=cfg.seed,
             progress=progress,
         )
+        for line in describe_skipped(manifest):
+            print(line)
     return data_dir
 
 

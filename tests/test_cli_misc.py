@@ -1,0 +1,43 @@
+"""`diffv2 models` and `diffv2 --version`."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from diffv2 import ModelConfig, __version__
+from diffv2.cli import main
+from diffv2.compare.grid import VARIANTS
+from diffv2.sizing import baseline_1p5h, baseline_2h_matched, baseline_ffn_matched, total_params
+
+
+def _rows(out: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+)\*?\s+(.*)$", out, flags=re.M)}
+
+
+def test_models_lists_every_comparison_variant_with_meta_device_counts(capsys):
+    assert main(["models", "--preset", "125m", "--n-kv-heads", "6"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert set(VARIANTS) <= set(rows)
+    cfg = ModelConfig.preset("125m", n_kv_heads=6, vocab_size=32768)
+    for name, derived in (
+        ("baseline_1p5h", baseline_1p5h(cfg)),
+        ("baseline_matched", baseline_ffn_matched(cfg)),
+        ("baseline_2h_matched", baseline_2h_matched(cfg)),
+        ("diff_v2", cfg),
+    ):
+        assert int(rows[name].split()[0].replace(",", "")) == total_params(derived), name
+
+
+def test_models_says_why_a_variant_cannot_be_built(capsys):
+    assert main(["models", "--preset", "125m"]) == 0  # 1.5 x 12 = 18 heads cannot share 4 KV heads
+    out = capsys.readouterr().out
+    assert "cannot be built" in _rows(out)["baseline_1p5h"]
+    assert re.search(r"^baseline_1p5h: .*n_kv_heads", out, flags=re.M)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"diffv2 {__version__}"
