@@ -41,3 +41,57 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"diffv2 {__version__}"
+
+
+def test_datasets_and_checkpoints_are_written_with_the_usual_file_mode(tmp_path):
+    import os
+
+    from diffv2.data import prepare_dataset
+
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 50, encoding="utf-8")
+    prepare_dataset(text, tmp_path / "data", tokenizer="byte", progress=False)
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "data"),
+                "--out_dir",
+                str(tmp_path / "run"),
+                "--steps",
+                "1",
+                "--warmup_steps",
+                "0",
+                "--batch_size",
+                "2",
+                "--seq_len",
+                "16",
+                "--d_model",
+                "32",
+                "--n_layers",
+                "1",
+                "--n_heads",
+                "2",
+                "--n_kv_heads",
+                "1",
+                "--head_dim",
+                "16",
+                "--ffn_hidden",
+                "32",
+                "--no-progress",
+                "--no-tensorboard",
+                "--sample_tokens",
+                "0",
+                "--eval_every",
+                "0",
+                "--diag_every",
+                "0",
+            ]
+        )
+        == 0
+    )
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [*(tmp_path / "data").iterdir(), *(tmp_path / "run" / "checkpoints" / "step_00000001").iterdir()]
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o666 & ~mask for f in files}

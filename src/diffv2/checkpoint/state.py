@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from ..data import publish_mode
 from ..errors import CheckpointError
 
 ALIASES = "diffv2.aliases"  # safetensors metadata key: {alias key: stored key} for tied weights
@@ -112,6 +113,7 @@ def write_weights(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]
         shared = t.numel() and ptrs[t.untyped_storage().data_ptr()] > 1
         tensors[key] = t.clone() if shared else t.contiguous()
     save_file(tensors, str(path), metadata={"format": "pt", ALIASES: json.dumps(aliases)})
+    publish_mode(path)  # safetensors writes 0o600
 
 
 def check_weights(file: Path, tensors: dict[str, torch.Tensor], model: nn.Module, strict: bool) -> None:

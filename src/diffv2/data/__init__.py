@@ -4,7 +4,7 @@ from .corpus import default_corpus_documents, default_corpus_info, iter_document
 from .documents import HALVES, SplitDocuments, split_documents
 from .loader import EvalBatches, TokenLoader, spread_windows
 from .prepare import describe_skipped, load_manifest, prepare_dataset, verify_dataset
-from .shards import read_shard, write_shard
+from .shards import publish_mode, read_shard, write_shard
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "iter_labeled_documents",
     "load_manifest",
     "prepare_dataset",
+    "publish_mode",
     "read_shard",
     "split_documents",
     "spread_windows",
