@@ -95,3 +95,89 @@ def test_datasets_and_checkpoints_are_written_with_the_usual_file_mode(tmp_path)
     os.umask(mask)
     files = [*(tmp_path / "data").iterdir(), *(tmp_path / "run" / "checkpoints" / "step_00000001").iterdir()]
     assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o666 & ~mask for f in files}
+
+
+def test_perplexity_scores_every_token_once_with_the_context_a_window_allows(tmp_path, capsys):
+    import math
+
+    import torch
+
+    from diffv2 import Transformer
+    from diffv2.eval.perplexity import perplexity, token_losses
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=300, n_layers=2, max_seq_len=64)).eval()
+    ids = torch.randint(0, 300, (150,)).tolist()
+    # a window holding the whole text: the ordinary causal loss of one forward
+    short = ids[:60]
+    logits = model(torch.tensor([short[:-1]]))[0]
+    full = torch.nn.functional.cross_entropy(logits, torch.tensor(short[1:]), reduction="none").double()
+    assert torch.allclose(token_losses(model, short, window=64, stride=32), full, atol=1e-5)
+    # overlapping windows: token t is scored once, with the window that starts at the last stride boundary
+    # at least 48 - 16 tokens before it (or 0)
+    losses = token_losses(model, ids, window=48, stride=16)
+    assert losses.shape == (149,)
+    t = 100  # windows start at 0, 16, ..., 64; the one scoring position 100 is [64, 112)
+    window = torch.tensor([ids[64:112]])
+    expected = torch.nn.functional.cross_entropy(model(window[:, :-1])[0], window[0, 1:], reduction="none")
+    assert math.isclose(losses[t - 1].item(), expected[t - 65].item(), rel_tol=1e-5)
+    stats = perplexity(model, ids, 600, window=48, stride=16)
+    assert math.isclose(stats["perplexity"], math.exp(losses.mean().item()), rel_tol=1e-9)
+    assert math.isclose(stats["bits_per_byte"], losses.sum().item() / math.log(2) / 600, rel_tol=1e-9)
+
+
+def test_perplexity_cli_reads_text_files(tmp_path, capsys):
+    import json
+
+    corpus, text = tmp_path / "corpus.txt", tmp_path / "t.txt"
+    corpus.write_text("In the beginning God created the heaven and the earth. " * 400, encoding="utf-8")
+    text.write_text("And the earth was without form, and void. " * 5, encoding="utf-8")
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(corpus),
+                "--tokenizer",
+                "byte",
+                "--out_dir",
+                str(tmp_path / "run"),
+                "--steps",
+                "2",
+                "--warmup_steps",
+                "0",
+                "--batch_size",
+                "2",
+                "--seq_len",
+                "32",
+                "--d_model",
+                "32",
+                "--n_layers",
+                "1",
+                "--n_heads",
+                "2",
+                "--n_kv_heads",
+                "1",
+                "--head_dim",
+                "16",
+                "--ffn_hidden",
+                "32",
+                "--no-progress",
+                "--no-tensorboard",
+                "--sample_tokens",
+                "0",
+                "--eval_every",
+                "0",
+                "--diag_every",
+                "0",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["perplexity", str(text), "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)[str(text)]
+    assert result["window"] == 32 and result["stride"] == 16  # the run's training length
+    assert result["tokens_scored"] == len(text.read_bytes()) - 1  # byte tokens, the first has no context
+    assert main(["perplexity", str(tmp_path / "missing.txt"), "--checkpoint", str(tmp_path / "run")]) == 2
+    assert "missing.txt" in capsys.readouterr().err

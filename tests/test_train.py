@@ -166,7 +166,8 @@ def _error_line(capsys, argv: list[str]) -> str:
 
 def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
     base = ["train", "--data", str(data_dir), "--no-progress", "--no-tensorboard", "--sample_tokens", "0",
-            "--eval_every", "0", "--diag_every", "0", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "1"]  # fmt: skip
+            "--eval_every", "0", "--diag_every", "0", "--batch_size", "4", "--seq_len", "32"]  # fmt: skip
+    base += ["--warmup_steps", "1"]
     base += [x for k, v in SMALL_MODEL.items() for x in (f"--{k}", str(v))]
     out = str(tmp_path / "run")
     assert "n_kv_heads" in _error_line(capsys, [*base, "--out_dir", out, "--n_kv_heads", "3"])

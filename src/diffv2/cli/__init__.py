@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from ..errors import DiffV2Error
-from . import compare, convert, data, eval_command, evaluate, generate, inspect, models, serve, train
+from . import compare, convert, data, eval_command, evaluate, generate, inspect, models, perplexity, serve, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     eval_command.add_parser(sub)
     evaluate.add_parser(sub)
+    perplexity.add_parser(sub)
     compare.add_parser(sub)  # registers `compare` and `report`
     inspect.add_parser(sub)
     serve.add_parser(sub)
