@@ -102,11 +102,12 @@ class Trainer:
     """Drives one run: ``Trainer(cfg).fit()``. Each step: accumulate, clip, skip if non-finite, update, log;
     every N steps: diagnostics, evaluation, checkpoint. Under torch.distributed every rank runs it."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, quiet: bool = False) -> None:
         self.cfg = cfg
         self.run, state = setup(cfg, resume=resume, progress=progress)
         self.env = self.run.env
         self.progress = progress and self.env.is_main  # a progress bar; without it, plain log lines (rank 0)
+        self.console = self.env.is_main and not quiet  # quiet: neither (a caller running many runs)
         self.stops = StopRequests()
         self.stop_signal = 0  # set when any rank was asked to stop (SIGINT / SIGTERM)
         self.logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard) if self.env.is_main else None
@@ -180,7 +181,7 @@ class Trainer:
                 record.update(self.throughput())
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
-                if self.env.is_main and not self.progress:
+                if self.console and not self.progress:
                     eta = (time.perf_counter() - started) / (done - first) * (end - done)
                     print(log_line(done, cfg.steps, record, self.val_loss, eta), flush=True)
             self.log("train", done, **record)
@@ -190,7 +191,7 @@ class Trainer:
                 self.eval_result = evaluate(run, self.evals, self.val_documents)
                 self.val_loss = self.eval_result["val_loss"]
                 self.log("eval", done, **self.eval_result, val_ppl=math.exp(min(self.val_loss, 50)))
-                if self.env.is_main:  # above the bar, or a plain line
+                if self.console:  # above the bar, or a plain line
                     bar.write(f"step {done}: train loss {record['loss']:.4f}  val loss {self.val_loss:.4f}")
                     sys.stdout.flush()
             saved = (cfg.save_every and done % cfg.save_every == 0) or done == end
@@ -337,13 +338,14 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict[str, Any]:  # fmt: skip
+          progress: bool = True, quiet: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train (or resume) a run; returns a summary. ``stop_after`` stops (with a checkpoint) after that step.
+    ``progress``: a progress bar, else a plain log line every ``log_every`` steps; ``quiet``: neither.
 
     Under torchrun (``parallel`` "ddp"/"fsdp") every rank calls this; the process group it creates is
     destroyed when training ends.
     """
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+    trainer = Trainer(cfg, resume=resume, progress=progress, quiet=quiet)
     summary = trainer.fit(stop_after)
     trainer.env.close()
     return summary
