@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="a diffv2 train config (.toml/.yaml/.json) with a [compare] table")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, as subprocesses (default: 1, in-process)")
     p.add_argument("--out-dir", default=None, help="override [compare] out_dir")
+    p.add_argument("--data", default=None, help="override the config's data (a text source or a prepared data dir)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="stop every run after this step (with a checkpoint); a later call resumes them")  # fmt: skip
     p.add_argument(
@@ -46,6 +47,8 @@ def run_compare(args: argparse.Namespace) -> int:
     cfg = load_compare_config(args.config)
     if args.out_dir:
         cfg.out_dir = args.out_dir
+    if args.data:
+        cfg.base = cfg.base.replace(data=args.data)
     if args.dry_run:
         _print_grid(cfg, expand_grid(cfg))
         return 0
