@@ -3,10 +3,10 @@
 from .corpus import default_corpus_documents, default_corpus_info, iter_documents, iter_labeled_documents
 from .documents import HALVES, SplitDocuments, split_documents
 from .loader import EvalBatches, TokenLoader, spread_windows
+from .notices import describe_skipped
 from .prepare import load_manifest, prepare_dataset, verify_dataset
 from .shards import publish_mode, read_shard, write_shard
 from .tokenizer import Tokenizer
-from .notices import describe_skipped
 
 __all__ = [
     "HALVES",

@@ -15,9 +15,9 @@ from tqdm import tqdm
 from ..errors import ConfigError, DataError
 from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents, iter_labeled_documents, skipped_files
 from .dedup import NGRAM, ShinglePool, WordIds, overlap, shingles
+from .notices import split_warnings
 from .shards import ShardWriter, atomic_write_bytes, file_sha256, read_header, version_for_max_id
 from .tokenizer import Tokenizer
-from .notices import split_warnings
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
