@@ -30,7 +30,7 @@ from .bad_inputs import (
 
 TRAIN = ["train", *QUIET, *MODEL_FLAGS]
 ON_DATA = [*TRAIN, "--data", "IN", "--out_dir", "TMP/run", "--steps", 1]  # a broken dataset
-RESUME = [*TRAIN, "--data", "DATA", "--out_dir", "IN", "--steps", 3, "--resume"]  # a broken run folder
+RESUME = [*TRAIN, "--data", "DATA", "--out_dir", "IN", "--steps", 3, "--resume", "--force"]  # a broken run folder
 GEN = ["generate", "--checkpoint", "IN", "--prompt", "And", "--max-new-tokens", 2]
 GEN_OK = ["generate", "--checkpoint", "RUN", "--prompt", "And", "--max-new-tokens", 2, "--seed", 0]
 PREP = ["data", "prepare", "--out", "TMP/prepared", "--no-progress", "--tokenizer", "byte"]
@@ -357,8 +357,8 @@ CASES = [
         ["--prompt"],
     ),
     ("eval-unknown-task", None, None, ["eval", "--checkpoint", "RUN", "--tasks", "nope"], ["nope"]),
-    ("models-batch-negative", None, None, ["models", "--batch-size", -1, "--no-run"], ["--batch-size"]),
-    ("models-vocab-0", None, None, ["models", "--vocab-size", 0, "--no-run"], ["vocab_size"]),
+    ("models-batch-negative", None, None, ["models", "--batch-size", -1], ["--batch-size"]),
+    ("models-vocab-0", None, None, ["models", "--vocab-size", 0], ["vocab_size"]),
     ("inspect-layer", None, None, ["inspect", "--checkpoint", "RUN", "--layer", 99, "--out", "TMP/i"], ["--layer"]),
     ("convert-nothing", None, None, ["convert", "--out", "TMP/o"], ["--from-llama"]),
 ]

@@ -25,7 +25,7 @@ from diffv2.train.config import INT_FIELDS, NUMBER_FIELDS, TrainConfig
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=32)
 MODEL_FLAGS = [x for k, v in MODEL.items() for x in (f"--{k}", str(v))]
 QUIET = ["--no-progress", "--no-tensorboard", "--batch_size", "2", "--seq_len", "16"]
-QUIET += [x for k in ("sample_tokens", "eval_every", "diag_every") for x in (f"--{k}", "0")]
+QUIET += [x for k in ("sample_tokens", "eval_every", "diag_every", "warmup_steps") for x in (f"--{k}", "0")]
 
 
 def cli(argv: list) -> tuple[int, str, str]:

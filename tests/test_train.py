@@ -33,9 +33,23 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def small_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data_dir), out_dir=str(out), model=dict(SMALL_MODEL), steps=8, batch_size=4, seq_len=32,
-                lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2, log_every=2, diag_every=4, save_every=4,
-                tensorboard=False, sample_tokens=0)  # fmt: skip
+    base = dict(
+        data=str(data_dir),
+        out_dir=str(out),
+        model=dict(SMALL_MODEL),
+        steps=8,
+        batch_size=4,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=4,
+        eval_batches=2,
+        log_every=2,
+        diag_every=4,
+        save_every=4,
+        tensorboard=False,
+        sample_tokens=0,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -45,8 +59,9 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
 
 
 def test_training_lowers_the_loss_and_writes_a_run(data_dir, tmp_path):
-    summary = train(small_cfg(data_dir, tmp_path / "run", steps=60, eval_every=30, save_every=30, sample_tokens=20),
-                    progress=False)  # fmt: skip
+    summary = train(
+        small_cfg(data_dir, tmp_path / "run", steps=60, eval_every=30, save_every=30, sample_tokens=20), progress=False
+    )
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 60
     assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5 - 1.0  # byte-level loss starts near ln(257) ≈ 5.5
@@ -72,15 +87,40 @@ def test_profiled_steps_write_a_kernel_table_and_a_trace(data_dir, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffv2", "train", "--no-progress", *args],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "diffv2", "train", "--no-progress", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("attention", ["diff_v2", "diff_v1"])
 def test_resume_in_a_new_process_is_bit_identical(data_dir, tmp_path, attention):
-    flags = ["--data", str(data_dir), "--steps", "8", "--batch_size", "4", "--seq_len", "32", "--warmup_steps", "2",
-             "--eval_every", "4", "--eval_batches", "2", "--log_every", "2", "--diag_every", "4", "--save_every",
-             "100", "--no-tensorboard", "--sample_tokens", "0", "--attention", attention]  # fmt: skip
+    flags = [
+        "--data",
+        str(data_dir),
+        "--steps",
+        "8",
+        "--batch_size",
+        "4",
+        "--seq_len",
+        "32",
+        "--warmup_steps",
+        "2",
+        "--eval_every",
+        "4",
+        "--eval_batches",
+        "2",
+        "--log_every",
+        "2",
+        "--diag_every",
+        "4",
+        "--save_every",
+        "100",
+        "--no-tensorboard",
+        "--sample_tokens",
+        "0",
+        "--attention",
+        attention,
+    ]
     flags += [x for k, v in SMALL_MODEL.items() for x in (f"--{k}", str(v))]
     straight = _cli(*flags, "--out_dir", str(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr
@@ -128,8 +168,9 @@ def test_config_file_and_flags(data_dir, tmp_path):
     from diffv2.cli.train import config_from_args
 
     for path in (toml, yaml):
-        cfg = config_from_args(build_parser().parse_args(["train", "--config", str(path), "--lr", "0.02",
-                                                           "--n-layers", "5", "--compile"]))  # fmt: skip
+        cfg = config_from_args(
+            build_parser().parse_args(["train", "--config", str(path), "--lr", "0.02", "--n-layers", "5", "--compile"])
+        )
         assert (cfg.steps, cfg.lr, cfg.compile) == (5, 0.02, True)
         mc = cfg.model_config(vocab_size=300)
         assert (mc.attention, mc.n_layers, mc.vocab_size) == ("baseline", 5, 300)
@@ -165,8 +206,24 @@ def _error_line(capsys, argv: list[str]) -> str:
 
 
 def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
-    base = ["train", "--data", str(data_dir), "--no-progress", "--no-tensorboard", "--sample_tokens", "0",
-            "--eval_every", "0", "--diag_every", "0", "--batch_size", "4", "--seq_len", "32"]  # fmt: skip
+    base = [
+        "train",
+        "--data",
+        str(data_dir),
+        "--no-progress",
+        "--no-tensorboard",
+        "--sample_tokens",
+        "0",
+        "--eval_every",
+        "0",
+        "--diag_every",
+        "0",
+        "--batch_size",
+        "4",
+        "--seq_len",
+        "32",
+    ]
+    base += ["--warmup_steps", "1"]
     base += [x for k, v in SMALL_MODEL.items() for x in (f"--{k}", str(v))]
     out = str(tmp_path / "run")
     assert "n_kv_heads" in _error_line(capsys, [*base, "--out_dir", out, "--n_kv_heads", "3"])
@@ -180,7 +237,7 @@ def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
     # a corrupted checkpoint names the file and nothing is overwritten
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002" / "model.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:-100])
-    assert "model.safetensors" in _error_line(capsys, [*base, "--out_dir", out, "--steps", "4", "--resume"])
+    assert "model.safetensors" in _error_line(capsys, [*base, "--out_dir", out, "--steps", "4", "--resume", "--force"])
     assert ckpt.is_file() and not (tmp_path / "run" / "checkpoints" / "step_00000004").exists()
     # a truncated shard names the shard
     bad = tmp_path / "bad"

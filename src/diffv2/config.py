@@ -46,6 +46,14 @@ SIZE_LIMITS = {
 }
 
 
+def described(
+    default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING, **meta: Any
+) -> Any:
+    """A dataclass field carrying its one-line description (``help``) and e.g. its ``choices`` in its metadata:
+    the command line's help text is built from it, so a field and its documentation live in one place."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, **meta})
+
+
 class VariantRules(Protocol):
     """What a registered attention variant tells the config (see :mod:`diffv2.attention`)."""
 
@@ -68,32 +76,43 @@ class ModelConfig:
     ``ffn_hidden`` = 8/3·d_model rounded up to a multiple of 64 (the Llama rule).
     """
 
-    vocab_size: int = 32768
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12  # h: output heads, a baseline's head count
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    ffn_hidden: int | None = None
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    # a registered variant: "baseline", "gated", "diff_v1", "diff_v2" (see diffv2.attention)
-    attention: str = "diff_v2"
-    # DIFF V2 ablations; the defaults are the real method. pairing "split": head i minus head i+h (the blog's
-    # wrong implementation); lambda_mode "none": weight 1, "linear": λ without the sigmoid, "const": 0.5
-    pairing: Pairing = "interleaved"
-    lambda_mode: LambdaMode = "sigmoid"
-    # "sdpa": torch's fused kernels (cuDNN/flash on GPU); "eager": explicit softmax; "triton": DIFF V2's fused
-    # training/prefill kernel where it applies (CUDA, causal, interleaved), else as sdpa
-    backend: Backend = "sdpa"
-    # DIFF V2 training: o_proj's backward recomputes the h·d pair difference from the attention output, so DIFF
-    # V2 keeps what a 2h-head baseline keeps; False keeps the difference instead (more memory, fewer passes)
-    recompute_pair_difference: bool = True
-    init_std: float = 0.02
-    # o_proj's init std relative to the residual-output rule (0 starts the attention branch at zero)
-    o_proj_init_scale: float = 1.0
+    vocab_size: int = described(32768, "tokens in the vocabulary (in training it follows the tokenizer)")
+    d_model: int = described(768, "width D of the residual stream")
+    n_layers: int = described(12, "transformer blocks")
+    n_heads: int = described(12, "h: output heads, a baseline's head count (DIFF V2 runs 2h query heads)")
+    n_kv_heads: int | None = described(None, "key/value heads h_kv (GQA); must divide n_heads; unset = n_heads")
+    head_dim: int | None = described(None, "channels per head d; unset = d_model // n_heads")
+    ffn_hidden: int | None = described(None, "SwiGLU hidden units; unset = 8/3·d_model rounded up to 64")
+    rope_theta: float = described(10000.0, "RoPE base frequency")
+    max_seq_len: int = described(2048, "longest sequence (RoPE table, generation); grows to seq_len in training")
+    norm_eps: float = described(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = described(False, "share the embedding matrix with the LM head")
+    attention: str = described(
+        "diff_v2", "attention variant (registered in diffv2.attention)", choices=ATTENTION_VARIANTS
+    )
+    # DIFF V2 ablations; the defaults are the real method
+    pairing: Pairing = described(
+        "interleaved",
+        "DIFF V2 pairs heads (2i, 2i+1); split = head i minus head i+h (blog ablation 1)",
+        choices=PAIRINGS,
+    )
+    lambda_mode: LambdaMode = described(
+        "sigmoid",
+        "DIFF V2 pair weight: sigmoid = σ(λ); none = 1; linear = λ, no sigmoid; const = 0.5",
+        choices=LAMBDA_MODES,
+    )
+    # "triton" applies where it can (CUDA, causal, interleaved pairing), else runs as sdpa
+    backend: Backend = described(
+        "sdpa",
+        "attention kernels: sdpa = torch's fused; eager = explicit softmax; triton = fused DIFF V2 kernel",
+        choices=BACKENDS,
+    )
+    # True keeps what a 2h-head baseline keeps; False saves one (B, T, h·d) activation per layer for the backward
+    recompute_pair_difference: bool = described(
+        True, "DIFF V2 training: recompute the pair difference in o_proj's backward (less memory)"
+    )
+    init_std: float = described(0.02, "std of the normal init of embeddings and linear layers")
+    o_proj_init_scale: float = described(1.0, "o_proj's init std relative to the residual-output rule (0 = silent)")
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from ..data import publish_mode
 from ..errors import CheckpointError
 
 ALIASES = "diffv2.aliases"  # safetensors metadata key: {alias key: stored key} for tied weights
@@ -112,6 +113,7 @@ def write_weights(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]
         shared = t.numel() and ptrs[t.untyped_storage().data_ptr()] > 1
         tensors[key] = t.clone() if shared else t.contiguous()
     save_file(tensors, str(path), metadata={"format": "pt", ALIASES: json.dumps(aliases)})
+    publish_mode(path)  # safetensors writes 0o600
 
 
 def check_weights(file: Path, tensors: dict[str, torch.Tensor], model: nn.Module, strict: bool) -> None:
@@ -187,8 +189,11 @@ def check_optimizer(file: Path, saved: Any, model: nn.Module, optimizer: torch.o
     """Validate a saved optimizer state against ``optimizer``; returns it keyed by name (older index-keyed
     files, written before checkpoint format 2 by single-process runs, are converted)."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not (isinstance(groups, list) and isinstance(saved.get("state"), dict)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):  # fmt: skip
+    if not (
+        isinstance(groups, list)
+        and isinstance(saved.get("state"), dict)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    ):
         raise CheckpointError(f"{file}: corrupted (not an optimizer state dict)")
     names = _param_names(model, optimizer)
     sizes = [len(g["params"]) for g in groups], [len(g) for g in names]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from .. import __version__
 from ..errors import DiffV2Error
-from . import compare, convert, data, eval_command, evaluate, generate, inspect, models, serve, train
+from . import compare, convert, data, eval_command, evaluate, generate, inspect, models, perplexity, serve, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffv2", description="DIFF V2 / DIFF V1 / baseline language models")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--version", action="version", version=f"diffv2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     models.add_parser(sub)
     data.add_parser(sub)
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     eval_command.add_parser(sub)
     evaluate.add_parser(sub)
+    perplexity.add_parser(sub)
     compare.add_parser(sub)  # registers `compare` and `report`
     inspect.add_parser(sub)
     serve.add_parser(sub)
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffv2: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`diffv2 models | head`): nothing left to say to it
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- so the interpreter's final flush finds no pipe
+        return 0
     except OSError as err:  # the system refused (permission, disk full, a vanished file): its own words
         if args.debug:
             raise

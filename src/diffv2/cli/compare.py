@@ -8,15 +8,24 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="train DIFF V2, its ablations, DIFF V1 and matched baselines side by side",
-                       description="Runs every (variant, lr, seed) of CONFIG's [compare] table with identical data, "
-                       "budget and schedule under <out_dir>/<variant>/lr<lr>/seed<seed>, then writes "
-                       "<out_dir>/report/report.md. Finished runs are skipped, interrupted ones resumed.")  # fmt: skip
+    p = sub.add_parser(
+        "compare",
+        help="train DIFF V2, its ablations, DIFF V1 and matched baselines side by side",
+        description="Runs every (variant, lr, seed) of CONFIG's [compare] table with identical data, "
+        "budget and schedule under <out_dir>/<variant>/lr<lr>/seed<seed>, then writes "
+        "<out_dir>/report/report.md. Finished runs are skipped, interrupted ones resumed.",
+    )
     p.add_argument("config", help="a diffv2 train config (.toml/.yaml/.json) with a [compare] table")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, as subprocesses (default: 1, in-process)")
     p.add_argument("--out-dir", default=None, help="override [compare] out_dir")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
-                   help="stop every run after this step (with a checkpoint); a later call resumes them")  # fmt: skip
+    p.add_argument("--data", default=None, help="override the config's data (a text source or a prepared data dir)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop every run after this step (with a checkpoint); a later call resumes them",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -46,6 +55,8 @@ def run_compare(args: argparse.Namespace) -> int:
     cfg = load_compare_config(args.config)
     if args.out_dir:
         cfg.out_dir = args.out_dir
+    if args.data:
+        cfg.base = cfg.base.replace(data=args.data)
     if args.dry_run:
         _print_grid(cfg, expand_grid(cfg))
         return 0

@@ -20,17 +20,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="convert a checkpoint between the native and the Hugging Face format, or upcycle a Llama-style model",
     )
     p.add_argument("src", nargs="?", help="a native run/checkpoint dir, or an HF diffv2 folder")
-    p.add_argument("--from-llama", metavar="HF_FOLDER",
-                   help="upcycle a Llama/Mistral/Qwen2-style HF folder (safetensors) into DIFF V2")  # fmt: skip
+    p.add_argument(
+        "--from-llama",
+        metavar="HF_FOLDER",
+        help="upcycle a Llama/Mistral/Qwen2-style HF folder (safetensors) into DIFF V2",
+    )
     p.add_argument("--out", required=True, help="output folder (an HF folder, or a run dir for --to native)")
-    p.add_argument("--to", choices=("hf", "native"),
-                   help="output format (default: the other one for SRC, hf for --from-llama)")  # fmt: skip
-    p.add_argument("--attention", choices=("diff_v2", "baseline"), default="diff_v2",
-                   help="--from-llama: DIFF V2 with a function-preserving start, or a plain baseline copy")  # fmt: skip
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="--from-llama: context length of the converted model (default: the source's)")  # fmt: skip
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="weight dtype of an HF output (default float32; native output is always float32)")  # fmt: skip
+    p.add_argument(
+        "--to", choices=("hf", "native"), help="output format (default: the other one for SRC, hf for --from-llama)"
+    )
+    p.add_argument(
+        "--attention",
+        choices=("diff_v2", "baseline"),
+        default="diff_v2",
+        help="--from-llama: DIFF V2 with a function-preserving start, or a plain baseline copy",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="--from-llama: context length of the converted model (default: the source's)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="weight dtype of an HF output (default float32; native output is always float32)",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=run)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import prepare_dataset, verify_dataset
+from ..data import describe_skipped, prepare_dataset, verify_dataset
 from ..errors import ConfigError
+from ..train.config import TrainConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="'bpe' (train byte-level BPE), 'byte' (256 bytes + end-of-text), or a tokenizer.json path "
         "(default: %(default)s)",
     )
-    prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: %(default)s)")
+    prep.add_argument(
+        "--vocab-size",
+        type=int,
+        default=TrainConfig.tokenizer_vocab,
+        help="BPE vocabulary size; the same default as `diffv2 train` (default: %(default)s)",
+    )
     prep.add_argument(
         "--val-fraction", type=float, default=0.01, help="share of documents for val (default: %(default)s)"
     )
@@ -115,6 +121,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(f"prepared {args.out}")
     print("\n".join(_summary(manifest)))
     print(f"  files:     tokenizer.json, manifest.json in {args.out}")
+    for line in describe_skipped(manifest):
+        print(f"  {line}")
     return 0
 
 

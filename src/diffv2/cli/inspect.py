@@ -11,12 +11,28 @@ import torch
 from ..config import check_text
 from ..errors import ConfigError, DataError
 
+# Genesis 1:1-2 (King James Version, public domain): about 30 BPE tokens of plain prose
+DEFAULT_PROMPT = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
+    "darkness was upon the face of the deep."
+)
+MIN_DEFAULT_TOKENS = 16
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="draw a trained model's attention maps and context RMS for a prompt")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run folder (its latest checkpoint) "
-                   "or one checkpoint folder")  # fmt: skip
-    p.add_argument("--prompt", default=None, help="text to run (default: the run's sample_prompt)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR",
+        help="a run folder (its latest checkpoint) or one checkpoint folder",
+    )
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="text to run (default: the run's sample_prompt when it has 16 tokens or more, else a "
+        "two-verse passage of Genesis)",
+    )
     p.add_argument("--layer", type=int, default=-1, help="layer to draw; negative counts from the end (default: last)")
     p.add_argument("--head", type=int, default=0, help="output head to draw (DIFF V1: differential head; default: 0)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/inspect/STEP)")
@@ -34,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     trained = load_pretrained(args.checkpoint, backend="eager")
     if trained.tokenizer is None:
         raise DataError(f"{trained.checkpoint}: holds no tokenizer.json, so a text prompt cannot be encoded")
-    prompt = args.prompt if args.prompt is not None else trained.config.get("train", {}).get("sample_prompt", "")
+    prompt = args.prompt
+    if prompt is None:  # a map over a handful of tokens shows little: a longer default
+        prompt = trained.config.get("train", {}).get("sample_prompt", "")
+        if len(trained.tokenizer.encode(prompt)) < MIN_DEFAULT_TOKENS:
+            prompt = DEFAULT_PROMPT
     check_text("--prompt", prompt)
     ids = trained.tokenizer.encode(prompt)[: trained.model.cfg.max_seq_len]
     if not ids:
@@ -56,10 +76,16 @@ def run(args: argparse.Namespace) -> int:
     name = f"{cfg.attention}" + (f" ({cfg.pairing}, λ {cfg.lambda_mode})" if cfg.attention == "diff_v2" else "")
     step = trained.checkpoint.name
     paths = [
-        plots.attention_figure(maps[layer], layer, args.head, labels, out / f"attention_L{layer}_H{args.head}.png",
-                               f"{name}, {step}, layer {layer}, head {args.head}"),
+        plots.attention_figure(
+            maps[layer],
+            layer,
+            args.head,
+            labels,
+            out / f"attention_L{layer}_H{args.head}.png",
+            f"{name}, {step}, layer {layer}, head {args.head}",
+        ),
         plots.context_rms_figure(maps, out / "context_rms.png", f"Context RMS per layer on the prompt, {name}, {step}"),
-    ]  # fmt: skip
+    ]
     if maps[layer].kind == "diff_v2":
         paths.append(plots.sigma_figure(maps[layer], layer, labels, out / f"sigma_lambda_L{layer}.png"))
     summary = {

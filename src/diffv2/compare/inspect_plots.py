@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -78,7 +79,8 @@ def attention_figure(maps: LayerMaps, layer: int, head: int, labels: list[str], 
         ax.set_xlabel("key position (token attended to)")
         ax.set_ylabel("query position (token attending)")
         _ticks(ax, labels)
-    fig.suptitle(title, fontsize=10)
+    # wrapped to the figure's width (about 16 characters an inch at this size): a long title is not clipped
+    fig.suptitle(textwrap.fill(title, width=int(16 * fig.get_figwidth())), fontsize=10)
     fig.savefig(path)
     return path
 

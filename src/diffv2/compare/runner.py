@@ -124,7 +124,9 @@ def execute(train_cfg: TrainConfig, *, stop_after: int | None = None, progress: 
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     try:
-        summary = train(train_cfg, resume=before == "resume", stop_after=stop_after, progress=progress)
+        summary = train(
+            train_cfg, resume=before == "resume", stop_after=stop_after, progress=progress, quiet=not progress
+        )
     except TrainingError as err:  # divergence is an outcome of the experiment, recorded and reported
         # TrainingError also covers setup problems (e.g. no CUDA device); only the non-finite abort is a result
         if "non-finite" not in str(err):
@@ -132,6 +134,8 @@ def execute(train_cfg: TrainConfig, *, stop_after: int | None = None, progress: 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FAILED_FILE).write_text(json.dumps({"error": str(err)}, indent=2), encoding="utf-8")
         return before, "failed"
+    if summary.get("signal"):  # Ctrl-C / SIGTERM: the run saved a checkpoint; the grid stops (a re-run resumes)
+        raise KeyboardInterrupt
     return before, "done" if summary["finished"] else "stopped"
 
 

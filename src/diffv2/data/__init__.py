@@ -4,8 +4,9 @@ from .corpus import default_corpus_documents, default_corpus_info, iter_document
 from .documents import HALVES, SplitDocuments, split_documents
 from .loader import EvalBatches, TokenLoader, spread_windows
 from .manifest import load_manifest, verify_dataset
+from .notices import describe_skipped
 from .prepare import prepare_dataset
-from .shards import read_shard, write_shard
+from .shards import publish_mode, read_shard, write_shard
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -16,10 +17,12 @@ __all__ = [
     "Tokenizer",
     "default_corpus_documents",
     "default_corpus_info",
+    "describe_skipped",
     "iter_documents",
     "iter_labeled_documents",
     "load_manifest",
     "prepare_dataset",
+    "publish_mode",
     "read_shard",
     "split_documents",
     "spread_windows",

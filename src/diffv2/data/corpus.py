@@ -189,6 +189,23 @@ def _source_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def skipped_files(source: str | Path) -> dict[str, int]:
+    """The files under a source folder that are not read, counted by kind: ``".pdf"`` (an extension that is
+    not text: one count per extension, ``"(none)"`` for no extension) and ``"hidden"`` (a dot-file or a file in a
+    dot-folder). Empty for "default", a single file or a `datasets` folder."""
+    path = Path(source).expanduser()
+    if str(source) == DEFAULT_SOURCE or not path.is_dir() or _is_hf_dataset_dir(path):
+        return {}
+    counts: dict[str, int] = {}
+    for p in path.rglob("*"):
+        if not p.is_file() or (_is_supported(p) and not any(x.startswith(".") for x in p.relative_to(path).parts)):
+            continue
+        hidden = any(x.startswith(".") for x in p.relative_to(path).parts)
+        kind = "hidden" if hidden else (_inner_suffix(p) or "(none)")
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def source_label(path: Path, root: Path | None = None) -> str:
     """A file's source name: its path below ``root`` without the format suffixes ("pool/gcide.jsonl.gz" -> "gcide")."""
     rel = path.relative_to(root) if root is not None else Path(path.name)
@@ -198,12 +215,15 @@ def source_label(path: Path, root: Path | None = None) -> str:
     return name
 
 
-def iter_labeled_documents(source: str | Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
+def iter_labeled_documents(
+    source: str | Path, text_field: str = "text", empty: list[int] | None = None
+) -> Iterator[tuple[str, str]]:
     """``(source name, document)`` pairs of a source, in :func:`iter_documents` order.
 
     The name is the file a document came from (see :func:`source_label`; a folder of ``<source>.jsonl`` files,
     as ``scripts/build_corpus.py`` writes, gives one name per source), the corpus name for "default", and the
-    folder name for a `datasets` folder. It lets the validation loss be broken down by source.
+    folder name for a `datasets` folder. It lets the validation loss be broken down by source. Empty documents
+    (an empty file, a JSONL line with an empty text) are left out; ``empty[0]`` counts them when given.
     """
     if str(source) == DEFAULT_SOURCE:
         label = _default_corpus()[0]
@@ -231,6 +251,8 @@ def iter_labeled_documents(source: str | Path, text_field: str = "text") -> Iter
         if doc:
             count += 1
             yield label, doc
+        elif empty is not None:
+            empty[0] += 1
     if count == 0:
         raise DataError(f"source {source} holds no (non-empty) documents")
 

@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from ..config import MAX_SIZE, check_fraction, check_int, check_number, check_seed, check_str
 from ..errors import DataError
-from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents, iter_labeled_documents
+from .corpus import DEFAULT_SOURCE, default_corpus_info, iter_documents, iter_labeled_documents, skipped_files
 from .dedup import NGRAM, ShinglePool, WordIds, overlap, shingles
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, SPLITS, TOKENIZER_NAME
+from .notices import split_warnings
 from .shards import ShardWriter, atomic_write_bytes, version_for_max_id
 from .tokenizer import Tokenizer
 
@@ -190,7 +191,7 @@ def prepare_dataset(
     source: str | Path,
     out_dir: str | Path,
     tokenizer: str | Path | Tokenizer = "bpe",
-    vocab_size: int = 8192,
+    vocab_size: int = 4096,
     val_fraction: float = 0.01,
     shard_tokens: int = 100_000_000,
     seed: int = 0,
@@ -222,7 +223,8 @@ def prepare_dataset(
     old = _old_dataset_files(out_dir, overwrite)
 
     # A counting pass first: the split is chosen by document index, and the progress bar needs a total.
-    n_docs = sum(1 for _ in iter_documents(source, text_field))
+    empty = [0]
+    n_docs = sum(1 for _ in iter_labeled_documents(source, text_field, empty))
     val_idx = _val_indices(n_docs, val_fraction, seed)
     if fixed is None:
         train_docs = (d for i, d in enumerate(iter_documents(source, text_field)) if i not in val_idx)
@@ -285,6 +287,8 @@ def prepare_dataset(
         "shard_tokens": shard_tokens,
         "splits": splits,
         "val_near_duplicates": near_dups,
+        "skipped": {"files": skipped_files(source), "empty_documents": empty[0]},
+        "warnings": split_warnings(splits, val_fraction, n_docs),
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "diffv2_version": _diffv2_version(),
     }

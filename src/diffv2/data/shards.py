@@ -35,6 +35,19 @@ def version_for_max_id(max_id: int) -> int:
     raise DataError(f"token id {max_id} does not fit in 32 bits")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | Path) -> None:
+    """Give a file the mode an ordinary ``open(path, "w")`` would (0o666 less the umask). Temp files
+    (``tempfile.mkstemp``) and safetensors start at 0o600; a dataset, checkpoint or export is meant to be shared
+    like the run's other files."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a folder so that a rename inside it survives a crash (skipped where folders cannot be opened)."""
     try:
@@ -76,6 +89,7 @@ class AtomicFile:
             os.fsync(self.file.fileno())
         finally:
             self.file.close()
+        publish_mode(self.tmp)
         os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
 

@@ -11,6 +11,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..data import publish_mode
+
 DPI = 110
 
 
@@ -21,6 +23,7 @@ def save(fig: Figure, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+        publish_mode(tmp)  # mkstemp's 0o600 otherwise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

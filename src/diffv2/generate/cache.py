@@ -21,11 +21,19 @@ class KVCache:
     generator). :meth:`rows` gives a cache over some of the rows, sharing their memory.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device,
-                 static: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        static: bool = False,
+    ) -> None:
         # Separate buffers, not views of one (n_layers, ...) tensor: under torch.compile a write into a view
         # is functionalized into a scatter over its whole base, which inductor materialized as a copy of the
-        # entire cache on every step (8.5 ms a step at 1B, B=1, 32k context on the H200, 2026-11-30).
+        # entire cache on every step (docs/design.md#kv-cache).
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ..checkpoint import load_pretrained, save_checkpoint
 from ..config import ModelConfig
+from ..data import publish_mode
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model import Transformer
@@ -218,6 +219,9 @@ def save_hf(
     model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+    for file in out.iterdir():  # safetensors writes its shards 0o600
+        if file.is_file():
+            publish_mode(file)
     return out
 
 

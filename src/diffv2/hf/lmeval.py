@@ -9,6 +9,7 @@ a jsonl file plus a task yaml that lm-eval reads with ``--include_path``; nothin
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,15 @@ def write_perplexity_task(out_dir: PathLike, documents: list[str], name: str = T
         "doc_to_target": "{{text}}",
         "should_decontaminate": True,
         "doc_to_decontamination_query": "{{text}}",
-        "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+        # aggregation and direction stated, so lm-eval has no defaults to warn about
+        "metric_list": [
+            {"metric": m, "aggregation": agg, "higher_is_better": False}
+            for m, agg in (
+                ("word_perplexity", "weighted_perplexity"),
+                ("byte_perplexity", "weighted_perplexity"),
+                ("bits_per_byte", "bits_per_byte"),
+            )
+        ],
         "metadata": {"version": 1.0},
     }
     (out / f"{name}.yaml").write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
@@ -135,13 +144,20 @@ def evaluate_lm(
     except ImportError:
         raise ConfigError("evaluate_lm needs lm-eval: pip install 'diffv2[eval]' (or 'lm-eval>=0.4')") from None
     model, tok = _model_and_tokenizer(model_or_path, tokenizer)
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tok,
-        backend="causal",
-        batch_size=batch_size,
-        max_length=max_length or model.config.max_position_embeddings,
-    )
+    # Passing a built model is how in-process evaluation works; lm-eval warns about it every time (twice).
+    quiet = _DropMessages("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    logger.addFilter(quiet)
+    try:
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tok,
+            backend="causal",
+            batch_size=batch_size,
+            max_length=max_length or model.config.max_position_embeddings,
+        )
+    finally:
+        logger.removeFilter(quiet)
     try:  # scanning lm-eval's thousands of built-in task yamls is slow; skip them when only local tasks are named
         manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
     except TypeError:  # older lm-eval without include_defaults
@@ -150,3 +166,14 @@ def evaluate_lm(
     if out is None:  # only non-zero ranks of a distributed run get None
         return {}
     return out["results"]
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records that start with one of the given messages."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.starts)

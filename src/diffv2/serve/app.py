@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..errors import DiffV2Error
+from ..generate.text import TextCodec
 from .endpoints import Endpoints
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import ApiError, error_body
 from .scheduler import Scheduler
-from .text import TextCodec
 
 log = logging.getLogger("diffv2.serve")
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")

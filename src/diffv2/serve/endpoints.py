@@ -15,11 +15,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import ConfigError
+from ..generate.text import TextCodec
 from .outputs import Choice, ChoiceConsumer, Formatter, RequestOutputs
 from .protocol import ApiError, ChatRequest, CompletionRequest
 from .scheduler import QueueFull, Scheduler, SchedulerDown
 from .sequence import SamplingParams, Sequence
-from .text import TextCodec
 
 
 class Endpoints:

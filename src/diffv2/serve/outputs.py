@@ -9,8 +9,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..generate.text import TextCodec, TextStream
 from .sequence import Sequence, TokenInfo
-from .text import TextCodec, TextStream
 
 
 class RequestOutputs:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..config import (
     check_seed,
     check_str,
     check_table,
+    described,
     show,
 )
 from ..errors import ConfigError
@@ -82,72 +83,93 @@ _MODEL_FIELDS = sorted(f.name for f in fields(ModelConfig))
 
 @dataclass
 class TrainConfig:
-    # data: a prepared data dir (holding manifest.json) or a text source (file/dir/"default") to prepare
-    data: str = "default"
-    tokenizer: str = "bpe"  # for preparing a text source: "bpe", "byte" or a tokenizer.json path
-    tokenizer_vocab: int = 4096
-    val_fraction: float = 0.01  # for preparing a text source: share of documents held out for validation
-    out_dir: str = "runs/default"
-    # start from a trained or converted model (run dir or checkpoint dir; e.g. `diffv2 convert --from-llama
-    # ... --to native`): its architecture and tokenizer, fresh optimizer and schedule
-    init_from: str = ""
+    # data: a prepared data dir (holding manifest.json), or a text source prepared once into <out_dir>/data
+    data: str = described(
+        "default", "prepared data dir, or a text file/folder to prepare ('default': embedded)", trajectory=True
+    )
+    tokenizer: str = described(
+        "bpe", "preparing a text source: 'bpe', 'byte' or a tokenizer.json path", trajectory=True
+    )
+    tokenizer_vocab: int = described(4096, "preparing a text source: BPE vocabulary size", trajectory=True)
+    val_fraction: float = described(
+        0.01, "preparing a text source: share of documents held out for validation", trajectory=True
+    )
+    out_dir: str = described("runs/default", "run folder: config, metrics, checkpoints")
+    # e.g. a model from `diffv2 convert --from-llama ... --to native`
+    init_from: str = described(
+        "",
+        "start from a trained model (run or checkpoint dir): its architecture and "
+        "tokenizer, a fresh optimizer and schedule",
+        trajectory=True,
+    )
     # model: a preset plus field overrides (vocab_size always follows the tokenizer)
-    preset: str = "tiny"
-    model: dict[str, Any] = field(default_factory=dict)
+    preset: str = described(
+        "tiny", "model size preset the model fields override", choices=tuple(PRESETS), trajectory=True
+    )
+    model: dict[str, Any] = described(
+        factory=dict,
+        help="ModelConfig fields overriding the preset (a [model] table in a config file; flags in the model group)",
+        trajectory=True,
+    )
     # optimisation; one optimizer step sees batch_size x grad_accum sequences whatever the number of ranks
-    steps: int = 600
-    batch_size: int = 16  # rows per micro-step (one forward) on each rank
-    grad_accum: int = 1  # micro-steps per optimizer step in total across ranks; each rank runs grad_accum / world
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 60
-    schedule: str = "cosine"
-    wsd_decay_frac: float = 0.2
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    steps: int = described(600, "optimizer steps; the lr schedule spans them", trajectory=True)
+    batch_size: int = described(16, "rows per micro-step (one forward) on each rank", trajectory=True)
+    grad_accum: int = described(1, "micro-steps per optimizer step, in total across ranks", trajectory=True)
+    seq_len: int = described(128, "tokens per training row", trajectory=True)
+    lr: float = described(3e-3, "peak AdamW learning rate", trajectory=True)
+    min_lr_ratio: float = described(0.1, "final lr as a share of lr (cosine and wsd)", trajectory=True)
+    warmup_steps: int = described(60, "linear lr warmup steps", trajectory=True)
+    schedule: str = described("cosine", "lr decay after warmup", choices=SCHEDULES, trajectory=True)
+    wsd_decay_frac: float = described(0.2, "wsd: share of steps spent decaying at the end", trajectory=True)
+    weight_decay: float = described(0.1, "AdamW weight decay of matrices (vectors get none)", trajectory=True)
+    beta1: float = described(0.9, "AdamW beta1", trajectory=True)
+    beta2: float = described(0.95, "AdamW beta2", trajectory=True)
+    adam_eps: float = described(1e-8, "AdamW epsilon", trajectory=True)
+    grad_clip: float = described(1.0, "clip the global gradient norm to this", trajectory=True)
     # runtime
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False  # torch.compile, over compile_scope
-    # "model": one graph (no overlap of DDP's all-reduce with the backward, the least Python per step);
-    # "block": each transformer block (DDP's buckets reduce as blocks finish; FSDP2 needs it); "auto": model in
-    # one process, block under ddp / fsdp
-    compile_scope: str = "auto"
-    seed: int = 0
-    # parallelism: "ddp" / "fsdp" (FSDP2) need torchrun (torchrun --nproc_per_node=N -m diffv2 train ...)
-    parallel: str = "none"
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
-    # fsdp in bf16: True = bf16 parameters and activations, fp32 gradient reduction (torchtitan; half the
-    # all-gather bytes); False = fp32 parameters under bf16 autocast, the numerics of one GPU and of ddp
-    fsdp_bf16_params: bool = True
-    # fsdp: when a block's gathered parameters are freed after its forward. "always": every block (ZeRO-3, the
-    # least memory); "default": all but the last, which backward needs at once (torchtitan); "never": they stay
-    # gathered until the step's last backward (ZeRO-2: one all-gather per block per optimizer step, however many
-    # micro-steps, for one unsharded copy of the bf16 parameters per GPU)
-    fsdp_reshard_after_forward: str = "default"
-    dist_timeout_s: float = 600.0  # a collective waiting this long fails the job (a rank died or hangs)
-    # evaluation, logging, diagnostics, checkpoints
-    eval_every: int = 100
-    eval_batches: int = 8  # 0 = every window of the validation split
-    log_every: int = 10
-    diag_every: int = 100
-    diag_dense_until: int = 0  # > 0: diagnostics after every step up to this one (how early differences open)
-    diag_batch: int = 4  # validation windows the diagnostics run on, spread evenly over the split
-    spike_k: float = 3.0
-    spike_window: int = 50
-    save_every: int = 200
-    keep_last: int = 3
-    max_nonfinite: int = 5
-    tensorboard: bool = True
-    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up (known GPUs) or skip
-    profile_steps: int = 0  # > 0: torch.profiler over that many steps from profile_start, into RUN/profile/
-    profile_start: int = 5  # steps done before the trace starts (compilation and warm-up stay out of it)
-    sample_tokens: int = 120
-    sample_prompt: str = "And God said"
+    device: str = described("auto", "auto = cuda when available, else cpu", choices=DEVICES)
+    dtype: str = described("auto", "auto = bfloat16 autocast on cuda, float32 on cpu", choices=DTYPES, trajectory=True)
+    compile: bool = described(False, "torch.compile, over compile_scope")
+    # "model": no overlap of DDP's all-reduce with the backward, the least Python per step; "block": DDP's
+    # buckets reduce as blocks finish, and FSDP2 needs it
+    compile_scope: str = described(
+        "auto",
+        "what one compiled graph covers; auto = model in one process, block under ddp/fsdp",
+        choices=COMPILE_SCOPES,
+    )
+    seed: int = described(0, "seed of the init, the batch order and the train/val split", trajectory=True)
+    # "ddp" / "fsdp" (FSDP2) need torchrun (torchrun --nproc_per_node=N -m diffv2 train ...)
+    parallel: str = described("none", "data parallelism under torchrun", choices=PARALLEL)
+    activation_checkpointing: bool = described(False, "recompute each block's activations in the backward pass")
+    # True: half the all-gather bytes (torchtitan); False: the numerics of one GPU and of ddp
+    fsdp_bf16_params: bool = described(
+        True, "fsdp in bf16: bf16 parameters, fp32 gradient reduction (False: fp32 parameters under autocast)"
+    )
+    # "always": ZeRO-3, the least memory; "default": all blocks but the last, which backward needs at once
+    # (torchtitan); "never": gathered until the step's last backward (ZeRO-2: one all-gather per block per
+    # optimizer step, however many micro-steps, for one unsharded copy of the bf16 parameters per GPU)
+    fsdp_reshard_after_forward: str = described(
+        "default", "fsdp: when a block's gathered parameters are freed after its forward", choices=RESHARD_POLICIES
+    )
+    dist_timeout_s: float = described(600.0, "a collective waiting this long fails the job (a rank died or hangs)")
+    # evaluation, logging, diagnostics, checkpoints: they change what is recorded, not the training itself
+    eval_every: int = described(100, "steps between validation evaluations, and at the end (0 = never)")
+    eval_batches: int = described(8, "validation batches per evaluation (0 = every window of the split)")
+    log_every: int = described(10, "steps between throughput records and plain log lines")
+    diag_every: int = described(100, "steps between per-layer diagnostics (0 = never)")
+    diag_dense_until: int = described(0, "> 0: diagnostics after every step up to this one")
+    diag_batch: int = described(4, "validation windows the diagnostics run on")
+    spike_k: float = described(3.0, "a spike: a loss or grad norm above spike_k x their running median")
+    spike_window: int = described(50, "steps in the spike detector's running median")
+    save_every: int = described(200, "steps between checkpoints (0 = only at the end)")
+    keep_last: int = described(3, "checkpoints kept")
+    max_nonfinite: int = described(5, "non-finite steps in a row (skipped) before training stops")
+    tensorboard: bool = described(True, "also write TensorBoard event files (when tensorboard is installed)")
+    peak_flops: float = described(0.0, "device peak FLOP/s for MFU; 0 = look up (known GPUs) or skip")
+    profile_steps: int = described(0, "> 0: torch.profiler over this many steps into RUN/profile/")
+    profile_start: int = described(5, "steps done before the profiler starts (compilation stays out)")
+    sample_tokens: int = described(120, "tokens of the text sample printed at the end (0 = none)")
+    sample_prompt: str = described("And God said", "prompt of the text sample printed at the end")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -188,8 +210,10 @@ class TrainConfig:
         check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         check_choice("fsdp_reshard_after_forward", self.fsdp_reshard_after_forward, RESHARD_POLICIES)
         if self.parallel == "fsdp" and self.compile_scope == "model":
-            raise ConfigError("compile_scope='model' with parallel='fsdp': FSDP2 compiles each transformer block "
-                              "(its gathers sit between them); use compile_scope='block' or 'auto'")  # fmt: skip
+            raise ConfigError(
+                "compile_scope='model' with parallel='fsdp': FSDP2 compiles each transformer block "
+                "(its gathers sit between them); use compile_scope='block' or 'auto'"
+            )
         check_choice("preset", self.preset, tuple(PRESETS))
         check_table("model", self.model)
         if unknown := sorted(set(self.model) - {f.name for f in fields(ModelConfig)} - {"preset"}):
@@ -215,8 +239,10 @@ class TrainConfig:
         refuse)."""
         fixed = sorted(k for k in self.model if k not in (*RUNTIME_FIELDS, "preset"))
         if fixed:
-            raise ConfigError(f"init_from={self.init_from!r}: the model comes from that checkpoint; drop the model "
-                              f"field(s) {fixed} (only {', '.join(RUNTIME_FIELDS)} may be set)")  # fmt: skip
+            raise ConfigError(
+                f"init_from={self.init_from!r}: the model comes from that checkpoint; drop the model "
+                f"field(s) {fixed} (only {', '.join(RUNTIME_FIELDS)} may be set)"
+            )
         cfg = saved.replace(**{k: v for k, v in self.model.items() if k in RUNTIME_FIELDS})
         return cfg if cfg.max_seq_len >= self.seq_len else cfg.replace(max_seq_len=self.seq_len)
 

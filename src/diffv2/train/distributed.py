@@ -81,9 +81,11 @@ class DistEnv:
         if not (isinstance(err, dist.DistError) or _COLLECTIVE_FAILURE.search(str(err))):
             return None
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        return (f"rank {self.rank} of {self.world_size}: a collective operation failed ({type(err).__name__}: "
-                f"{first}); another rank most likely died or hung (check its log); collectives give up after "
-                f"dist_timeout_s={self.timeout_s:g} s")  # fmt: skip
+        return (
+            f"rank {self.rank} of {self.world_size}: a collective operation failed ({type(err).__name__}: "
+            f"{first}); another rank most likely died or hung (check its log); collectives give up after "
+            f"dist_timeout_s={self.timeout_s:g} s"
+        )
 
 
 def init_distributed(parallel: str, device_type: str, timeout_s: float) -> tuple[DistEnv, torch.device]:
@@ -95,8 +97,10 @@ def init_distributed(parallel: str, device_type: str, timeout_s: float) -> tuple
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel == "none":
         if world > 1:
-            raise ConfigError(f"parallel='none' but torchrun started {world} processes; pass --parallel ddp or "
-                              "--parallel fsdp (or launch without torchrun)")  # fmt: skip
+            raise ConfigError(
+                f"parallel='none' but torchrun started {world} processes; pass --parallel ddp or "
+                "--parallel fsdp (or launch without torchrun)"
+            )
         return DistEnv(), torch.device(device_type)
     if missing := [k for k in _TORCHRUN_ENV if k not in os.environ]:
         raise ConfigError(
@@ -107,14 +111,19 @@ def init_distributed(parallel: str, device_type: str, timeout_s: float) -> tuple
     device = torch.device("cpu")
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} visible GPUs; "
-                              "use at most one process per GPU (--nproc_per_node)")  # fmt: skip
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} visible GPUs; "
+                "use at most one process per GPU (--nproc_per_node)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)  # fmt: skip
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
         atexit.register(destroy)
     elif dist.get_world_size() != world:
         raise ConfigError(f"a process group of {dist.get_world_size()} ranks exists, but WORLD_SIZE={world}")
@@ -148,9 +157,17 @@ class Parallel:
         return nullcontext()
 
 
-def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile: bool, compile_scope: str = "auto",
-                activation_checkpointing: bool, bf16: bool,
-                reshard_after_forward: str = "default") -> Parallel:  # fmt: skip
+def parallelize(
+    model: nn.Module,
+    env: DistEnv,
+    device: torch.device,
+    *,
+    compile: bool,
+    compile_scope: str = "auto",
+    activation_checkpointing: bool,
+    bf16: bool,
+    reshard_after_forward: str = "default",
+) -> Parallel:
     """Wrap a freshly built model (identical on every rank) for ``env.parallel``; build the optimizer after
     this, since FSDP2 replaces the parameters by sharded DTensors. Under fsdp, ``bf16`` means bf16 parameters
     in compute with fp32 gradient reduction (no autocast needed); otherwise the caller autocasts.
@@ -186,8 +203,9 @@ def parallelize(model: nn.Module, env: DistEnv, device: torch.device, *, compile
         # gradients as views of the all-reduce buckets: no copy into the buckets and back, one gradient-sized
         # buffer less. Around a whole-model graph the buckets reduce after the backward, not during it: one
         # fast burst on NVLink, against the Python cost of per-block graphs at small micro-batches.
-        ddp = nn.parallel.DistributedDataParallel(whole, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  gradient_as_bucket_view=True)  # fmt: skip
+        ddp = nn.parallel.DistributedDataParallel(
+            whole, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
         return Parallel(model, ddp, whole, ddp)
     return Parallel(model, whole, whole)
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
-          wsd_decay_frac: float = 0.2) -> float:  # fmt: skip
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    steps: int,
+    warmup_steps: int,
+    schedule: str,
+    min_lr_ratio: float,
+    wsd_decay_frac: float = 0.2,
+) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``steps``."""
     min_lr = lr * min_lr_ratio
     if warmup_steps and step < warmup_steps:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, model_config_of, read_checkpoint_meta
-from ..config import ModelConfig, check_int, check_table
-from ..data import Tokenizer, TokenLoader, load_manifest, prepare_dataset, verify_dataset
+from ..config import RUNTIME_FIELDS, ModelConfig, check_int, check_table
+from ..data import Tokenizer, TokenLoader, describe_skipped, load_manifest, prepare_dataset, verify_dataset
 from ..errors import CheckpointError, ConfigError, DataError, DiffV2Error
 from ..model import Transformer
 from ..sizing import total_params_fast
@@ -52,8 +52,9 @@ class Run:
         return self.par.model
 
 
-def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool = True,
-                 tokenizer: str | None = None) -> Path:  # fmt: skip
+def resolve_data(
+    cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool = True, tokenizer: str | None = None
+) -> Path:
     """A prepared data dir as given, or the text source prepared (once, if ``prepare``) into ``<out_dir>/data``
     with ``cfg.tokenizer`` (or ``tokenizer``, a tokenizer.json path, when starting from a checkpoint)."""
     given = Path(cfg.data)
@@ -62,11 +63,13 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
     data_dir = run_dir / "data"
     if not (data_dir / "manifest.json").is_file():
         if not prepare:
-            raise DataError(f"{data_dir}: rank 0 prepared the data there but this rank cannot see it; across nodes "
-                            "put --out_dir on a shared filesystem, or give every node a prepared --data")  # fmt: skip
+            raise DataError(
+                f"{data_dir}: rank 0 prepared the data there but this rank cannot see it; across nodes "
+                "put --out_dir on a shared filesystem, or give every node a prepared --data"
+            )
         tokenizer = tokenizer or cfg.tokenizer
         print(f"preparing {cfg.data!r} with the tokenizer {tokenizer} into {data_dir} ...")
-        prepare_dataset(
+        manifest = prepare_dataset(
             cfg.data,
             data_dir,
             tokenizer=tokenizer,
@@ -75,6 +78,8 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, progress: bool, prepare: bool 
             seed=cfg.seed,
             progress=progress,
         )
+        for line in describe_skipped(manifest):
+            print(line)
     return data_dir
 
 
@@ -111,7 +116,9 @@ def setup(
     data_dir = resolve_data(cfg, run_dir, progress, prepare=False)
     manifest = load_manifest(data_dir)
     tokenizer = Tokenizer.from_file(data_dir / manifest["tokenizer_file"])
-    if init is None:
+    if init is None and resume and cfg.init_from:  # the architecture came from init_from: the checkpoint has it
+        model_cfg = cfg.init_model_config(model_config_of(existing, read_checkpoint_meta(existing)[1]))
+    elif init is None:
         model_cfg = cfg.model_config(tokenizer.vocab_size)
     else:
         if init.tokenizer is None or init.tokenizer.sha256() != tokenizer.sha256():
@@ -130,28 +137,44 @@ def setup(
         del init
     model = model.to(device)
     fsdp_casts = use_bf16 and cfg.parallel == "fsdp" and cfg.fsdp_bf16_params  # else autocast does it
-    par = parallelize(model, env, device, compile=cfg.compile, compile_scope=cfg.compile_scope,
-                      activation_checkpointing=cfg.activation_checkpointing, bf16=fsdp_casts,
-                      reshard_after_forward=cfg.fsdp_reshard_after_forward)  # fmt: skip
+    par = parallelize(
+        model,
+        env,
+        device,
+        compile=cfg.compile,
+        compile_scope=cfg.compile_scope,
+        activation_checkpointing=cfg.activation_checkpointing,
+        bf16=fsdp_casts,
+        reshard_after_forward=cfg.fsdp_reshard_after_forward,
+    )
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=device.type == "cuda",
-    )  # fmt: skip
-    loader = TokenLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=env.rank,
-                         world_size=env.world_size)  # fmt: skip
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
+        fused=device.type == "cuda",
+    )
+    loader = TokenLoader(
+        data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=env.rank, world_size=env.world_size
+    )
     # FSDP with bf16 parameters casts them itself (MixedPrecisionPolicy); autocast serves everything else.
     autocast = torch.bfloat16 if use_bf16 and not fsdp_casts else None
-    run = Run(cfg, model_cfg, run_dir, data_dir, tokenizer, par, optimizer, loader, device, autocast, env,
-              micro_steps)  # fmt: skip
+    run = Run(cfg, model_cfg, run_dir, data_dir, tokenizer, par, optimizer, loader, device, autocast, env, micro_steps)
     state: dict[str, Any] = {"step": 0}
     if resume:
         state = _resume(run, existing)
     check_stop_after(stop_after, state["step"])  # before the run's files are rewritten
     if env.is_main:
-        write_json(run_dir / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict(),
-                                             "data": {"dir": str(data_dir), "manifest": manifest}})  # fmt: skip
+        write_json(
+            run_dir / "config.json",
+            {
+                "train": cfg.to_dict(),
+                "model": model_cfg.to_dict(),
+                "data": {"dir": str(data_dir), "manifest": manifest},
+            },
+        )
         write_json(run_dir / "environment.json", {**environment(), "world_size": env.world_size})
     return run, state
 
@@ -161,15 +184,17 @@ def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
     check_resume_state(ckpt, saved_state, saved_cfg)
     # through ModelConfig: a field added since the checkpoint was written takes its default
     saved_model, now = model_config_of(ckpt, saved_cfg).to_dict(), run.model_cfg.to_dict()
-    if saved_model != now:
-        diff = sorted(k for k in saved_model if saved_model[k] != now[k])
+    diff = sorted(k for k in saved_model if saved_model[k] != now[k] and k not in RUNTIME_FIELDS)
+    if diff:  # the fields in RUNTIME_FIELDS choose how the model runs, and may change
         raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}; resume with the same model")
     if saved_state.get("tokenizer_sha256") != run.tokenizer.sha256():
         raise CheckpointError(f"{ckpt}: was trained with another tokenizer than {run.data_dir / 'tokenizer.json'}")
     for name in ("batch_size", "seq_len", "seed"):
         if saved_cfg["train"].get(name) != getattr(run.cfg, name):
-            raise CheckpointError(f"{ckpt}: {name}={saved_cfg['train'].get(name)} there but "
-                                  f"{getattr(run.cfg, name)} now; an exact resume needs the same value")  # fmt: skip
+            raise CheckpointError(
+                f"{ckpt}: {name}={saved_cfg['train'].get(name)} there but "
+                f"{getattr(run.cfg, name)} now; an exact resume needs the same value"
+            )
     state = load_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, map_location=run.device)
     run.loader.load_state_dict(state["loader"])  # a global position: any world size continues the same stream
     return state

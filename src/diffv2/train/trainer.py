@@ -9,6 +9,8 @@ norm and the skip decision are reduced across ranks, so all ranks take the same 
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from ..diagnostics import diagnose
 from ..generate import generate
 from ..model import Transformer
 from .config import MAX_STEPS, TrainConfig
+from .console import StopRequests, log_line, stop_message
 from .distributed import clip_grad_norm_
 from .monitor import MetricsLogger, SpikeDetector, StepProfiler
 from .schedule import lr_at
@@ -101,12 +104,21 @@ class Trainer:
     every N steps: diagnostics, evaluation, checkpoint. Under torch.distributed every rank runs it."""
 
     def __init__(
-        self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        quiet: bool = False,
+        stop_after: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.run, state = setup(cfg, resume=resume, progress=progress, stop_after=stop_after)
         self.env = self.run.env
-        self.progress = progress and self.env.is_main
+        self.progress = progress and self.env.is_main  # a progress bar; without it, plain log lines (rank 0)
+        self.console = self.env.is_main and not quiet  # quiet: neither (a caller running many runs)
+        self.stops = StopRequests()
+        self.stop_signal = 0  # set when any rank was asked to stop (SIGINT / SIGTERM)
         self.logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard) if self.env.is_main else None
         self.step = state["step"]
         if resume and self.logger is not None:
@@ -147,9 +159,13 @@ class Trainer:
         self.eval_result: dict[str, Any] = {}
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train to ``cfg.steps`` (or stop after ``stop_after``, with a checkpoint); returns a summary."""
+        """Train to ``cfg.steps`` (or stop after ``stop_after``, with a checkpoint); returns a summary.
+
+        SIGINT or SIGTERM stops it after the current step, with a checkpoint of that step and a line saying how
+        to resume; the summary's ``signal`` is then the signal's number."""
         try:
-            return self._fit(stop_after)
+            with self.stops:
+                return self._fit(stop_after)
         except RuntimeError as err:  # a peer that died or hung surfaces here as a failed collective
             if (message := self.env.failure_message(err)) is None:
                 raise
@@ -162,9 +178,11 @@ class Trainer:
         run.model.train()
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc=run.run_dir.name,
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not self.progress, desc=run.run_dir.name, dynamic_ncols=True
+        )
         profiler = StepProfiler(run.run_dir / "profile", self.env.rank, cfg.profile_start, cfg.profile_steps)
+        started, first = time.perf_counter(), self.step
         while self.step < end:
             profiler.before(self.step)
             record = self.train_step()
@@ -172,8 +190,12 @@ class Trainer:
             done = self.step
             if done % cfg.log_every == 0 or done == end:
                 record.update(self.throughput())
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
+                if self.console and not self.progress:
+                    eta = (time.perf_counter() - started) / (done - first) * (end - done)
+                    print(log_line(done, cfg.steps, record, self.val_loss, eta), flush=True)
             self.log("train", done, **record)
             if (cfg.diag_every and (done % cfg.diag_every == 0 or done == 1)) or done <= cfg.diag_dense_until:
                 self.diagnose()
@@ -181,11 +203,20 @@ class Trainer:
                 self.eval_result = evaluate(run, self.evals, self.val_documents)
                 self.val_loss = self.eval_result["val_loss"]
                 self.log("eval", done, **self.eval_result, val_ppl=math.exp(min(self.val_loss, 50)))
-                if self.progress:
+                if self.console:  # above the bar, or a plain line
                     bar.write(f"step {done}: train loss {record['loss']:.4f}  val loss {self.val_loss:.4f}")
-            if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+                    sys.stdout.flush()
+            saved = (cfg.save_every and done % cfg.save_every == 0) or done == end
+            if saved:
                 self.save()
             bar.update(1)
+            if self.stop_signal:
+                checkpoint = latest_checkpoint(run.run_dir) if saved else self.save()
+                bar.close()
+                if self.env.is_main:
+                    line = stop_message(self.stop_signal, done, checkpoint, run.run_dir, self.env.world_size)
+                    print(line, file=sys.stderr, flush=True)
+                break
         bar.close()
         profiler.close()
         summary: dict[str, Any] = {
@@ -202,6 +233,8 @@ class Trainer:
             "diag_overhead": self.diag_time / max(1e-9, self.train_time),
             "world_size": self.env.world_size,
         }
+        if self.stop_signal:
+            summary["signal"] = self.stop_signal
         if summary["finished"] and cfg.sample_tokens:
             model = self.inference_model()
             if model is not None:
@@ -215,8 +248,15 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg, run = self.cfg, self.run
         t0 = time.perf_counter()
-        lr = lr_at(self.step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                   min_lr_ratio=cfg.min_lr_ratio, wsd_decay_frac=cfg.wsd_decay_frac)  # fmt: skip
+        lr = lr_at(
+            self.step,
+            lr=cfg.lr,
+            steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps,
+            schedule=cfg.schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+            wsd_decay_frac=cfg.wsd_decay_frac,
+        )
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=run.device)
@@ -228,7 +268,12 @@ class Trainer:
                 (loss / run.micro_steps).backward()  # ranks average their gradients: the mean over grad_accum
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(self.params, cfg.grad_clip).item()  # syncs; the same on every rank
-        loss_value = run.env.all_reduce(loss_sum).item() / cfg.grad_accum
+        # A stop request travels with the loss (no collective of its own), so every rank stops after one step.
+        asked = torch.tensor(float(self.stops.signum), device=run.device)
+        loss_total, stop = run.env.all_reduce(torch.stack([loss_sum, asked])).tolist()
+        loss_value = loss_total / cfg.grad_accum
+        if stop:
+            self.stop_signal = self.stops.signum or int(signal.SIGTERM)  # a peer's request: SIGTERM's status
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)  # so every rank skips or steps alike
         if finite:
             run.optimizer.step()
@@ -236,8 +281,10 @@ class Trainer:
         else:  # skip the update, count it, give up after max_nonfinite in a row
             self.nonfinite, self.in_a_row = self.nonfinite + 1, self.in_a_row + 1
             if self.in_a_row >= cfg.max_nonfinite:
-                raise TrainingError(f"{self.in_a_row} non-finite steps in a row (step {self.step}, loss "
-                                    f"{loss_value}, grad norm {grad_norm}); lower --lr or check the data")  # fmt: skip
+                raise TrainingError(
+                    f"{self.in_a_row} non-finite steps in a row (step {self.step}, loss "
+                    f"{loss_value}, grad norm {grad_norm}); lower --lr or check the data"
+                )
         run.optimizer.zero_grad(set_to_none=True)
         record: dict[str, Any] = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, "skipped": not finite}
         if finite:
@@ -292,9 +339,16 @@ class Trainer:
             "tokenizer_sha256": run.tokenizer.sha256(),
             "world_size": self.env.world_size,
         }
-        path = save_checkpoint(run.run_dir, self.step, model=run.model, optimizer=run.optimizer, state=state,
-                               config={"train": self.cfg.to_dict(), "model": run.model_cfg.to_dict()},
-                               tokenizer_json=run.tokenizer.to_json_str(), keep_last=self.cfg.keep_last)  # fmt: skip
+        path = save_checkpoint(
+            run.run_dir,
+            self.step,
+            model=run.model,
+            optimizer=run.optimizer,
+            state=state,
+            config={"train": self.cfg.to_dict(), "model": run.model_cfg.to_dict()},
+            tokenizer_json=run.tokenizer.to_json_str(),
+            keep_last=self.cfg.keep_last,
+        )
         self.env.barrier()
         return path
 
@@ -311,16 +365,18 @@ class Trainer:
         return model
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def train(
+    cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True, quiet: bool = False
+) -> dict[str, Any]:
     """Train (or resume) a run; returns a summary. ``stop_after`` stops (with a checkpoint) after that step.
+    ``progress``: a progress bar, else a plain log line every ``log_every`` steps; ``quiet``: neither.
 
     Under torchrun (``parallel`` "ddp"/"fsdp") every rank calls this; the process group it creates is
     destroyed when training ends.
     """
     if stop_after is not None:  # before setup: a bad value must not cost a data check or a model build
         check_int("stop_after", stop_after, minimum=1, maximum=MAX_STEPS)
-    trainer = Trainer(cfg, resume=resume, progress=progress, stop_after=stop_after)
+    trainer = Trainer(cfg, resume=resume, progress=progress, quiet=quiet, stop_after=stop_after)
     summary = trainer.fit(stop_after)
     trainer.env.close()
     return summary

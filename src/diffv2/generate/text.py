@@ -1,5 +1,6 @@
-"""Text in and out of the server: a tokenizer's encode/decode behind one interface, chat prompts, and the
-incremental detokenizer that turns a stream of token ids into text deltas and watches for stop strings."""
+"""Text in and out of generation (``diffv2 generate`` and the server): a tokenizer's encode/decode behind one
+interface, chat prompts, and the incremental detokenizer that turns a stream of token ids into text deltas and
+watches for stop strings."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ PLAIN_CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"
 
 
 class TextCodec:
-    """A tokenizer as the server uses it: a diffv2 ``Tokenizer`` or a transformers tokenizer."""
+    """A tokenizer as generation uses it: a diffv2 ``Tokenizer`` or a transformers tokenizer."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
