@@ -26,6 +26,11 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**{**TINY, **kw})
 
 
+def kernel_sized(**kw) -> ModelConfig:
+    """Small, but with head_dim 64: the smallest the Triton kernels take, so the GPU paths are the real ones."""
+    return tiny(**{**dict(d_model=128, head_dim=64, ffn_hidden=128), **kw})
+
+
 def randomize(model: Transformer, seed: int) -> Transformer:
     """Give every weight (norm gains included) a random value, so no term can hide behind an init of 1 or 0."""
     g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,8 @@ from diffv2.checkpoint import load_pretrained
 from diffv2.cli import main
 from diffv2.generate import generate_batch, plain_chat_text
 
+from .cli_flags import QUIET_RUN, TINY_MODEL
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
@@ -36,26 +38,8 @@ def run(tmp_path_factory) -> Path:
         "32",
         "--warmup_steps",
         "3",
-        "--d_model",
-        "32",
-        "--n_layers",
-        "1",
-        "--n_heads",
-        "2",
-        "--n_kv_heads",
-        "1",
-        "--head_dim",
-        "16",
-        "--ffn_hidden",
-        "32",
-        "--no-progress",
-        "--no-tensorboard",
-        "--sample_tokens",
-        "0",
-        "--eval_every",
-        "0",
-        "--diag_every",
-        "0",
+        *TINY_MODEL,
+        *QUIET_RUN,
     ]
     assert main(args) == 0
     return root / "run"

@@ -11,6 +11,8 @@ from diffv2.cli import main
 from diffv2.compare.grid import VARIANTS
 from diffv2.sizing import baseline_1p5h, baseline_2h_matched, baseline_ffn_matched, total_params
 
+from .cli_flags import QUIET_RUN, TINY_MODEL
+
 
 def _rows(out: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+)\*?\s+(.*)$", out, flags=re.M)}
@@ -67,26 +69,8 @@ def test_datasets_and_checkpoints_are_written_with_the_usual_file_mode(tmp_path)
                 "2",
                 "--seq_len",
                 "16",
-                "--d_model",
-                "32",
-                "--n_layers",
-                "1",
-                "--n_heads",
-                "2",
-                "--n_kv_heads",
-                "1",
-                "--head_dim",
-                "16",
-                "--ffn_hidden",
-                "32",
-                "--no-progress",
-                "--no-tensorboard",
-                "--sample_tokens",
-                "0",
-                "--eval_every",
-                "0",
-                "--diag_every",
-                "0",
+                *TINY_MODEL,
+                *QUIET_RUN,
             ]
         )
         == 0
@@ -150,26 +134,8 @@ def test_perplexity_cli_reads_text_files(tmp_path, capsys):
                 "2",
                 "--seq_len",
                 "32",
-                "--d_model",
-                "32",
-                "--n_layers",
-                "1",
-                "--n_heads",
-                "2",
-                "--n_kv_heads",
-                "1",
-                "--head_dim",
-                "16",
-                "--ffn_hidden",
-                "32",
-                "--no-progress",
-                "--no-tensorboard",
-                "--sample_tokens",
-                "0",
-                "--eval_every",
-                "0",
-                "--diag_every",
-                "0",
+                *TINY_MODEL,
+                *QUIET_RUN,
             ]
         )
         == 0

@@ -14,6 +14,9 @@ from diffv2.generate import KVCache, generate, generate_batch, sample_next, stre
 from diffv2.generate.step import DecodeStep, _step_forward
 from diffv2.kernels import eager_attention, masked_decode, masked_prefill
 
+from .cli_flags import QUIET_RUN, TINY_MODEL
+from .models import kernel_sized
+
 VARIANTS = {
     "baseline": dict(attention="baseline"),
     "gated": dict(attention="gated"),
@@ -215,17 +218,7 @@ def test_masked_prefill_equals_eager_on_real_rows_and_stays_finite():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_long_padded_prompts_equal_each_alone():
-    cfg = ModelConfig(
-        vocab_size=97,
-        d_model=128,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        ffn_hidden=128,
-        max_seq_len=128,
-        attention="diff_v2",
-    )
+    cfg = kernel_sized(vocab_size=97, max_seq_len=128, attention="diff_v2")
     torch.manual_seed(8)
     model = Transformer(cfg).cuda().eval()
     prompts = [list(range(1, 41)), [5, 6, 7], list(range(10, 30))]
@@ -305,26 +298,8 @@ def test_generate_cli_streams_from_a_checkpoint(tmp_path, capsys):
         "2",
         "--seq_len",
         "32",
-        "--d_model",
-        "32",
-        "--n_layers",
-        "1",
-        "--n_heads",
-        "2",
-        "--n_kv_heads",
-        "1",
-        "--head_dim",
-        "16",
-        "--ffn_hidden",
-        "32",
-        "--no-progress",
-        "--no-tensorboard",
-        "--sample_tokens",
-        "0",
-        "--eval_every",
-        "0",
-        "--diag_every",
-        "0",
+        *TINY_MODEL,
+        *QUIET_RUN,
     ]
     assert main(args) == 0
     capsys.readouterr()

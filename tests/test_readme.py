@@ -15,6 +15,8 @@ import torch
 from diffv2.cli import build_parser, main
 from diffv2.data import default_corpus_documents
 
+from .cli_flags import TINY_MODEL
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -39,22 +41,7 @@ def test_readme_python_examples_run_and_match_their_comments(capsys):
 
 # What the README's shell commands need that a fresh checkout lacks, and the flags that shrink its GPU-sized
 # runs to a few CPU steps (appended flags win over the README's own).
-SHRINK_MODEL = [
-    "--preset",
-    "tiny",
-    "--d_model",
-    "32",
-    "--n_layers",
-    "1",
-    "--n_heads",
-    "2",
-    "--n_kv_heads",
-    "1",
-    "--head_dim",
-    "16",
-    "--ffn_hidden",
-    "32",
-]
+SHRINK_MODEL = ["--preset", "tiny", *TINY_MODEL]
 SHRINK_RUN = [
     "--steps",
     "3",

@@ -18,6 +18,8 @@ from diffv2.generate import (
 )
 from diffv2.generate.step import DecodeStep
 
+from .models import kernel_sized
+
 VARIANTS = ["baseline", "diff_v1", "diff_v2"]
 
 
@@ -180,17 +182,7 @@ def test_sample_rows_follows_each_rows_settings():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_graphed_rows_equal_each_prompt_alone(variant):
     """On CUDA each bucket's step is a captured graph reading the Triton window kernel (head_dim 64)."""
-    cfg = ModelConfig(
-        vocab_size=97,
-        d_model=128,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        ffn_hidden=128,
-        max_seq_len=64,
-        attention=variant,
-    )
+    cfg = kernel_sized(vocab_size=97, max_seq_len=64, attention=variant)
     torch.manual_seed(7)
     model = Transformer(cfg).cuda().eval()
     gen = torch.Generator().manual_seed(5)

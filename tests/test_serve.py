@@ -14,11 +14,12 @@ import torch
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from diffv2 import ModelConfig, Transformer  # noqa: E402
+from diffv2 import Transformer  # noqa: E402
 from diffv2.data import Tokenizer  # noqa: E402
 from diffv2.generate import generate_batch  # noqa: E402
 from diffv2.serve import BackgroundServer, Scheduler, TextCodec, TextStream, create_app, plain_chat_text  # noqa: E402
 
+from .models import kernel_sized  # noqa: E402
 from .serving import MAX_BATCH, MAX_QUEUE, MODEL, Gate, ids_of, random_prompt, solo, stream_all  # noqa: E402
 
 
@@ -243,17 +244,7 @@ def test_text_stream_waits_for_whole_characters_and_possible_stop_strings():
 def test_gpu_served_batches_equal_eager_generation(variant):
     """On CUDA every decode step replays a captured graph (the Triton window kernel, head_dim 64) while rows join
     and leave; in fp32 each greedy result equals the eager loop's for its prompt alone."""
-    cfg = ModelConfig(
-        vocab_size=300,
-        d_model=128,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        ffn_hidden=128,
-        max_seq_len=64,
-        attention=variant,
-    )
+    cfg = kernel_sized(vocab_size=300, max_seq_len=64, attention=variant)
     torch.manual_seed(7)
     model = Transformer(cfg).cuda().eval()
     gen = torch.Generator().manual_seed(8)
