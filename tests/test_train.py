@@ -295,3 +295,31 @@ def test_resume_from_a_checkpoint_written_before_a_model_field_existed(data_dir,
     other = cfg.replace(model={**SMALL_MODEL, "n_layers": 3})
     with pytest.raises(ValueError, match=r"model config differs .* \['n_layers'\]"):
         train(other, resume=True, progress=False)
+
+
+def test_resuming_a_finished_run_keeps_its_results(data_dir, tmp_path):
+    """A run killed after its final checkpoint is resumed to nothing more to train: the summary it reports (and
+    writes again when the kill came before summary.json) has the run's own losses, not empty ones."""
+    cfg = small_cfg(data_dir, tmp_path / "run", steps=4)
+    first = train(cfg, progress=False)
+    summary = tmp_path / "run" / "summary.json"
+    written = summary.read_bytes()
+    again = train(cfg, resume=True, progress=False)
+    assert summary.read_bytes() == written and again["val_loss"] == first["val_loss"]
+    summary.unlink()  # killed between the final checkpoint and the summary
+    rebuilt = train(cfg, resume=True, progress=False)
+    for key in ("step", "finished", "train_loss", "val_loss", "loss_spikes", "nonfinite"):
+        assert rebuilt[key] == first[key], key
+    assert json.loads(summary.read_text())["val_loss"] == first["val_loss"]
+
+
+def test_a_new_run_replaces_the_records_of_an_attempt_that_saved_nothing(data_dir, tmp_path):
+    """An attempt stopped before its first checkpoint leaves records no checkpoint continues; the next run in that
+    folder starts the log anew instead of appending a second trajectory to it."""
+    cfg = small_cfg(data_dir, tmp_path / "run", steps=3, save_every=0, eval_every=0, diag_every=0)
+    (tmp_path / "run").mkdir()
+    stale = [{"kind": "train", "step": s, "loss": 9.0} for s in (1, 2)]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    train(cfg, progress=False)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    assert steps == [1, 2, 3] and all(r["loss"] != 9.0 for r in read_metrics(tmp_path / "run"))

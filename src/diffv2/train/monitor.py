@@ -45,9 +45,14 @@ class SpikeDetector:
 class MetricsLogger:
     """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard if available."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, *, fresh: bool = False) -> None:
+        """``fresh``: a new run, so the records of an earlier attempt in ``run_dir`` (one that stopped before its
+        first checkpoint, as nothing else leaves a folder a new run may use) belong to no trajectory: drop them."""
         self.path = run_dir / "metrics.jsonl"
-        self.file = self.path.open("a", encoding="utf-8")
+        if fresh:
+            for stale in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+                stale.unlink()
+        self.file = self.path.open("w" if fresh else "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
             try:
@@ -64,27 +69,42 @@ class MetricsLogger:
             for name, value in _flatten(values):
                 self.tb.add_scalar(f"{kind}/{name}", value, step)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop records past the checkpoint so the log holds one trajectory. A line that is not a
-        record (torn by a crash mid-write, or overwritten with binary) is dropped too, and said so."""
+    def truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """On resume, drop records past the checkpoint so the log holds one trajectory; returns the records
+        kept. A line that is not a record (torn by a crash mid-write, or overwritten with binary) is dropped
+        too, and said so."""
         self.file.close()
         lines = self.path.read_bytes().splitlines(keepends=True) if self.path.exists() else []
-        kept, torn = [], 0
+        kept, records, torn = [], [], 0
         for line in lines:
             record = _record(line)
             if record is None:
                 torn += line.strip() != b""
             elif record.get("step", 0) <= step:
                 kept.append(line if line.endswith(b"\n") else line + b"\n")
+                records.append(record)
         if torn:
             print(f"{self.path}: dropped {torn} line(s) that are not JSON records (torn by an interrupted write)")
         atomic_write_bytes(self.path, b"".join(kept))
         self.file = self.path.open("a", encoding="utf-8")
+        return records
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def last_results(records: list[dict[str, Any]]) -> tuple[float | None, dict[str, Any]]:
+    """The last training loss and the last evaluation's results in a run's records, as a resumed run's summary
+    reports them when no step after the checkpoint changes them."""
+    loss, evaluation = None, {}
+    for record in records:
+        if record.get("kind") == "train" and isinstance(record.get("loss"), int | float):
+            loss = record["loss"]
+        elif record.get("kind") == "eval" and isinstance(record.get("val_loss"), int | float):
+            evaluation = {k: v for k, v in record.items() if k not in ("kind", "step", "val_ppl")}
+    return loss, evaluation
 
 
 def _record(line: bytes) -> dict[str, Any] | None:

@@ -28,9 +28,9 @@ from ..model import Transformer
 from .config import MAX_STEPS, TrainConfig
 from .console import StopRequests, log_line, stop_message
 from .distributed import clip_grad_norm_
-from .monitor import MetricsLogger, SpikeDetector, StepProfiler
+from .monitor import MetricsLogger, SpikeDetector, StepProfiler, last_results
 from .schedule import lr_at
-from .setup import Run, TrainingError, check_stop_after, setup, write_json
+from .setup import Run, TrainingError, check_stop_after, read_summary, setup, write_json
 
 VAL_SPLIT_FILE = "val_split.json"  # how the validation split was halved and how much of it each eval scores
 
@@ -119,10 +119,15 @@ class Trainer:
         self.console = self.env.is_main and not quiet  # quiet: neither (a caller running many runs)
         self.stops = StopRequests()
         self.stop_signal = 0  # set when any rank was asked to stop (SIGINT / SIGTERM)
-        self.logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard) if self.env.is_main else None
+        self.logger = None
+        if self.env.is_main:
+            self.logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard, fresh=not resume)
         self.step = state["step"]
-        if resume and self.logger is not None:
-            self.logger.truncate_after(self.step)
+        self.loss: float | None = None
+        self.eval_result: dict[str, Any] = {}
+        if resume and self.logger is not None:  # a summary after no further step reports the records' results
+            self.loss, self.eval_result = last_results(self.logger.truncate_after(self.step))
+        self.val_loss: float | None = self.eval_result.get("val_loss")
         self.loss_spikes = SpikeDetector(cfg.spike_k, cfg.spike_window)
         self.grad_spikes = SpikeDetector(cfg.spike_k, cfg.spike_window)
         if "loss_spikes" in state:
@@ -154,9 +159,6 @@ class Trainer:
         self.peak = peak_flops(cfg, self.run.device)
         self.diag_time = self.train_time = self.window_time = 0.0
         self.window_tokens = 0
-        self.loss: float | None = None
-        self.val_loss: float | None = None
-        self.eval_result: dict[str, Any] = {}
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``cfg.steps`` (or stop after ``stop_after``, with a checkpoint); returns a summary.
@@ -174,6 +176,12 @@ class Trainer:
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg, run = self.cfg, self.run
         check_stop_after(stop_after, self.step)
+        if self.step >= cfg.steps and (finished := read_summary(run.run_dir)) is not None:
+            if self.logger is not None:
+                self.logger.close()
+            if self.console:
+                print(f"{run.run_dir}: finished at step {self.step} already; its summary.json stands")
+            return finished
         end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
         run.model.train()
         if run.device.type == "cuda":
@@ -210,7 +218,7 @@ class Trainer:
             if saved:
                 self.save()
             bar.update(1)
-            if self.stop_signal:
+            if self.stop_signal and done < cfg.steps:  # on the last step, the run is done: nothing to resume
                 checkpoint = latest_checkpoint(run.run_dir) if saved else self.save()
                 bar.close()
                 if self.env.is_main:
@@ -230,7 +238,7 @@ class Trainer:
             "grad_spikes": self.grad_spikes.count,
             "nonfinite": self.nonfinite,
             "checkpoint": str(latest_checkpoint(run.run_dir)),
-            "diag_overhead": self.diag_time / max(1e-9, self.train_time),
+            "diag_overhead": self.diag_time / self.train_time if self.train_time else None,
             "world_size": self.env.world_size,
         }
         if self.stop_signal:
