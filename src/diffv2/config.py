@@ -284,6 +284,43 @@ def check_text(name: str, value: object, error: type[DiffV2Error] = ConfigError)
     return value
 
 
+def read_text_file(name: str, path: object, max_bytes: int = 1 << 30, error: type[DiffV2Error] = ConfigError) -> str:
+    """The UTF-8 text of a regular file of at most ``max_bytes`` (a FIFO would block the read, a device such as
+    /dev/zero would never end it)."""
+    from pathlib import Path
+
+    file = Path(check_str(name, path, empty=False, error=error) if isinstance(path, str) else path)
+    if not file.is_file():
+        why = "no such file" if not file.exists() else "not a regular file (a folder, FIFO or device)"
+        raise error(f"{name} {file}: {why}; give a text file")
+    if (size := file.stat().st_size) > max_bytes:
+        raise error(f"{name} {file}: {size:,} bytes, more than the {max_bytes:,} read here; give a smaller file")
+    try:
+        return file.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise error(f"{name} {file}: cannot read it ({err.strerror or type(err).__name__})") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{name} {file}: not UTF-8 text (at byte {err.start}); give UTF-8 text") from None
+
+
+def check_output_path(name: str, value: object, *, folder: bool, error: type[DiffV2Error] = ConfigError) -> Any:
+    """Where a command will write a file (``folder=False``) or a folder: named, and not already the other kind,
+    checked before any work so a long job does not fail at its end."""
+    import os
+    from pathlib import Path
+
+    if value is None or not str(value).strip() or str(value) != os.fspath(value):
+        raise error(f"{name}={show(str(value) if value is not None else value)}: give a path")
+    path = Path(value)
+    if str(value) in ("", ".") and not folder:
+        raise error(f"{name}={show(str(value))}: give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise error(f"{name} {path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise error(f"{name} {path}: is a folder; give a file name")
+    return value
+
+
 def check_table(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> dict[str, Any]:
     """A table (dict) whose keys are all strings."""
     if not isinstance(value, dict):

@@ -34,8 +34,8 @@ def latest_checkpoint(run_dir: PathLike) -> Path | None:
         m = ASIDE_RE.fullmatch(p.name)
         if m and m.group(1) not in complete and (p / "checksums.json").is_file():
             complete[m.group(1)] = p
-    try:
-        named = (root / "latest").read_text(encoding="utf-8").strip()
+    try:  # a regular file only: a FIFO would block the read
+        named = (root / "latest").read_text(encoding="utf-8").strip() if (root / "latest").is_file() else ""
     except (OSError, UnicodeDecodeError):
         named = ""
     if named in complete:

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import ModelConfig, check_int
 from ..errors import CheckpointError, ConfigError
 from .files import PathLike, read_checked, read_json
-from .layout import resolve, verify
+from .layout import STEP_RE, resolve, verify
 from .rng import parse_rng
 from .state import ALIASES, apply_optimizer, apply_weights, check_optimizer, check_weights
 
@@ -29,7 +29,14 @@ def read_checkpoint_meta(path: PathLike) -> tuple[dict[str, Any], dict[str, Any]
     ckpt = resolve(path)
     verify(ckpt)
     state, config = read_json(ckpt / "state.json"), read_json(ckpt / "config.json")
-    check_int(f"{ckpt / 'state.json'}: step", state.get("step"), maximum=MAX_STEP, error=CheckpointError)
+    step = check_int(f"{ckpt / 'state.json'}: step", state.get("step"), maximum=MAX_STEP, error=CheckpointError)
+    named = STEP_RE.search(ckpt.name)  # step_N, or the aside copy .old-step_N-PID of one
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(
+            f"{ckpt / 'state.json'}: step={step}, but the folder is {ckpt.name}; the checkpoint was altered"
+        )
+    if "world_size" in state:
+        check_int(f"{ckpt / 'state.json'}: world_size", state["world_size"], minimum=1, error=CheckpointError)
     return state, config
 
 

@@ -35,7 +35,7 @@ def load_pretrained(
     mode on ``device``; ``backend`` ("sdpa"/"eager") may differ from training's since it holds no weights."""
     device = pick_device(device)
     ckpt = resolve(path)
-    _, config = read_checkpoint_meta(ckpt)
+    state, config = read_checkpoint_meta(ckpt)
     model_cfg = model_config_of(ckpt, config)
     if backend is not None:
         model_cfg = model_cfg.replace(backend=backend)
@@ -45,6 +45,12 @@ def load_pretrained(
         raise CheckpointError(
             f"{ckpt / 'tokenizer.json'}: {tokenizer.vocab_size} token ids, but the model's vocab_size is "
             f"{model_cfg.vocab_size} (config.json); the tokenizer belongs to another model"
+        )
+    recorded = state.get("tokenizer_sha256")
+    if tokenizer is not None and isinstance(recorded, str) and tokenizer.sha256() != recorded:
+        raise CheckpointError(
+            f"{ckpt / 'tokenizer.json'}: not the tokenizer the model was trained with (state.json records another "
+            "sha256); the file was replaced"
         )
     model = Transformer(model_cfg)
     load_model_weights(ckpt, model)  # into the CPU-built model, then moved once

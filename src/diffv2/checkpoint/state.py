@@ -136,6 +136,8 @@ def check_weights(file: Path, tensors: dict[str, torch.Tensor], model: nn.Module
             f"{file}: weights do not fit the model ({'; '.join(found)}); the checkpoint was made with a different "
             f"model config (see its config.json)"
         )
+    if integral := [k for k, t in tensors.items() if not t.is_floating_point()]:
+        raise CheckpointError(f"{file}: {few(integral)} not floating point; weights are floats: the file was altered")
     # a diverged run's NaN/inf weights would only show up as garbage tokens or NaN losses much later
     nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if nonfinite:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from ..config import check_int, check_output_path
 from ..data import describe_skipped, prepare_dataset, verify_dataset
 from ..errors import ConfigError
 from ..train.config import TrainConfig
+from .fields import path_arg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="'default' (the embedded King James Bible), a .txt/.md/.jsonl(.gz) file, a folder of them, "
         "or a `datasets` save_to_disk folder (default: %(default)s)",
     )
-    prep.add_argument("--out", required=True, type=Path, help="output folder")
+    prep.add_argument("--out", required=True, type=path_arg, help="output folder")
     prep.add_argument(
         "--tokenizer",
         default="bpe",
@@ -60,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prep.set_defaults(func=run_prepare)
 
     info = sub.add_parser("info", help="summarize a prepared dataset and verify its checksums")
-    info.add_argument("--data", required=True, type=Path, help="dataset folder (holds manifest.json)")
+    info.add_argument("--data", required=True, type=path_arg, help="dataset folder (holds manifest.json)")
     info.set_defaults(func=run_info)
 
     dup = sub.add_parser(
@@ -69,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="A document's overlap is the share of its distinct word n-grams found elsewhere: for a "
         "validation document, anywhere in train; for a train document, in another train document.",
     )
-    dup.add_argument("--data", required=True, type=Path, help="dataset folder (holds manifest.json)")
+    dup.add_argument("--data", required=True, type=path_arg, help="dataset folder (holds manifest.json)")
     dup.add_argument("--ngram", type=int, default=13, help="words per shingle (default: %(default)s)")
     dup.add_argument(
         "--threshold",
@@ -78,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="overlap share that makes a document a near-duplicate (default: %(default)s)",
     )
     dup.add_argument("--examples", type=int, default=3, help="examples to print per kind (default: %(default)s)")
-    dup.add_argument("--json", type=Path, default=None, help="also write the full result (every val document)")
+    dup.add_argument("--json", type=path_arg, default=None, help="also write the full result (every val document)")
     dup.add_argument("--no-progress", action="store_true", help="no progress bar")
     dup.set_defaults(func=run_dedup_check)
 
@@ -144,6 +145,10 @@ def run_dedup_check(args: argparse.Namespace) -> int:
 
     if args.ngram < 1 or not 0 < args.threshold <= 1:
         raise ConfigError(f"--ngram={args.ngram}, --threshold={args.threshold}: need ngram >= 1, 0 < threshold <= 1")
+    check_int("--examples", args.examples, minimum=0, maximum=1 << 20)
+    if args.json is not None:
+        check_output_path("--json", args.json, folder=False)
+    verify_dataset(args.data)  # its shards are read as they are: a corrupted one must not pass as text
     report, train, val = dataset_near_duplicates(
         args.data, ngram=args.ngram, threshold=args.threshold, progress=not args.no_progress
     )

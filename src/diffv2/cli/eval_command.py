@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from .fields import path_arg
 
 
 def default_tasks() -> str:
@@ -36,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--tasks", default=None, help=f"comma-separated, from {', '.join(available())} (default: {default_tasks()})"
     )
     p.add_argument("--quick", action="store_true", help="a few samples per cell: minutes on a CPU, for a first look")
-    p.add_argument("--out", type=Path, help="output folder (default: RUN/eval/STEP, HF_DIR/eval, or runs/eval)")
+    p.add_argument("--out", type=path_arg, help="output folder (default: RUN/eval/STEP, HF_DIR/eval, or runs/eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of every generated sample (default: 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (cuda if present)")
     p.add_argument(

@@ -64,3 +64,13 @@ def _show(value: Any) -> str:
     if isinstance(value, str):
         return repr(value) if value == "" else value
     return str(value)
+
+
+def path_arg(text: str):
+    """An argparse ``type`` for path flags: ``Path(text)``, refusing the empty string (``Path("")`` would be the
+    current folder, which the user did not name)."""
+    from pathlib import Path
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return Path(text)

@@ -12,14 +12,14 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from ..checkpoint import pick_device
-from ..config import check_text
+from ..config import check_positive_int, check_text, read_text_file
 from ..errors import ConfigError, DataError
 from ..generate import TextCodec, TextStream, stream_batch
+from .fields import path_arg
 
 DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "num_samples": 1}
 
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="run dir (its latest checkpoint), checkpoint dir or HF folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch; '-' reads stdin")
-    p.add_argument("--prompt-file", action="append", default=[], type=Path, help="a file whose text is one prompt")
+    p.add_argument("--prompt-file", action="append", default=[], type=path_arg, help="a file whose text is one prompt")
     p.add_argument("--chat", action="store_true", help="an interactive chat on stdin (Ctrl-D ends it); see --system")
     p.add_argument("--system", default=None, help="--chat: a system message opening the conversation")
     p.add_argument(
@@ -98,10 +98,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     for text in args.prompt:
         prompts.append(sys.stdin.read().removesuffix("\n") if text == "-" else text)
     for path in args.prompt_file:
-        try:
-            prompts.append(path.read_text(encoding="utf-8").removesuffix("\n"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"--prompt-file {path}: cannot read it ({type(err).__name__}: {err})") from None
+        prompts.append(read_text_file("--prompt-file", path, 1 << 26, DataError).removesuffix("\n"))
     for text in prompts:
         check_text("--prompt", text)
     if not prompts:
@@ -121,8 +118,7 @@ def load(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples={args.num_samples}: must be >= 1")
+    check_positive_int("--num-samples", args.num_samples, 1 << 12)
     if args.chat:
         if args.prompt or args.prompt_file:
             raise ConfigError("--chat reads the conversation from stdin; drop --prompt/--prompt-file")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 from ..config import check_text
 from ..errors import ConfigError, DataError
+from .fields import path_arg
 
 # Genesis 1:1-2 (King James Version, public domain): about 30 BPE tokens of plain prose
 DEFAULT_PROMPT = (
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--layer", type=int, default=-1, help="layer to draw; negative counts from the end (default: last)")
     p.add_argument("--head", type=int, default=0, help="output head to draw (DIFF V1: differential head; default: 0)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/inspect/STEP)")
+    p.add_argument("--out", type=path_arg, default=None, help="output folder (default: RUN_DIR/inspect/STEP)")
     p.set_defaults(func=run)
 
 

@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
+from ..checkpoint import pick_device
+from ..config import check_positive_int, read_text_file
 from ..errors import ConfigError, DataError
+from .fields import path_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Score text files in overlapping windows: every token once, with at least "
         "window - stride tokens of context (the first window's tokens with what precedes them).",
     )
-    p.add_argument("files", nargs="+", type=Path, help="UTF-8 text files; each is scored as one text")
+    p.add_argument("files", nargs="+", type=path_arg, help="UTF-8 text files; each is scored as one text")
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or HF folder")
     p.add_argument(
         "--window",
@@ -37,9 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from ..generate import TextCodec
     from .serve import load_for_serving
 
-    device = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
+    for name in ("window", "stride"):
+        if getattr(args, name) is not None:
+            check_positive_int(f"--{name}", getattr(args, name), 1 << 24)
+    device = pick_device(args.device)
+    texts = {str(path): read_text_file("file", path, error=DataError) for path in args.files}
     model, tokenizer = load_for_serving(args.checkpoint, device, None)
     if tokenizer is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: holds no tokenizer, so it cannot read text")
@@ -47,14 +50,8 @@ def run(args: argparse.Namespace) -> int:
     window = args.window or min(model.cfg.max_seq_len, _trained_length(Path(args.checkpoint)) or 1 << 30)
     stride = args.stride or max(1, window // 2)
     results = {}
-    for path in args.files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: cannot read it as UTF-8 text ({type(err).__name__}: {err})") from None
-        results[str(path)] = perplexity(
-            model, codec.encode(text), len(text.encode("utf-8")), window=window, stride=stride
-        )
+    for name, text in texts.items():
+        results[name] = perplexity(model, codec.encode(text), len(text.encode("utf-8")), window=window, stride=stride)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -66,9 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _is_hf_folder(path: Path) -> bool:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == "diffv2"
-    except (OSError, ValueError, AttributeError):
+    file = path / "config.json"
+    try:  # a regular file only: a FIFO would block the read
+        return file.is_file() and json.loads(file.read_text(encoding="utf-8")).get("model_type") == "diffv2"
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 

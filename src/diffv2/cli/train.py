@@ -106,7 +106,7 @@ def read_run_config(run_dir: Path) -> tuple[TrainConfig, ModelConfig]:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         return TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:  # ValueError: not JSON, not UTF-8
         raise ConfigError(f"{path}: not a run config ({type(err).__name__}: {err}); resume cannot read it") from None
 
 

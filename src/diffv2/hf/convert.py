@@ -167,9 +167,9 @@ def read_tokenizer_json(folder: PathLike) -> str | None:
 def is_hf_folder(path: PathLike) -> bool:
     """Whether ``path`` is an HF folder of a diffv2 model (config.json with model_type 'diffv2')."""
     file = Path(path) / "config.json"
-    try:
-        return json.loads(file.read_text(encoding="utf-8")).get("model_type") == DiffV2Config.model_type
-    except (OSError, ValueError, AttributeError):
+    try:  # a regular file only: a FIFO would block the read
+        return file.is_file() and json.loads(file.read_text(encoding="utf-8")).get("model_type") == "diffv2"
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 

@@ -57,6 +57,8 @@ _LAYER_KEYS = {
 
 def read_json_file(file: Path, error: type[DiffV2Error] = CheckpointError) -> dict[str, Any]:
     """A JSON object from ``file``; anything else (missing, binary, not JSON, a list) is a one-line error."""
+    if file.exists() and not file.is_file():  # a FIFO would block the read
+        raise error(f"{file}: not a regular file")
     try:
         data = json.loads(file.read_bytes().decode("utf-8"))
     except OSError as e:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..data.shards import atomic_write_bytes
+from ..errors import DataError
 
 
 class SpikeDetector:
@@ -49,6 +50,8 @@ class MetricsLogger:
         """``fresh``: a new run, so the records of an earlier attempt in ``run_dir`` (one that stopped before its
         first checkpoint, as nothing else leaves a folder a new run may use) belong to no trajectory: drop them."""
         self.path = run_dir / "metrics.jsonl"
+        if self.path.exists() and not self.path.is_file():  # opening a FIFO would block
+            raise DataError(f"{self.path}: not a regular file (a FIFO or folder?); move it out of the run folder")
         if fresh:
             for stale in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
                 stale.unlink()
