@@ -303,61 +303,18 @@ def test_generate_cli_streams_from_a_checkpoint(tmp_path, capsys):
     ]
     assert main(args) == 0
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(tmp_path / "run"),
-                "--prompt",
-                "In the",
-                "--max-new-tokens",
-                "10",
-                "--temperature",
-                "0",
-            ]
-        )
-        == 0
-    )
+    run = str(tmp_path / "run")
+
+    def generate(*flags: str) -> int:
+        return main(["generate", "--checkpoint", run, "--temperature", "0", *flags])
+
+    assert generate("--prompt", "In the", "--max-new-tokens", "10") == 0
     out = capsys.readouterr().out
     assert out.startswith("In the") and len(out) > len("In the")
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(tmp_path / "run"),
-                "--prompt",
-                "In the",
-                "--max_new_tokens",
-                "10",
-                "--temperature",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert generate("--prompt", "In the", "--max_new_tokens", "10") == 0
     assert capsys.readouterr().out == out  # the Python keyword's spelling works too, as for ``diffv2 train``
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(tmp_path / "run"),
-                "--prompt",
-                "In the",
-                "--prompt",
-                "And",
-                "--max-new-tokens",
-                "6",
-                "--temperature",
-                "0",
-                "--no-stop",
-                "--stats",
-            ]
-        )
-        == 0
-    )
+    flags = ("--prompt", "In the", "--prompt", "And", "--max-new-tokens", "6", "--no-stop", "--stats")
+    assert generate(*flags) == 0
     assert re.search(
         r"first token after \d+ ms; 5 decode steps at [\d.]+ steps/s \([\d.]+ tokens/s over 2 prompts\)",
         capsys.readouterr().err,
