@@ -18,6 +18,7 @@ from diffv2 import ModelConfig
 from diffv2.generate import KVCache, fused_projections
 from diffv2.kernels import decode_triton as dt
 from diffv2.kernels import window_mask
+from diffv2.kernels.kv_int8 import QuantizedKV, quantize_int8
 
 from . import reference as ref64
 
@@ -158,6 +159,43 @@ def test_interpreter_diff_v2_epilogue(case, dtype, num_splits):
     lam = as_lambda(w, dtype)  # σ applied in the epilogue (both the direct and the combine kernel)
     out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=lam, pair_sigmoid=True, num_splits=num_splits)
     check(out, reference(q, k, v, start, end, torch.sigmoid(lam.double())), dtype, pair=True)
+
+
+def int8_inputs(b, hq, hkv, d, t, s, dtype, device="cpu", seed=0):
+    """:func:`make_inputs` with K/V in an int8 cache: strided head views of a wider quantised buffer (fresh random
+    values), and their float64 dequantisation ``q·s``, the definition the kernel must compute."""
+    q, _, _, start, end, w = make_inputs(b, hq, hkv, d, t, s, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    kv = [QuantizedKV(*quantize_int8(torch.randn(b, 2 * hkv, s + 7, d, generator=gen)), dtype) for _ in "kv"]
+    k, v = (x.to(device) if device != "cpu" else x for x in (kv[0][:, 0::2, :s], kv[1][:, 1::2, :s]))
+    exact = [x.data.double().cpu() * x.scale.double().cpu()[..., None] for x in (k, v)]
+    return q, k, v, *exact, start, end, w
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]])
+def test_interpreter_int8_cache_matches_its_dequantisation(case, dtype, num_splits):
+    """The int8 kernel (int8 tiles, scales on the scores' and probabilities' columns) computes attention over the
+    dequantised cache, with and without the DIFF V2 epilogue."""
+    b, hq, hkv, d, t, s = case
+    q, k, v, k64, v64, start, end, w = int8_inputs(b, hq, hkv, d, t, s, dtype, seed=5)
+    assert k.data.dtype == torch.int8 and k.data.stride(-1) == 1 and k.scale.shape == (b, hkv, s)
+    out = dt.decode_attention_triton(q, k, v, start, end, num_splits=num_splits)
+    check(out, reference(q, k64, v64, start, end), dtype)
+    out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w, num_splits=num_splits)
+    check(out, reference(q, k64, v64, start, end, w), dtype, pair=True)
+
+
+def test_int8_cache_needs_its_scales():
+    q, k, v, start, end, _ = make_inputs(2, 8, 2, 32, 1, 16, torch.float32)
+    kq = QuantizedKV(*quantize_int8(k), torch.float32)
+    with pytest.raises(ValueError, match="both"):
+        dt.decode_attention_triton(q, kq, v, start, end)
+    with pytest.raises(ValueError, match="scales"):
+        dt.decode_attention_triton(q, kq.data, kq.data, start, end)
 
 
 @interpreter_only
