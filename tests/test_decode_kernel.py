@@ -9,6 +9,7 @@ Three tiers, so that CI without a GPU stays green and fast:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -309,6 +310,40 @@ def test_interpreter_rows_at_different_lengths_through_the_kernel(attention, mon
     assert calls == [[4, 12, 24, 8]] * cfg.n_layers
 
 
+@interpreter_only
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("attention", ["baseline", "diff_v1", "diff_v2"])
+def test_interpreter_model_decode_over_an_int8_cache(attention):
+    """Unforced dispatch over an int8 cache takes the int8 rows (DIFF V1 on strided head views of the int8 data and
+    scales), and the logits equal the same decode with every layer forced through the dequantising rows."""
+    from diffv2 import Transformer
+    from diffv2.attention import forced_routes, traced_routes
+    from diffv2.generate.step import DecodeStep
+
+    shape = dict(vocab_size=50, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=64)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**shape, max_seq_len=32, attention=attention)).eval()
+    seq = torch.randint(0, 50, (2, 9))
+
+    def decode(*routes):
+        cache = KVCache(model.cfg, 2, 12, dtype=torch.float32, device=torch.device("cpu"), kv_dtype="int8")
+        cache.advance(torch.arange(5), 5)
+        with torch.no_grad(), forced_routes(*routes) if routes else contextlib.nullcontext():
+            model(seq[:, :5], caches=cache.layers)
+            with traced_routes() as taken:
+                step = DecodeStep(model, cache, torch.tensor([0, 0]))
+                logits = torch.stack([step(seq[:, slot], slot) for slot in range(5, 9)])
+        return logits, taken
+
+    got, taken = decode()
+    want, _ = decode("masked_cuda", "sdpa")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    route = {"diff_v2": ["diff_v2_decode_int8"], "diff_v1": ["split_kv_decode_int8"] * 4}.get(
+        attention, ["split_kv_decode_int8"]
+    )
+    assert taken == route * model.cfg.n_layers * 4
+
+
 # ---------------------------------------------------------------- CUDA
 
 
@@ -393,3 +428,38 @@ def test_gpu_cuda_graph_follows_window_updates(pair):
         graph.replay()
         torch.cuda.synchronize()
         check(out, reference(q, k, v, start, end, w), q.dtype, pair=pair)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_splits", [1, 5, None])
+@pytest.mark.parametrize(("hq", "hkv", "d", "t"), [(16, 8, 64, 1), (32, 4, 128, 1), (16, 2, 64, 16), (32, 4, 128, 4)])
+def test_gpu_int8_cache_matches_its_dequantisation(hq, hkv, d, t, num_splits, dtype):
+    q, k, v, k64, v64, start, end, w = int8_inputs(3, hq, hkv, d, t, 1000, dtype, device="cuda", seed=t)
+    check(
+        dt.decode_attention_triton(q, k, v, start, end, num_splits=num_splits),
+        reference(q, k64, v64, start, end),
+        dtype,
+    )
+    out = dt.decode_attention_triton(q, k, v, start, end, pair_weight=w, num_splits=num_splits)
+    check(out, reference(q, k64, v64, start, end, w), dtype, pair=True)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("attention", ["baseline", "diff_v2"])
+def test_gpu_int8_generation_compiled_and_graphed(attention):
+    """An int8 cache through generation's CUDA-graph step, eager and torch.compile'd: the same greedy tokens."""
+    from diffv2 import Transformer
+    from diffv2.generate import generate_batch
+
+    from .models import kernel_sized
+
+    torch.manual_seed(0)
+    model = Transformer(kernel_sized(attention=attention, max_seq_len=64)).cuda().to(torch.bfloat16).eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    graphed = generate_batch(model, prompts, 8, temperature=0, kv_cache_dtype="int8")
+    compiled = generate_batch(model, prompts, 8, temperature=0, kv_cache_dtype="int8", compile=True)
+    eager = generate_batch(model, prompts, 8, temperature=0, kv_cache_dtype="int8", cuda_graph=False)
+    assert graphed == compiled == eager

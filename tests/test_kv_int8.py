@@ -138,3 +138,29 @@ def test_rows_of_an_int8_cache_decode_at_their_own_lengths():
         out[kv_dtype] = decoder.step(seqs[torch.arange(3), torch.tensor(lengths)], torch.tensor(lengths))
     err = (out["int8"] - out["auto"]).abs().max()
     assert 0 < err <= LOGIT_TOL * out["auto"].abs().max()
+
+
+def test_the_server_builds_its_rows_with_the_cache_format():
+    """``diffv2 serve --kv-cache-dtype``: the scheduler's decoder holds an int8 cache; a bad value is refused at
+    construction."""
+    pytest.importorskip("fastapi")
+    from diffv2.serve import Scheduler
+
+    model = model_for("diff_v2")
+    scheduler = Scheduler(model, max_batch=2, max_len=16, kv_cache_dtype="int8").start()
+    try:
+        assert scheduler._decoder.cache.kv_dtype == "int8"
+    finally:
+        scheduler.close()
+    with pytest.raises(ConfigError, match="kv_cache_dtype='fp8'"):
+        Scheduler(model, max_batch=2, kv_cache_dtype="fp8")
+
+
+def test_serve_help_lists_the_cache_formats(capsys, monkeypatch):
+    from diffv2.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--kv-cache-dtype {auto,int8}" in text and "(default: auto)" in text
