@@ -9,6 +9,8 @@ KV heads. Kernels:
 - ``ours``: the same exact-length cache, window [0, S);
 - ``ours static``: a static cache of 2·S slots of which the first S are valid (kv_end < max_len: what a
   CUDA-graph decode loop sees; SDPA needs a mask there and has no fused GQA kernel for it);
+- ``ours int8``: the exact-length cache quantised to int8 with a scale per vector (``kv_cache_dtype="int8"``);
+  its GB/s counts the bf16 cache's bytes, so it reads as the bf16 bandwidth it would take to match it;
 - DIFF V2 only: ``ours +pair`` (the fused o_2i − w·o_2i+1 epilogue, h heads out) and ``cudnn +pair`` (cuDNN
   then the same subtraction in PyTorch, fp32).
 Each call is timed inside a CUDA graph (no launch overhead: a decode loop replays graphs) over enough copies of
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from common import copy_bandwidth_gbs, cuda_time_ms, graph_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffv2.kernels import QuantizedKV, quantize_int8
 from diffv2.kernels.decode_triton import choose_num_splits, decode_attention_triton
 
 L2_BYTES = 256 << 20  # well above the H200's L2 (~50 MB): rotate cache copies until this much is touched
@@ -45,13 +48,14 @@ def _cudnn_pair(q, k, v, w) -> torch.Tensor:
     return (out[:, 0::2].float() - w[..., None] * out[:, 1::2].float()).to(out.dtype)
 
 
-def candidates(q, w, exact, static, start, end, sweep: bool) -> dict[str, Callable[[int], torch.Tensor]]:
+def candidates(q, w, exact, static, int8, start, end, sweep: bool) -> dict[str, Callable[[int], torch.Tensor]]:
     """name -> fn(copy index) for one variant; ``exact``/``static``: lists of (k, v) cache copies."""
     fns: dict[str, Callable[[int], torch.Tensor]] = {
         "sdpa cudnn": lambda i: _sdpa(SDPBackend.CUDNN_ATTENTION, q, *exact[i]),
         "sdpa flash": lambda i: _sdpa(SDPBackend.FLASH_ATTENTION, q, *exact[i]),
         "ours": lambda i: decode_attention_triton(q, *exact[i], start, end),
         "ours static": lambda i: decode_attention_triton(q, *static[i], start, end),
+        "ours int8": lambda i: decode_attention_triton(q, *int8[i], start, end),
     }
     if w is not None:
         fns["ours +pair"] = lambda i: decode_attention_triton(q, *exact[i], start, end, pair_weight=w)
@@ -75,6 +79,7 @@ def bench_point(batch: int, context: int, args, copy_gbs: float) -> list[dict]:
         (torch.randn(batch, hkv, 2 * context, d, **opts), torch.randn(batch, hkv, 2 * context, d, **opts))
         for _ in range(copies)
     ]
+    int8 = [tuple(QuantizedKV(*quantize_int8(x), torch.bfloat16) for x in kv) for kv in exact]
     start = torch.zeros(batch, dtype=torch.int32, device="cuda")
     end = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     rows = []
@@ -88,7 +93,7 @@ def bench_point(batch: int, context: int, args, copy_gbs: float) -> list[dict]:
             copies=copies,
             auto_splits=choose_num_splits(batch, hkv, context, q.device),
         )
-        fns = candidates(q, w, exact, static, start, end, args.sweep)
+        fns = candidates(q, w, exact, static, int8, start, end, args.sweep)
         for name, fn in fns.items():
             try:
                 calls = [lambda i=i, fn=fn: fn(i) for i in range(copies)]
@@ -110,7 +115,7 @@ def bench_point(batch: int, context: int, args, copy_gbs: float) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    names = ["sdpa cudnn", "sdpa flash", "ours", "ours static", "ours +pair", "cudnn +pair"]
+    names = ["sdpa cudnn", "sdpa flash", "ours", "ours static", "ours int8", "ours +pair", "cudnn +pair"]
     by = {(r["variant"], r["batch"], r["context"], r["kernel"]): r for r in rows}
     points = sorted({(r["variant"], r["batch"], r["context"], r["auto_splits"]) for r in rows})
     print("\nGB/s of K+V read (% of copy bandwidth); one query token, bf16, CUDA graph")

@@ -161,7 +161,9 @@ def test_generate_help_shows_its_defaults(capsys, monkeypatch):
         ("top-k", "50"),
         ("top-p", "1.0"),
         ("num-samples", "1"),
+        ("kv-cache-dtype", "auto"),
     ):
         entry = text[text.index(f"  --{flag}") :].split("\n  -")[0]
         assert f"(default: {default})" in " ".join(entry.split()), flag
+    assert "--kv-cache-dtype {auto,int8}" in text
     assert "random" in text

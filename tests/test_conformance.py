@@ -4,7 +4,9 @@ forward and backward, and a cached decode (left-padded prompts, then one-token s
 
 Where each cell runs: the PyTorch rows in float64 on the CPU; the Triton rows in fp32 in Triton's CPU interpreter
 (``TRITON_INTERPRET=1``, as CI runs this file a second time) and, with the PyTorch rows, in fp32 and bf16 on a GPU.
-Each cell asserts that the row it names actually ran.
+Each cell asserts that the row it names actually ran. The int8 rows read an int8 KV cache: their cells compare
+the decode with the same run through the rows they fall back to, which read the same cache dequantised (the
+definition); how far an int8 cache moves the logits from a full-precision one is ``tests/test_kv_int8.py``'s.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ PATHS = {
     "split_kv_decode": ("split_kv_decode", ("masked_cuda", "sdpa"), "sdpa", "triton"),
     "diff_v2_decode_kernel": ("diff_v2_decode_kernel", ("split_kv_decode", "masked_cuda", "sdpa"), "sdpa", "triton"),
     "diff_v2_fused_kernel": ("diff_v2_fused_kernel", ("sdpa",), "triton", "triton"),
+    "split_kv_decode_int8": ("split_kv_decode_int8", ("masked_cuda", "sdpa"), "sdpa", "triton"),
+    "diff_v2_decode_int8": ("diff_v2_decode_int8", ("split_kv_decode_int8", "masked_cuda", "sdpa"), "sdpa", "triton"),
 }
-DECODE_ONLY = ("masked_cuda", "split_kv_decode", "diff_v2_decode_kernel")  # rows a training forward never takes
+INT8 = ("split_kv_decode_int8", "diff_v2_decode_int8")  # read an int8 cache, against the dequantising rows
+DECODE_ONLY = ("masked_cuda", "split_kv_decode", "diff_v2_decode_kernel", *INT8)  # a training forward never takes
 TRAIN_ONLY = ("diff_v2_fused_kernel",)  # causal over the whole sequence: a padded prefill never takes it
 # of the largest reference value; gradients pass through more rounding (fp32 kernels use TF32-free fp32 products)
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 3e-4, torch.bfloat16: 6e-2}
@@ -122,16 +127,38 @@ def test_cached_decode_matches_the_reference(path, kw, device, dtype, maybe_inte
     cache's whole buffer with a per-row window (decode calls), each step's logits against the full sequence's."""
     row, others, backend, _ = PATHS[path]
     model = _model(kw, backend, device, dtype)
+    got, taken = _decode(model, (row, *others), device, dtype, "int8" if row in INT8 else "auto")
+    assert row in taken, f"{row} did not run (ran: {sorted(set(taken))})"
+    if row in INT8:  # the definition: the same int8 cache read dequantised, through the rows this one falls to
+        want, _ = _decode(model, tuple(r for r in others if r not in INT8), device, dtype, "int8")
+        for b in range(2):
+            _close(torch.stack(got[b]), torch.stack(want[b]).double().cpu(), TOLERANCE[dtype], f"row {b} logits")
+        return
+    expected = expected_logits(model)
+    for b, n in enumerate(LENGTHS):
+        _close(torch.stack(got[b]), expected[b][n - 1 : n + STEPS - 1], TOLERANCE[dtype], f"row {b} logits")
+
+
+LENGTHS, STEPS = (20, 13), 4
+
+
+def expected_logits(model: Transformer) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(4)
-    lengths, steps = (20, 13), 4
+    rows = [torch.randint(0, model.cfg.vocab_size, (n + STEPS,), generator=g) for n in LENGTHS]
+    return [reference.forward(model, r[None])[0] for r in rows]  # (n + steps, V)
+
+
+def _decode(model: Transformer, routes: tuple[str, ...], device: str, dtype: torch.dtype, kv_dtype: str):
+    """Each row's logits at its last prompt token and the decode steps after it, and the rows taken."""
+    g = torch.Generator().manual_seed(4)
+    lengths, steps = LENGTHS, STEPS
     rows = [torch.randint(0, model.cfg.vocab_size, (n + steps,), generator=g) for n in lengths]
-    expected = [reference.forward(model, r[None])[0] for r in rows]  # (n + steps, V)
     width = max(lengths)
     start = torch.tensor([width - n for n in lengths], device=device)
     padded = [torch.cat((torch.zeros(width - n, dtype=torch.long), r[:n])) for n, r in zip(lengths, rows, strict=True)]
     prompts = torch.stack(padded)
-    cache = KVCache(model.cfg, 2, width + steps, dtype=dtype, device=torch.device(device))
-    with forced_routes(row, *others), traced_routes() as taken:
+    cache = KVCache(model.cfg, 2, width + steps, dtype=dtype, device=torch.device(device), kv_dtype=kv_dtype)
+    with forced_routes(*routes), traced_routes() as taken:
         slots = torch.arange(width, device=device)
         cache.advance(slots, width)
         positions = (slots[None, :] - start[:, None]).clamp(min=0)
@@ -143,6 +170,4 @@ def test_cached_decode_matches_the_reference(path, kw, device, dtype, maybe_inte
             out = step(nxt, width + i)
             for b in range(2):
                 got[b].append(out[b])
-    assert row in taken, f"{row} did not run (ran: {sorted(set(taken))})"
-    for b, n in enumerate(lengths):
-        _close(torch.stack(got[b]), expected[b][n - 1 : n + steps - 1], TOLERANCE[dtype], f"row {b} logits")
+    return got, taken

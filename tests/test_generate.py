@@ -319,6 +319,15 @@ def test_generate_cli_streams_from_a_checkpoint(tmp_path, capsys):
         r"first token after \d+ ms; 5 decode steps at [\d.]+ steps/s \([\d.]+ tokens/s over 2 prompts\)",
         capsys.readouterr().err,
     )
+    greedy = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "In the", "--max-new-tokens", "10"]
+    assert main([*greedy, "--temperature", "0", "--kv-cache-dtype", "int8"]) == 0  # an int8 KV cache
+    int8 = capsys.readouterr().out
+    assert int8.startswith("In the") and len(int8) > len("In the")
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses a value outside the choices, on one line
+        main([*greedy, "--kv-cache-dtype", "int4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-cache-dtype" in err and "int4" in err and len(err.strip().splitlines()) == 1
     assert main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "no such folder" in capsys.readouterr().err
     for flags, field in ((["--max-new-tokens", "100000"], "max_new_tokens"), (["--top-p", "1.5"], "top_p")):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..kernels import Mask, eager_attention, explicit_mask
+from ..kernels import Mask, eager_attention, explicit_mask, plain_kv
 from .base import Attention, AttentionMaps, KVCacheLayer, register
 from .common import split_pairs, upcast
 from .dispatch import attention_output
@@ -56,6 +56,7 @@ class DiffV1Attention(Attention):
             o1 = torch.cat((super().attend(q1, k1, v1, mask), super().attend(q1, k1, v2, mask)), dim=-1)
             o2 = torch.cat((super().attend(q2, k2, v1, mask), super().attend(q2, k2, v2, mask)), dim=-1)
         else:
+            k, v = plain_kv(k), plain_kv(v)  # an int8 cache's K/V, dequantised: the regrouping below reshapes them
             qg = self.grouped(q)
             swapped = v.view(v.shape[0], self.n_kv_heads // 2, 2, *v.shape[2:]).flip(2).reshape(v.shape)
             a0, a1 = self.ungrouped(super().attend(qg, k, v, mask))  # a_s @ v_2g+s

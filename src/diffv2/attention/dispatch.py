@@ -9,6 +9,10 @@ K/V heads, (B, Hq, T, d). ``tests/test_conformance.py`` runs every row against t
 Phases: ``full`` = causal over the whole sequence (T == S, no mask: training, an unpadded prompt); ``decode`` = at
 most 16 queries per row over a KV cache window (generation's steps); ``masked`` = everything else (a padded
 prompt, a chunk against a cache). Device ``cuda``: a CUDA tensor, or Triton's CPU interpreter (tests).
+
+An int8 KV cache hands its K/V over as :class:`~diffv2.kernels.QuantizedKV`. Rows marked ``int8`` read them as they
+are (int8 tiles and scales); every other row gets them dequantised (``q·s`` in the model's dtype), which is the
+definition of attention over such a cache.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from ..kernels import (
     KVWindow,
     Mask,
+    QuantizedKV,
     as_mask,
     decode_attention_triton,
     diff_attention,
@@ -32,6 +37,7 @@ from ..kernels import (
     explicit_mask,
     masked_decode,
     masked_prefill,
+    plain_kv,
     sdpa_attention,
     triton_supported,
 )
@@ -59,6 +65,11 @@ def diff_v2_decode_kernel(layer, q, k, v, lam, mask):
     return project(layer, decode_attention_triton(q, k, v, mask.start, mask.end, pair_weight=w, pair_sigmoid=sigmoid))
 
 
+def diff_v2_decode_int8(layer, q, k, v, lam, mask):
+    """:func:`diff_v2_decode_kernel` over an int8 cache: the kernel loads int8 K/V tiles and their scales."""
+    return diff_v2_decode_kernel(layer, q, k, v, lam, mask)
+
+
 def diff_v2_fused_kernel(layer, q, k, v, lam, mask):
     return project(layer, diff_attention(q, k, v, layer.weight(lam, like=q)))
 
@@ -76,6 +87,11 @@ def diff_v2_keep(layer, q, k, v, lam, mask):
 
 # ---------------------------------------------------------------------- softmax attention ("*" rows)
 def split_kv_decode(layer, q, k, v, mask):
+    return decode_attention_triton(q, k, v, mask.start, mask.end)
+
+
+def split_kv_decode_int8(layer, q, k, v, mask):
+    """:func:`split_kv_decode` over an int8 cache: the kernel loads int8 K/V tiles and their scales."""
     return decode_attention_triton(q, k, v, mask.start, mask.end)
 
 
@@ -115,6 +131,14 @@ def fits_decode(layer, q, k, v, mask) -> bool:
     return triton_supported(q, k, v)
 
 
+def pairs_fit_decode_int8(layer, q, k, v, mask) -> bool:
+    return layer.pairing == "interleaved" and fits_decode_int8(layer, q, k, v, mask)
+
+
+def fits_decode_int8(layer, q, k, v, mask) -> bool:
+    return triton_supported(q, k.data, v.data)
+
+
 def has_mask(layer, q, k, v, mask) -> bool:
     return mask is not None or q.shape[-2] > 1  # (a lone query over the cache needs none)
 
@@ -127,6 +151,7 @@ class Route:
     backends: tuple[str, ...]  # the ModelConfig.backend values it serves
     impl: Callable[..., torch.Tensor]
     supports: Callable[..., bool] = always
+    int8: bool = False  # reads an int8 cache's K/V as they are; matches only such K/V. Other rows get them dequantised
 
     @property
     def name(self) -> str:
@@ -136,11 +161,13 @@ class Route:
 FUSED = ("sdpa", "triton")
 ROUTES: tuple[Route, ...] = (
     #     variant    phases               device  backends     implementation         also needs
+    Route("diff_v2", ("decode",),         "cuda", FUSED,       diff_v2_decode_int8,   pairs_fit_decode_int8, int8=True),
     Route("diff_v2", ("decode",),         "cuda", FUSED,       diff_v2_decode_kernel, pairs_fit_decode),
     Route("diff_v2", ("full",),           "cuda", ("triton",), diff_v2_fused_kernel,  pairs_fit_fused),
     Route("diff_v2", (),                  "*",    FUSED,       diff_v2_recompute,     recomputable),
     Route("diff_v2", (),                  "*",    FUSED,       diff_v2_keep),
     # no variant row matched: the variant's definition, o_proj(combine(attend(q, k, v))), reading these rows
+    Route("*",       ("decode",),         "cuda", FUSED,       split_kv_decode_int8,  fits_decode_int8, int8=True),
     Route("*",       ("decode",),         "cuda", FUSED,       split_kv_decode,       fits_decode),
     Route("*",       ("masked", "decode"), "cuda", FUSED,      masked_cuda,           has_mask),
     Route("*",       (),                  "*",    ("eager",),  eager),
@@ -157,6 +184,7 @@ def phase(q: torch.Tensor, k: torch.Tensor, mask: Mask) -> str:
 
 def _route(variant: str, layer: Attention, q, k, v, mask: Mask) -> Route | None:
     call_phase = phase(q, k, mask)
+    quantized = isinstance(k, QuantizedKV)
     device = "cuda" if q.is_cuda or _INTERPRET else q.device.type
     for route in _forced or ROUTES:
         if (
@@ -164,6 +192,7 @@ def _route(variant: str, layer: Attention, q, k, v, mask: Mask) -> Route | None:
             and (not route.phases or call_phase in route.phases)
             and route.device in ("*", device)
             and layer.backend in route.backends
+            and (quantized or not route.int8)
             and route.supports(layer, q, k, v, mask)
         ):
             if _taken is not None:
@@ -177,7 +206,7 @@ def attention_output(layer: Attention, q, k, v, mix: torch.Tensor | None, mask: 
     its ``combine`` (λ for DIFF V2, the gate logits for gated attention; None for others)."""
     route = _route(layer.name, layer, q, k, v, mask)
     if route is not None:
-        return route.impl(layer, q, k, v, mix, mask)
+        return route.impl(layer, q, *_kv_for(route, k, v), mix, mask)
     return project(layer, layer.combine(layer.attend(q, k, v, mask), mix))
 
 
@@ -186,7 +215,12 @@ def attend(layer: Attention, q, k, v, mask: Mask) -> torch.Tensor:
     route = _route("*", layer, q, k, v, mask)
     if route is None:
         raise RuntimeError(f"no softmax-attention route takes this call (forced to {[r.name for r in _forced]})")
-    return route.impl(layer, q, k, v, mask)
+    return route.impl(layer, q, *_kv_for(route, k, v), mask)
+
+
+def _kv_for(route: Route, k, v) -> tuple:
+    """K/V as the row reads them: an int8 cache's as they are for an ``int8`` row, dequantised for any other."""
+    return (k, v) if route.int8 else (plain_kv(k), plain_kv(v))
 
 
 # ---------------------------------------------------------------------- for tests: force and trace routes

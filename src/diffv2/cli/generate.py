@@ -19,6 +19,7 @@ from ..checkpoint import pick_device
 from ..config import check_positive_int, check_text, read_text_file
 from ..errors import ConfigError, DataError
 from ..generate import TextCodec, TextStream, stream_batch
+from ..generate.cache import check_kv_dtype
 from .fields import path_arg
 
 DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "num_samples": 1}
@@ -66,6 +67,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; slow to start)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="KV cache storage: auto = the model's dtype; int8 = int8 with a scale per cached vector, about half "
+        "the bytes of bf16 (default: %(default)s)",
+    )
     p.add_argument("--stats", action="store_true", help="print time to first token and decode tokens/s to stderr")
     p.add_argument(
         "--no-cuda-graph",
@@ -76,10 +84,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def sampling(args: argparse.Namespace) -> dict:
-    """The sampling keyword arguments of :func:`~diffv2.generate.stream_batch` (top-k 0 and top-p 1 are off)."""
+    """The sampling keyword arguments of :func:`~diffv2.generate.stream_batch` (top-k 0 and top-p 1 are off), and
+    the KV cache's format."""
     if args.top_k < 0:
         raise ConfigError(f"--top-k={args.top_k}: must be >= 0 (0 = no limit)")
-    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=None if args.top_p == 1 else args.top_p)
+    check_kv_dtype("--kv-cache-dtype", args.kv_cache_dtype)  # argparse's choices refuse others; callers may not
+    top_p = None if args.top_p == 1 else args.top_p
+    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=top_p, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def resolve_seed(args: argparse.Namespace) -> int:

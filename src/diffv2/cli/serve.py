@@ -55,6 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="auto: bfloat16 on CUDA, float32 on the CPU (default: %(default)s)",
     )
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run decode steps eagerly (no graph capture)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="KV cache storage: auto = the model's dtype; int8 = int8 with a scale per cached vector, about half "
+        "the bytes of bf16 (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the generator shared by requests without one")
     p.add_argument(
         "--log-level",
@@ -127,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         cuda_graph=False if args.no_cuda_graph else None,
         seed=args.seed,
+        kv_cache_dtype=args.kv_cache_dtype,
     ).start()
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(

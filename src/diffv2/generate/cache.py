@@ -1,5 +1,6 @@
 """KV cache. It holds only the n_kv_heads K/V heads: DIFF V2 caches exactly what the baseline caches
-(DIFF V1 too: its 2d-wide values are two KV heads side by side)."""
+(DIFF V1 too: its 2d-wide values are two KV heads side by side). Stored in the model's dtype, or as int8 with one
+fp32 scale per cached vector (``kv_dtype="int8"``, docs/design.md#kv-cache)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..kernels import KVWindow
+from ..kernels import KVWindow, QuantizedKV, quantize_int8
+
+KV_DTYPES = ("auto", "int8")  # auto: the dtype the cache is built with (the model's)
+
+
+def check_kv_dtype(name: str, value: str) -> str:
+    """``value`` if it names a KV cache format, else a one-line ConfigError naming ``name`` (the caller's flag)."""
+    if value not in KV_DTYPES:
+        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(KV_DTYPES)}")
+    return value
 
 
 class KVCache:
@@ -19,6 +29,9 @@ class KVCache:
     (shapes grow: CPU, eager). In static mode it sees the whole buffer and unwritten slots are masked, so every
     decode step has the same shapes (CUDA graphs). The slots must be consecutive (they always are for a
     generator). :meth:`rows` gives a cache over some of the rows, sharing their memory.
+
+    ``kv_dtype="int8"`` stores K/V as int8 with one fp32 scale per (layer, row, head, slot), quantised on write
+    (symmetric absmax, round to nearest); attention then reads a :class:`~diffv2.kernels.QuantizedKV` in ``dtype``.
     """
 
     def __init__(
@@ -30,22 +43,37 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         static: bool = False,
+        kv_dtype: str = "auto",
     ) -> None:
         # Separate buffers, not views of one (n_layers, ...) tensor: under torch.compile a write into a view
         # is functionalized into a scatter over its whole base, which inductor materialized as a copy of the
         # entire cache on every step (docs/design.md#kv-cache).
+        int8 = check_kv_dtype("kv_dtype", kv_dtype) == "int8"
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self._bind(keys, values, static)
 
-    def _bind(self, keys: list[torch.Tensor], values: list[torch.Tensor], static: bool) -> None:
-        self.keys, self.values = keys, values
+        def buffers(shape, dtype) -> list[torch.Tensor]:
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
+        keys, values = buffers(shape, torch.int8 if int8 else dtype), buffers(shape, torch.int8 if int8 else dtype)
+        scales = (buffers(shape[:3], torch.float32), buffers(shape[:3], torch.float32)) if int8 else (None, None)
+        self._bind(keys, values, *scales, dtype, static)
+
+    def _bind(self, keys, values, key_scales, value_scales, dtype: torch.dtype, static: bool) -> None:
+        self.keys, self.values, self.dtype = keys, values, dtype
+        self.key_scales, self.value_scales = key_scales, value_scales  # None unless int8: (B, Hkv, S) fp32 each
         self.batch, self.device = keys[0].shape[0], keys[0].device
         # the per-step state lives in a cursor that the layer views share: views pointing back at the cache would
         # make a reference cycle, and a dropped cache would hold its memory until the cyclic GC ran
         self._cursor = _Cursor(static, torch.zeros(0, dtype=torch.long, device=self.device))
-        self.layers = [_LayerView(self._cursor, k, v) for k, v in zip(keys, values, strict=True)]
+        no_scales = [None] * len(keys)
+        self.layers = [
+            _LayerView(self._cursor, *layer, dtype)
+            for layer in zip(keys, values, key_scales or no_scales, value_scales or no_scales, strict=True)
+        ]
+
+    @property
+    def kv_dtype(self) -> str:
+        return "auto" if self.key_scales is None else "int8"
 
     def rows(self, start: int, stop: int, *, static: bool = False) -> KVCache:
         """A cache over rows ``[start, stop)`` of this one: the same memory (views, no copy), its own slots and
@@ -53,8 +81,12 @@ class KVCache:
         if not 0 <= start < stop <= self.batch:
             raise ValueError(f"rows [{start}, {stop}) are not inside the cache's {self.batch} rows")
         view = KVCache.__new__(KVCache)
-        view._bind([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values], static)
+        rows = [None if ts is None else [t[start:stop] for t in ts] for ts in self._buffers()]
+        view._bind(*rows, self.dtype, static)
         return view
+
+    def _buffers(self) -> tuple[list[torch.Tensor] | None, ...]:
+        return self.keys, self.values, self.key_scales, self.value_scales
 
     @property
     def static(self) -> bool:
@@ -104,7 +136,9 @@ class KVCache:
         return None if window is None else window.to_mask(t, self.max_len if self.static else self.length)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        """Bytes of every buffer: ``2·L·B·Hkv·S·d·e`` at ``e`` bytes an element, or for int8
+        ``2·L·B·Hkv·S·(d + 4)`` (a byte an element and an fp32 scale per vector)."""
+        return sum(t.numel() * t.element_size() for ts in self._buffers() if ts is not None for t in ts)
 
 
 class _Cursor:
@@ -115,17 +149,23 @@ class _Cursor:
 
 
 class _LayerView:
-    def __init__(self, cursor: _Cursor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.cursor, self.keys, self.values = cursor, keys, values
+    def __init__(self, cursor: _Cursor, keys, values, key_scales, value_scales, dtype: torch.dtype) -> None:
+        self.cursor, self.dtype = cursor, dtype
+        self.buffers = (keys, values) if key_scales is None else (keys, values, key_scales, value_scales)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, keys, values = self.cursor, self.keys, self.values
-        if c.slots.dim() == 2:  # each row writes its own slots: (B, T) -> an index per (row, head, slot, channel)
-            keys.scatter_(2, c.slots[:, None, :, None].expand(k.shape), k.to(keys.dtype))
-            values.scatter_(2, c.slots[:, None, :, None].expand(v.shape), v.to(values.dtype))
-        else:
-            keys.index_copy_(2, c.slots, k.to(keys.dtype))
-            values.index_copy_(2, c.slots, v.to(values.dtype))
-        if c.static:
-            return keys, values
-        return keys[:, :, : c.length], values[:, :, : c.length]
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Writes this step's K/V at the cursor's slots; returns what attention reads: the K/V tensors, or for
+        an int8 cache the two :class:`~diffv2.kernels.QuantizedKV` (quantised on write, read in ``dtype``)."""
+        c, buffers = self.cursor, self.buffers
+        new = (k, v) if len(buffers) == 2 else (*quantize_int8(k), *quantize_int8(v))
+        new = (new[0], new[2], new[1], new[3]) if len(buffers) == 4 else new  # keys, values, then their scales
+        for buffer, x in zip(buffers, new, strict=True):
+            if c.slots.dim() == 2:  # each row writes its own slots: (B, T) -> an index per (row, head, slot, ...)
+                index = c.slots[:, None, :, None] if x.dim() == 4 else c.slots[:, None, :]
+                buffer.scatter_(2, index.expand(x.shape), x.to(buffer.dtype))
+            else:
+                buffer.index_copy_(2, c.slots, x.to(buffer.dtype))
+        read = buffers if c.static else [t[:, :, : c.length] for t in buffers]
+        if len(read) == 2:
+            return read[0], read[1]
+        return QuantizedKV(read[0], read[2], self.dtype), QuantizedKV(read[1], read[3], self.dtype)

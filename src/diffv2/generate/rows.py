@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model import Transformer
-from .cache import KVCache
+from .cache import KVCache, check_kv_dtype
 from .step import DecodeStep
 
 
@@ -37,7 +37,8 @@ class RowDecoder:
     :meth:`prefill` writes a chunk of one row's tokens and returns their logits; :meth:`step` feeds one token
     to each of the first n rows at per-row slots and returns the next-token logits. The model should run with
     its input projections fused for the decoder's lifetime (the captured graphs read the fused weights).
-    ``cuda_graph`` (default: on CUDA) captures each bucket's step once, at construction.
+    ``cuda_graph`` (default: on CUDA) captures each bucket's step once, at construction. ``kv_cache_dtype``: the
+    cache's format, ``"auto"`` (the model's dtype) or ``"int8"`` (:class:`~diffv2.generate.KVCache`).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class RowDecoder:
         *,
         buckets: list[int] | None = None,
         cuda_graph: bool | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         param = next(model.parameters())
         self.model, self.device = model, param.device
@@ -58,7 +60,8 @@ class RowDecoder:
         if self.buckets[0] < 1 or self.buckets[-1] != rows:
             raise ConfigError(f"buckets={self.buckets}: sizes must be positive and the largest must be rows={rows}")
         self.rows, self.max_len = rows, max_len
-        self.cache = KVCache(model.cfg, rows, max_len, dtype=param.dtype, device=self.device)
+        kv_dtype = check_kv_dtype("kv_cache_dtype", kv_cache_dtype)
+        self.cache = KVCache(model.cfg, rows, max_len, dtype=param.dtype, device=self.device, kv_dtype=kv_dtype)
         cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         start = torch.zeros(rows, dtype=torch.long, device=self.device)  # no left padding: rows start at slot 0
         self.steps = {

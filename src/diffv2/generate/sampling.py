@@ -10,7 +10,7 @@ import torch
 from ..config import MAX_SEED, check_int, check_number
 from ..errors import ConfigError
 from ..model import Transformer
-from .cache import KVCache
+from .cache import KVCache, check_kv_dtype
 from .fusion import fused_projections
 from .step import DecodeStep
 
@@ -86,6 +86,7 @@ def stream_batch(
     static: bool | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, the new token of every prompt (``None`` once that prompt has hit ``eos_id``).
 
@@ -95,7 +96,8 @@ def stream_batch(
     ``static`` (default: on CUDA or with ``compile``) decodes against the cache's whole pre-allocated buffer so
     every step has the same shapes; ``cuda_graph`` (default: ``static`` on CUDA) then replays each step from one
     CUDA graph, and ``compile`` runs it through ``torch.compile``. Without ``static`` the cache grows (the CPU
-    default). The
+    default). ``kv_cache_dtype="int8"`` stores the cache as int8 with a scale per cached vector (about half the
+    bytes of bf16; docs/design.md#kv-cache), ``"auto"`` in the model's dtype. The
     loop never waits for the GPU except to read tokens: step i+1 is queued before step i's tokens are read.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -117,6 +119,7 @@ def stream_batch(
         raise ConfigError(f"top_p={top_p}: must lie in (0, 1]")
     if seed is not None:
         check_int("seed", seed, maximum=MAX_SEED)
+    check_kv_dtype("kv_cache_dtype", kv_cache_dtype)
     device = next(model.parameters()).device
     static = (device.type == "cuda" or compile) if static is None else static
     if compile and not static:
@@ -125,7 +128,7 @@ def stream_batch(
     if cuda_graph and not (static and device.type == "cuda"):
         raise ConfigError(f"cuda_graph=True: needs static=True and a model on a CUDA device (it is on {device})")
     # the checks above run now, not at the first token: a caller that prints before iterating sees them first
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, kv_cache_dtype=kv_cache_dtype)
     return _stream(model, prompts, max_new_tokens, eos_id, sampling, static, cuda_graph, compile)
 
 
@@ -148,7 +151,8 @@ def _stream(
         start = torch.tensor([width - len(p) for p in prompts], device=device)  # first real slot per row
         tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
         padding = start if any(len(p) < width for p in prompts) else None
-        cache = KVCache(cfg, batch, width + max_new_tokens, dtype=next(model.parameters()).dtype, device=device)
+        dtype, kv_dtype = next(model.parameters()).dtype, sampling["kv_cache_dtype"]
+        cache = KVCache(cfg, batch, width + max_new_tokens, dtype=dtype, device=device, kv_dtype=kv_dtype)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
         def sample(logits: torch.Tensor) -> torch.Tensor:

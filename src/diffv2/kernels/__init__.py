@@ -4,6 +4,7 @@ Triton kernels (split-KV decode with an optional DIFF V2 pair epilogue; DIFF V2'
 
 from .decode_triton import decode_attention_triton, triton_supported
 from .diff_attn_triton import diff_attention, diff_attention_supported
+from .kv_int8 import QuantizedKV, plain_kv, quantize_int8
 from .masks import KVWindow, Mask, as_mask, causal_mask, explicit_mask, window_mask
 from .rope import apply_rope, apply_rope_qk, rope_cos_sin
 from .softmax_attention import eager_attention, fused_sdpa_backends, masked_decode, masked_prefill, sdpa_attention
@@ -11,6 +12,7 @@ from .softmax_attention import eager_attention, fused_sdpa_backends, masked_deco
 __all__ = [
     "KVWindow",
     "Mask",
+    "QuantizedKV",
     "apply_rope",
     "apply_rope_qk",
     "as_mask",
@@ -23,6 +25,8 @@ __all__ = [
     "fused_sdpa_backends",
     "masked_decode",
     "masked_prefill",
+    "plain_kv",
+    "quantize_int8",
     "rope_cos_sin",
     "sdpa_attention",
     "triton_supported",

@@ -12,6 +12,9 @@ Layout of the work:
 - each program runs an online softmax in fp32 (exp2, log2 units) and writes its normalised partial output
   and log-sum-exp; a second small kernel merges the splits. With one split the first kernel writes the
   result itself (no workspace, one launch);
+- optional int8 cache (:mod:`.kv_int8`): K/V tiles load as int8 (half a bf16 cache's bytes) with one fp32
+  scale per key; the int8 values convert exactly to the compute dtype, and the scales multiply the columns of the
+  scores (K) and of the probabilities (V), which is the dequantised product without a dequantised tile;
 - optional DIFF V2 epilogue: with ``pair_weight`` w (B, h, T) the kernel returns out_i = o_2i − w_i·o_2i+1
   (B, h, T, d) in fp32 before the final cast; a pair sits in one group because G = 2h/h_kv is even.
 
@@ -28,6 +31,8 @@ import math
 import os
 
 import torch
+
+from .kv_int8 import QuantizedKV
 
 try:
     import triton
@@ -57,8 +62,8 @@ def triton_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (
         on_device
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and k.dtype == q.dtype
-        and v.dtype == q.dtype
+        and k.dtype in (q.dtype, torch.int8)  # int8: a quantised cache (with its scales)
+        and v.dtype == k.dtype
         and 16 <= d <= 256
         and d & (d - 1) == 0  # tl.arange needs a power of two; 64 and 128 are the cases that matter
         and v.shape[-1] == d
@@ -100,8 +105,8 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 def decode_attention_triton(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | QuantizedKV,
+    v: torch.Tensor | QuantizedKV,
     kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None,
     *,
@@ -111,15 +116,24 @@ def decode_attention_triton(
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of T (<= 16) queries per row over a KV cache window. q: (B, Hq, T, d); k, v: (B, Hkv, S, d)
-    (strided views are fine); kv_start/kv_end: (B,) int tensors (default 0 and S). Returns (B, Hq, T, d), or
-    with ``pair_weight`` (B, Hq/2, T) the DIFF V2 heads o_2i − w_i·o_2i+1, (B, Hq/2, T, d); in q's dtype.
+    (strided views are fine), or both :class:`~diffv2.kernels.kv_int8.QuantizedKV` (an int8 cache, read as int8
+    tiles and their scales); kv_start/kv_end: (B,) int tensors (default 0 and S). Returns (B, Hq, T, d), or with
+    ``pair_weight`` (B, Hq/2, T) the DIFF V2 heads o_2i − w_i·o_2i+1, (B, Hq/2, T, d); in q's dtype.
     ``pair_sigmoid``: ``pair_weight`` holds λ and the kernel takes w = σ(λ) itself (in fp32), which saves
     decode two small launches per layer (the cast and the sigmoid).
     A row whose window is empty (for a query) gets zeros, as
     :func:`~diffv2.kernels.softmax_attention.eager_attention` gives."""
+    if isinstance(k, QuantizedKV) != isinstance(v, QuantizedKV):
+        raise ValueError("decode_attention_triton: K and V must both be quantised or neither")
+    k_scale = v_scale = None
+    if isinstance(k, QuantizedKV):
+        k, k_scale, v, v_scale = k.data, _unit_last(k.scale), v.data, _unit_last(v.scale)
+    elif k.dtype == torch.int8:
+        raise ValueError("decode_attention_triton: int8 K/V come with their scales, as a QuantizedKV")
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or hq % hkv:
+    scales_fit = k_scale is None or k_scale.shape == v_scale.shape == k.shape[:3]
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or hq % hkv or not scales_fit:
         raise ValueError(f"decode_attention_triton: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if pair_sigmoid and pair_weight is None:
         raise ValueError("pair_sigmoid=True needs pair_weight: the λ whose sigmoid weighs each pair")
@@ -143,7 +157,9 @@ def decode_attention_triton(
     # the kernels index the last dim with unit stride; cache views (k[:, 0::2], k[layer]) already have it
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     kv_start, kv_end = kv_start.contiguous(), kv_end.contiguous()  # the kernel reads element b at offset b
-    return torch.ops.diffv2.flash_decode(q, k, v, kv_start, kv_end, pair_weight, pair_sigmoid, scale, num_splits or 0)
+    return torch.ops.diffv2.flash_decode(
+        q, k, v, k_scale, v_scale, kv_start, kv_end, pair_weight, pair_sigmoid, scale, num_splits or 0
+    )
 
 
 if HAS_TRITON:
@@ -151,12 +167,14 @@ if HAS_TRITON:
     # the sizes, the compile-time constants; the launches pass them in the same order.
     @triton.jit
     def _split_kernel(
-        Q, K, V, START, END, W, OUT, PART, LSE,
+        Q, K, V, KS, VS, START, END, W, OUT, PART, LSE,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+        stride_ksb, stride_ksh, stride_vsb, stride_vsh,
         stride_wb, stride_wh, stride_wt, stride_ob, stride_oh, stride_ot,
         seq_len, num_splits, qk_scale,
         G: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr, PAIR: tl.constexpr, SIGMOID: tl.constexpr, PRECISION: tl.constexpr,
+        QUANT: tl.constexpr,
     ):  # fmt: skip
         split, hk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b64 = b.to(tl.int64)  # batch offsets of a 64-row, 32k-slot cache overflow int32
@@ -183,18 +201,27 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+        ks_base = KS + b64 * stride_ksb + hk.to(tl.int64) * stride_ksh  # scales: unit stride over slots
+        vs_base = VS + b64 * stride_vsb + hk.to(tl.int64) * stride_vsh
         cols = tl.arange(0, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             keys = n0 + cols
             in_chunk = (keys < hi)[:, None]
             kt = tl.load(k_base + keys[:, None] * stride_ks + dd[None, :], mask=in_chunk, other=0.0)
+            if QUANT:  # int8 -> q's dtype is exact; each key's scale then multiplies its column of scores
+                kt = kt.to(q.dtype)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+            if QUANT:
+                s = s * tl.load(ks_base + keys, mask=keys < hi, other=0.0)[None, :]
             s = tl.where(keys[None, :] < limit[:, None], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(v_base + keys[:, None] * stride_vs + dd[None, :], mask=in_chunk, other=0.0)
+            if QUANT:  # Σ p_n·(s_n·v_n) = Σ (p_n·s_n)·v_n: the V scales weigh the probabilities (after l_i)
+                vt = vt.to(q.dtype)
+                p = p * tl.load(vs_base + keys, mask=keys < hi, other=0.0)[None, :]
             # probabilities in the cache dtype (bf16/fp16) feed the tensor cores, as in flash attention
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
             m_i = m_new
@@ -274,13 +301,15 @@ if HAS_TRITON:
     @torch.library.custom_op(
         "diffv2::flash_decode",
         mutates_args=(),
-        schema="(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_end, Tensor? pair_weight, "
-        "bool pair_sigmoid, float scale, int num_splits) -> Tensor",
+        schema="(Tensor q, Tensor k, Tensor v, Tensor? k_scale, Tensor? v_scale, Tensor kv_start, Tensor kv_end, "
+        "Tensor? pair_weight, bool pair_sigmoid, float scale, int num_splits) -> Tensor",
     )
     def _flash_decode(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        k_scale: torch.Tensor | None,
+        v_scale: torch.Tensor | None,
         kv_start: torch.Tensor,
         kv_end: torch.Tensor,
         pair_weight: torch.Tensor | None,
@@ -305,29 +334,17 @@ if HAS_TRITON:
             lse = torch.empty((b, hq, t, ns), dtype=torch.float32, device=q.device)
         w = pair_weight if pair_weight is not None else q  # a placeholder pointer when there is no epilogue
         w_strides = pair_weight.stride() if pair_weight is not None else (0, 0, 0)
+        quant = k_scale is not None
+        ks, vs = (k_scale, v_scale) if quant else (q, q)  # placeholder pointers for a full-precision cache
+        scale_strides = (*k_scale.stride()[:2], *v_scale.stride()[:2]) if quant else (0, 0, 0, 0)
         _split_kernel[(ns, hkv, b)](
-            q,
-            k,
-            v,
-            kv_start,
-            kv_end,
-            w,
-            out,
-            part,
-            lse,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
+            *(q, k, v, ks, vs, kv_start, kv_end, w, out, part, lse),
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *scale_strides,
             *w_strides,
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
+            *out.stride()[:3],
             s,
             ns,
             scale * math.log2(math.e),
@@ -339,6 +356,7 @@ if HAS_TRITON:
             DIRECT=ns == 1,
             PAIR=pair,
             SIGMOID=pair_sigmoid,
+            QUANT=quant,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: exact, not TF32 products
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
@@ -367,6 +385,6 @@ if HAS_TRITON:
         return out
 
     @_flash_decode.register_fake
-    def _(q, k, v, kv_start, kv_end, pair_weight, pair_sigmoid, scale, num_splits):
+    def _(q, k, v, k_scale, v_scale, kv_start, kv_end, pair_weight, pair_sigmoid, scale, num_splits):
         b, hq, t, d = q.shape
         return q.new_empty((b, hq // 2 if pair_weight is not None else hq, t, d))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generate import HostCopy, RowDecoder, fused_projections
+from ..generate.cache import check_kv_dtype
 from ..model import Transformer
 from .sampler import logprob_tensors, sample_sequences, to_device, token_infos
 from .sequence import DECODE, DONE, PREFILL, WAITING, SchedulerEvent, Sequence, TokenInfo
@@ -60,11 +61,13 @@ class Scheduler:
         max_len: int | None = None,
         cuda_graph: bool | None = None,
         seed: int | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model, self.max_batch, self.max_queue, self.prefill_chunk = model, max_batch, max_queue, prefill_chunk
         self.max_len = max_len or model.cfg.max_seq_len
         self.device = next(model.parameters()).device
         self._cuda_graph = cuda_graph
+        self._kv_cache_dtype = check_kv_dtype("kv_cache_dtype", kv_cache_dtype)  # the rows' cache: auto or int8
         self.observers: list[Callable[[SchedulerEvent], None]] = []
         self.steps = 0
         self.error: str | None = None
@@ -140,7 +143,13 @@ class Scheduler:
         reason = "the server is shutting down"
         try:
             with fused_projections(self.model):
-                self._decoder = RowDecoder(self.model, self.max_batch, self.max_len, cuda_graph=self._cuda_graph)
+                self._decoder = RowDecoder(
+                    self.model,
+                    self.max_batch,
+                    self.max_len,
+                    cuda_graph=self._cuda_graph,
+                    kv_cache_dtype=self._kv_cache_dtype,
+                )
                 self._next = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
                 self._ready.set()
                 while self._turn():
