@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 
@@ -46,13 +47,15 @@ def kernels_per_step(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def decode_step_ms(model: Transformer, batch: int, context: int, path: str) -> tuple[float, int, int]:
+def decode_step_ms(model: Transformer, batch: int, context: int, path: str, kv: str) -> tuple[float, int, int]:
     """Step time at ``context`` cached tokens (CUDA graph replay), the bytes it must read, and the kernels it
-    launches."""
+    launches. ``kv``: the cache format (``auto``: the model's dtype; ``int8``: int8 with fp32 scales)."""
     cfg = model.cfg
-    cache = KVCache(cfg, batch, context, dtype=torch.bfloat16, device=torch.device("cuda"))
+    cache = KVCache(cfg, batch, context, dtype=torch.bfloat16, device=torch.device("cuda"), kv_dtype=kv)
     for t in cache.keys + cache.values:
-        t.normal_()
+        t.normal_() if t.is_floating_point() else t.random_(-127, 128)
+    for t in (cache.key_scales or []) + (cache.value_scales or []):
+        t.uniform_(0.005, 0.02)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
     fused = fused_projections(model) if path in ("static", "compiled") else contextlib.nullcontext()
     with fused:  # as generate runs it: one matmul for q/k/v(/λ), one for gate/up per layer
@@ -145,6 +148,17 @@ def attention_op_rows(cfg: ModelConfig, batch: int, context: int, copy_gbs: floa
     return rows
 
 
+def print_int8_table(rows: list[dict], variants: list[str], paths: list[str]) -> None:
+    """Tokens/s with the int8 cache against the bf16 cache at the same point, and the step's bytes ratio."""
+    at = {(r["variant"], r["path"], r["batch"], r["context"], r["kv"]): r for r in rows if "ms" in r}
+    print("\nint8 KV cache / bf16 KV cache (tokens/s ratio; bytes ratio of the step)")
+    for (variant, path, batch, context, kv), r in at.items():
+        base = at.get((variant, path, batch, context, "auto"))
+        if kv == "int8" and base:
+            ratio, nbytes = r["tok_s"] / base["tok_s"], r["gb"] / base["gb"]
+            print(f"{variant:<9} {path:<8} B={batch:<3} ctx={context:<6} {ratio:.3f}  bytes {nbytes:.3f}")
+
+
 def _with(backend, q, k, v):
     with sdpa_kernel([backend]):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -163,13 +177,18 @@ def main() -> None:
         help="static (generate's CUDA path), compiled (the same, torch.compile'd), prefix (stock SDPA)",
     )
     p.add_argument("--compiled-points", default="1x1024,1x32768", help="BxCTX points of the compiled path")
+    p.add_argument(
+        "--kv-cache-dtypes",
+        default="auto",
+        help="cache formats to time, comma-separated: auto (bf16, the model's dtype), int8 (static/compiled paths)",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     copy_gbs = copy_bandwidth_gbs()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {copy_gbs:.0f} GB/s")
-    paths, variants = args.paths.split(","), args.variants.split(",")
+    paths, variants, kv_dtypes = args.paths.split(","), args.variants.split(","), args.kv_cache_dtypes.split(",")
     compiled_points = {tuple(int(x) for x in p.split("x")) for p in args.compiled_points.split(",")}
     torch._dynamo.config.cache_size_limit = 64  # one compiled step per variant and point
     rows, floors = [], {}
@@ -178,32 +197,30 @@ def main() -> None:
         torch.manual_seed(0)
         model = Transformer(cfg).to("cuda", torch.bfloat16).eval()
         floors[variant] = [gemv_floor(model, batches[0], copy_gbs, fused) for fused in (False, True)]
-        for path in paths:
-            for batch in batches:
-                for context in contexts:
-                    point = dict(variant=variant, path=path, batch=batch, context=context)
-                    if path == "compiled" and (batch, context) not in compiled_points:
-                        continue
-                    try:
-                        ms, nbytes, kernels = decode_step_ms(model, batch, context, path)
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                        rows.append({**point, "error": "out of memory"})
-                        continue
-                    torch.cuda.empty_cache()
-                    gbs = nbytes / ms / 1e6
-                    rows.append(
-                        {
-                            **point,
-                            "ms": ms,
-                            "tok_s": batch * 1e3 / ms,
-                            "gb": nbytes / 1e9,
-                            "gbs": gbs,
-                            "pct_copy": gbs / copy_gbs,
-                            "kernels": kernels,
-                        }
-                    )
-                    print(json.dumps(rows[-1]), flush=True)  # a run cut short still leaves its points
+        for kv, path, batch, context in itertools.product(kv_dtypes, paths, batches, contexts):
+            point = dict(variant=variant, path=path, batch=batch, context=context, kv=kv)
+            if (path == "compiled" and (batch, context) not in compiled_points) or (path == "prefix" and kv != "auto"):
+                continue
+            try:
+                ms, nbytes, kernels = decode_step_ms(model, batch, context, path, kv)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append({**point, "error": "out of memory"})
+                continue
+            torch.cuda.empty_cache()
+            gbs = nbytes / ms / 1e6
+            rows.append(
+                {
+                    **point,
+                    "ms": ms,
+                    "tok_s": batch * 1e3 / ms,
+                    "gb": nbytes / 1e9,
+                    "gbs": gbs,
+                    "pct_copy": gbs / copy_gbs,
+                    "kernels": kernels,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)  # a run cut short still leaves its points
         del model
         torch.cuda.empty_cache()
     op_rows = []
@@ -214,7 +231,9 @@ def main() -> None:
     with open(os.path.join(args.out, "decode.json"), "w") as f:
         json.dump({"copy_gbs": copy_gbs, "model": rows, "gemv_floor": floors, "attention": op_rows}, f, indent=1)
 
-    by = {(r["variant"], r["path"], r["batch"], r["context"]): r for r in rows if "ms" in r}
+    by = {(r["variant"], r["path"], r["batch"], r["context"]): r for r in rows if "ms" in r and r["kv"] == "auto"}
+    if "int8" in kv_dtypes:
+        print_int8_table(rows, variants, paths)
     for path in paths:
         print(f"\nmodel decode ({args.preset}, bf16, CUDA graph, {path} path)")
         print(

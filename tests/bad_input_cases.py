@@ -6,12 +6,14 @@ dataset and run."""
 from __future__ import annotations
 
 import gzip
+import math
 
 import torch
 
 from .bad_inputs import (
     MODEL_FLAGS,
     QUIET,
+    as_dtype,
     config_field_cases,
     edit,
     fewer_tokens,
@@ -19,9 +21,11 @@ from .bad_inputs import (
     first_shard,
     flip,
     larger_tokenizer,
+    larger_tokenizer_at,
     lying_header,
     nonfinite_weight,
     pickle_only,
+    tensors,
     token_out_of_vocab,
     truncate,
     without,
@@ -36,6 +40,7 @@ GEN_OK = ["generate", "--checkpoint", "RUN", "--prompt", "And", "--max-new-token
 PREP = ["data", "prepare", "--out", "TMP/prepared", "--no-progress", "--tokenizer", "byte"]
 UP = ["convert", "--from-llama", "IN", "--out", "TMP/out"]
 IMPORT = ["convert", "IN", "--out", "TMP/out"]
+HF_GEN = ["generate", "--checkpoint", "IN", "--prompt", "And", "--max-new-tokens", 2, "--seed", 0]
 NESTED = "[" * 100_000 + "]" * 100_000
 BINARY = bytes(range(256)) * 8
 
@@ -406,6 +411,15 @@ HF_CASES = [
     ("up-model-type", "llama", edit("config.json", lambda c: c.update(model_type="gpt2")), UP, ["model_type"]),
     ("up-layer-types", "llama", edit("config.json", lambda c: c.update(layer_types=5)), UP, ["layer_types"]),
     ("up-max-seq-len", "llama", None, [*UP, "--max-seq-len", -3], ["max_seq_len"]),
+    (
+        "up-rope-twice",
+        "llama",
+        edit("config.json", lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0})),
+        UP,
+        ["rope_scaling"],
+    ),
+    ("up-int-weights", "llama", tensors("model.safetensors", as_dtype(torch.int32)), UP, ["int32"]),
+    ("up-tokenizer-broken", "llama", write("tokenizer.json", "{"), UP, ["tokenizer"]),
     # ---- Hugging Face diffv2 folders
     ("hf-truncated", "hf", truncate("model.safetensors", 500), IMPORT, ["model.safetensors"]),
     ("hf-lying-header", "hf", lying_header("model.safetensors"), IMPORT, ["model.safetensors"]),
@@ -429,5 +443,22 @@ HF_CASES = [
         ["tokenizer.json"],
     ),
     ("hf-serve-tokenizer", "hf", write("tokenizer.json", "{"), ["serve", "--checkpoint", "IN"], ["tokenizer"]),
+    # generate reads the config, then the tokenizer, then the weights: each refused before transformers warns
+    ("hf-more-layers", "hf", edit("config.json", lambda c: c.update(num_hidden_layers=2)), HF_GEN, ["missing"]),
+    ("hf-nan-weights", "hf", nonfinite_weight(math.nan, "model.safetensors"), HF_GEN, ["non-finite"]),
+    ("hf-no-lm-head", "hf", tensors("model.safetensors", lambda w: w.pop("lm_head.weight")), HF_GEN, ["lm_head"]),
+    ("hf-int-weights", "hf", tensors("model.safetensors", as_dtype(torch.int64)), IMPORT, ["floating point"]),
+    ("hf-tie-yes", "hf", edit("config.json", lambda c: c.update(tie_word_embeddings="yes")), HF_GEN, ["tie_word"]),
+    ("hf-dtype-int", "hf", edit("config.json", lambda c: c.update(dtype=5)), HF_GEN, ["dtype"]),
+    ("hf-head-dim-odd", "hf", edit("config.json", lambda c: c.update(head_dim=7)), HF_GEN, ["head_dim"]),
+    (
+        "hf-rope-yarn",
+        "hf",
+        edit("config.json", lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4})),
+        HF_GEN,
+        ["rope_type"],
+    ),
+    ("hf-tokenizer-larger", "hf", larger_tokenizer_at("tokenizer.json"), HF_GEN, ["tokenizer", "vocabulary"]),
+    ("hf-index-empty", "hf", write("model.safetensors.index.json", '{"weight_map": {}}'), IMPORT, ["weight_map"]),
 ]
 CONFIG_CASES = [(table, name, v) for table, name, values in config_field_cases() for v in values]

@@ -171,30 +171,52 @@ def token_out_of_vocab(folder: Path) -> None:
     edit("manifest.json", lambda m: _set_sha(m, "val_000000.bin", hashlib.sha256(bytes(data)).hexdigest()))(folder)
 
 
-def nonfinite_weight(value: float) -> Mutation:
+def tensors(rel: str, change: Callable[[dict], object]) -> Mutation:
+    """The tensors of a safetensors file (``CKPT/...`` in the latest checkpoint), changed in place by ``change``
+    (a dict name → tensor) and written back with the same metadata; a checkpoint's checksums are resealed."""
+
     def mutate(folder: Path) -> None:
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        path = latest(folder) / "model.safetensors"
+        path = _resolve(folder, rel)
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        tensors = load_file(str(path))
-        name = sorted(tensors)[-1]
-        tensors[name] = tensors[name].clone()
-        tensors[name].view(-1)[0] = value
-        save_file(tensors, str(path), metadata=meta)
+        weights = load_file(str(path))
+        change(weights)
+        save_file(weights, str(path), metadata=meta)
         _reseal(path)
 
     return mutate
 
 
-def larger_tokenizer(folder: Path) -> None:
-    from diffv2.data import Tokenizer
+def nonfinite_weight(value: float, rel: str = "CKPT/model.safetensors") -> Mutation:
+    def change(weights: dict) -> None:
+        name = sorted(weights)[-1]
+        weights[name] = weights[name].clone()
+        weights[name].view(-1)[0] = value
 
-    tok = Tokenizer.byte_level().hf_tokenizer
-    tok.add_tokens([f"extra{i}" for i in range(50)])
-    write("CKPT/tokenizer.json", tok.to_str())(folder)
+    return tensors(rel, change)
+
+
+def as_dtype(dtype) -> Callable[[dict], None]:
+    return lambda weights: weights.update({k: v.to(dtype) for k, v in weights.items()})
+
+
+def larger_tokenizer_at(rel: str) -> Mutation:
+    """A byte-level tokenizer with 50 more ids than the model's vocabulary of 257."""
+
+    def mutate(folder: Path) -> None:
+        from diffv2.data import Tokenizer
+
+        tok = Tokenizer.byte_level().hf_tokenizer
+        tok.add_tokens([f"extra{i}" for i in range(50)])
+        write(rel, tok.to_str())(folder)
+
+    return mutate
+
+
+larger_tokenizer = larger_tokenizer_at("CKPT/tokenizer.json")
 
 
 def lying_header(rel: str) -> Mutation:

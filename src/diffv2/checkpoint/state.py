@@ -116,8 +116,11 @@ def write_weights(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]
     publish_mode(path)  # safetensors writes 0o600
 
 
-def check_weights(file: Path, tensors: dict[str, torch.Tensor], model: nn.Module, strict: bool) -> None:
-    """Raise a one-line :class:`CheckpointError` unless ``tensors`` (aliases resolved) fit ``model``."""
+def check_weights(
+    file: Path, tensors: dict[str, torch.Tensor], model: nn.Module, strict: bool, *, from_run: bool = True
+) -> None:
+    """Raise a one-line :class:`CheckpointError` unless ``tensors`` (aliases resolved) fit ``model``.
+    ``from_run``: the weights are a training run's checkpoint (the advice names the run's earlier ones)."""
     expected = live_tensors(model)
     shapes = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if k in tensors]
     problems = {
@@ -141,10 +144,12 @@ def check_weights(file: Path, tensors: dict[str, torch.Tensor], model: nn.Module
     # a diverged run's NaN/inf weights would only show up as garbage tokens or NaN losses much later
     nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if nonfinite:
-        raise CheckpointError(
-            f"{file}: non-finite weights (NaN or inf) in {few(nonfinite)}; the run diverged before this step: "
-            "use an earlier checkpoint (a folder under checkpoints/)"
+        advice = (
+            "the run diverged before this step: use an earlier checkpoint (a folder under checkpoints/)"
+            if from_run
+            else "the model is broken: export it again from a checkpoint saved before its training diverged"
         )
+        raise CheckpointError(f"{file}: non-finite weights (NaN or inf) in {few(nonfinite)}; {advice}")
 
 
 def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool) -> None:

@@ -81,9 +81,16 @@ def _upcycle(args: argparse.Namespace, hf) -> int:
     from ..hf.convert import check_out_dir, read_tokenizer_json, save_hf, save_native
 
     out = check_out_dir(args.out, args.force)
+    native = (args.to or "hf") == "native"
+    tokenizer = None if native else _source_tokenizer(args.from_llama)  # a broken one fails before any work
     model, source = hf.upcycle(args.from_llama, attention=args.attention, max_seq_len=args.max_seq_len)
+    if tokenizer is not None and len(tokenizer) > model.cfg.vocab_size:
+        raise DiffV2Error(
+            f"{args.from_llama}: the tokenizer has {len(tokenizer)} ids but config.json's vocab_size is "
+            f"{model.cfg.vocab_size}; they belong to different models"
+        )
     what = f"{source.get('model_type')} → {args.attention}"
-    if (args.to or "hf") == "native":
+    if native:
         try:
             text = read_tokenizer_json(args.from_llama)
             ckpt = save_native(model, out, tokenizer_json=text, source={"format": "hf", "path": args.from_llama})
@@ -93,17 +100,16 @@ def _upcycle(args: argparse.Namespace, hf) -> int:
         print(f"upcycled {what}: wrote native checkpoint {ckpt}")
         return 0
     ids = {k: source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if source.get(k) is not None}
-    save_hf(hf.to_hf(model, **ids), out, _source_tokenizer(args.from_llama), args.dtype)
+    save_hf(hf.to_hf(model, **ids), out, tokenizer, args.dtype)
     print(f"upcycled {what}: wrote HF folder {out}")
     return 0
 
 
 def _source_tokenizer(folder: str):
-    """The source model's own HF tokenizer (chat template, bos/eos...), or None with a warning."""
-    from transformers import AutoTokenizer
+    """The source model's own HF tokenizer (chat template, bos/eos...); None, with a warning, when it has none."""
+    from ..hf import read_hf_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # tokenizer classes raise many kinds of errors; the weights are what matters
-        print(f"warning: tokenizer not copied ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
-        return None
+    tokenizer = read_hf_tokenizer(folder, vocab_size=None)  # read before the weights: checked against them after
+    if tokenizer is None:
+        print(f"warning: {folder} holds no tokenizer (tokenizer.json / tokenizer_config.json); none copied")
+    return tokenizer

@@ -87,19 +87,12 @@ def load_for_serving(path: str, device, dtype):
         raise CheckpointError(f"--checkpoint {path}: no such folder")
     if _is_hf_folder(folder):
         try:
-            from transformers import AutoTokenizer
-
-            from ..hf import load_hf, to_native
+            from ..hf import load_hf_native, read_hf_config, read_hf_tokenizer
         except ImportError as e:
             raise DiffV2Error(f"serving an HF folder needs transformers: pip install 'diffv2[hf]' ({e})") from None
-        tokenizer = None  # read first: a broken one fails before the weights load
-        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            except Exception as e:  # tokenizer classes raise many kinds of errors for a broken file
-                why = f"{type(e).__name__}: {str(e)[:160]}"
-                raise CheckpointError(f"{folder}: its tokenizer cannot be loaded ({why})") from None
-        return to_native(load_hf(folder)).to(device, dtype=dtype).eval(), tokenizer
+        cfg = read_hf_config(folder)  # the config first, then the tokenizer: both fail before the weights load
+        tokenizer = read_hf_tokenizer(folder, cfg.vocab_size)
+        return load_hf_native(folder).to(device, dtype=dtype).eval(), tokenizer
     from ..checkpoint import load_pretrained
 
     loaded = load_pretrained(folder, device=device, dtype=dtype)

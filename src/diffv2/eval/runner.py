@@ -53,13 +53,19 @@ def load_for_eval(path: PathLike, *, device: str | torch.device = "cpu", dtype: 
         and not (path / "checksums.json").is_file()
         and not (path / "checkpoints").is_dir()
     ):
-        from ..hf.convert import load_hf, read_tokenizer_json, to_native
+        from ..hf.convert import load_hf_native, read_hf_config, read_tokenizer_json
 
+        cfg = read_hf_config(path)  # the config first: a bad field is named before anything else reads the folder
         text = read_tokenizer_json(path)  # first: a broken tokenizer fails before the weights load
         if text is None:
             raise CheckpointError(f"{path}: holds no tokenizer.json, so text tasks cannot be built")
         tok = Tokenizer.from_json_str(text, source=str(path / "tokenizer.json"))
-        model = to_native(load_hf(path, dtype=torch.float32)).to(device, dtype=dtype).eval()
+        if tok.vocab_size > cfg.vocab_size:
+            raise CheckpointError(
+                f"{path}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary {cfg.vocab_size}; the "
+                "tokenizer belongs to another model"
+            )
+        model = load_hf_native(path).to(device, dtype=dtype).eval()
         info = {"checkpoint": str(path), "format": "hf", "train_len": model.cfg.max_seq_len, "data_dir": None}
         return Loaded(model, tok, info)
     loaded = load_pretrained(path, device=device, dtype=dtype)

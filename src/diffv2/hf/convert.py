@@ -18,17 +18,19 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from ..checkpoint import load_pretrained, save_checkpoint
-from ..config import ModelConfig
+from ..checkpoint.state import check_weights
+from ..config import ModelConfig, check_bool, show
 from ..data import publish_mode
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model import Transformer
 from .configuration_diffv2 import DiffV2Config
 from .modeling_diffv2 import DiffV2ForCausalLM
-from .upcycle import check_shapes, read_json_file, safetensors_files
+from .upcycle import read_hf_folder, read_json_file
 
 PathLike = str | os.PathLike[str]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HF_EXTRA = ("bos_token_id", "eos_token_id", "pad_token_id")  # HF-only config fields a loaded model keeps
 
 
 # ---------------------------------------------------------------------- configs
@@ -71,6 +73,10 @@ def from_hf_config(config: Any) -> ModelConfig:
     if rope_type != "default":
         raise ConfigError(f"rope_parameters.rope_type={rope_type!r}: only plain RoPE ('default') is supported")
     impl = getattr(config, "_attn_implementation", None) if not isinstance(config, dict) else None
+    tie = check_bool("tie_word_embeddings", data.get("tie_word_embeddings", False))
+    for key in ("dtype", "torch_dtype"):  # transformers reads it as a torch dtype name
+        if data.get(key) is not None and data[key] not in (*DTYPES, "float64"):
+            raise ConfigError(f"{key}={show(data[key])}: must be one of {', '.join(DTYPES)}, float64")
     return ModelConfig(
         vocab_size=data["vocab_size"],
         d_model=data["hidden_size"],
@@ -82,7 +88,7 @@ def from_hf_config(config: Any) -> ModelConfig:
         rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
         max_seq_len=data["max_position_embeddings"],
         norm_eps=data["rms_norm_eps"],
-        tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+        tie_embeddings=tie,
         attention=data.get("attention", "diff_v2"),
         pairing=data.get("pairing", "interleaved"),
         lambda_mode=data.get("lambda_mode", "sigmoid"),
@@ -151,6 +157,32 @@ def native_tokenizer_json(text: str) -> str:
     return text
 
 
+def read_hf_tokenizer(folder: PathLike, vocab_size: int | None) -> PreTrainedTokenizerFast | None:
+    """The folder's tokenizer through ``AutoTokenizer`` (its chat template included), or None when it has none;
+    a one-line ``CheckpointError`` when it cannot be read or has ids past the model's ``vocab_size``."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers warns in several lines about what we then refuse in one
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # tokenizer classes raise many kinds of errors for a broken file
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        raise CheckpointError(f"{folder}: its tokenizer cannot be loaded ({why})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise CheckpointError(
+            f"{folder}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary {vocab_size}; the tokenizer "
+            "belongs to another model"
+        )
+    return tokenizer
+
+
 def read_tokenizer_json(folder: PathLike) -> str | None:
     """The text of an HF folder's tokenizer.json as :func:`native_tokenizer_json` gives it, or None without one;
     a file that is not text is a one-line :class:`DataError`."""
@@ -180,24 +212,42 @@ def load_native(path: PathLike) -> tuple[Transformer, Tokenizer | None, Path]:
     return loaded.model, loaded.tokenizer, loaded.checkpoint
 
 
-def load_hf(path: PathLike, **kwargs: Any) -> DiffV2ForCausalLM:
-    """``DiffV2ForCausalLM.from_pretrained`` with errors turned into one-line ``CheckpointError``s."""
+def read_hf_config(path: PathLike) -> ModelConfig:
+    """The validated native config of an HF diffv2 folder's config.json; one-line ``CheckpointError`` otherwise.
+    Read before anything else touches the folder (transformers' own readers warn at length on a bad field)."""
     if not is_hf_folder(path):
         raise CheckpointError(f"{path}: not a Hugging Face diffv2 folder (no config.json with model_type 'diffv2')")
-    folder = Path(path)
+    file = Path(path) / "config.json"
     try:
-        cfg = from_hf_config(read_json_file(folder / "config.json"))
+        return from_hf_config(read_json_file(file))
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
         what = e if isinstance(e, ConfigError) else f"a field is missing or malformed ({type(e).__name__}: {e})"
-        raise CheckpointError(f"{folder / 'config.json'}: {what}") from None
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-    check_shapes(folder, safetensors_files(folder), expected)  # refuses pickle weights; headers must read
-    try:
-        return DiffV2ForCausalLM.from_pretrained(str(folder), use_safetensors=True, **kwargs).eval()
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # the folder's own config drives it
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{file}: {what}") from None
+
+
+def load_hf_native(path: PathLike) -> Transformer:
+    """The native ``Transformer`` (fp32, CPU, eval mode) of an HF diffv2 folder, read strictly: every weight the
+    config implies present (``lm_head.weight`` may be left out only when the embeddings are tied), nothing
+    else, each of its shape, floating point and finite. Exact: the state dicts share their keys."""
+    cfg = read_hf_config(path)
+    folder = Path(path)
+    _, tensors = read_hf_folder(folder)  # refuses pickle weights; every header and tensor must read
+    if cfg.tie_embeddings and "lm_head.weight" not in tensors and "tok_embeddings.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["tok_embeddings.weight"]  # save_pretrained stores a tied weight once
+    model = Transformer(cfg)
+    check_weights(folder, tensors, model, strict=True, from_run=False)
+    model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=True)
+    return model.eval()
+
+
+def load_hf(path: PathLike, *, dtype: torch.dtype | None = None) -> DiffV2ForCausalLM:
+    """A ``DiffV2ForCausalLM`` of an HF diffv2 folder, read as strictly as :func:`load_hf_native` (which does the
+    reading), with the folder's other config fields (token ids, ...) kept; in ``dtype`` if given."""
+    folder = Path(path)
+    native = load_hf_native(folder)
+    extra = {k: v for k, v in read_json_file(folder / "config.json").items() if k in _HF_EXTRA and v is not None}
+    hf = to_hf(native, **extra)
+    return (hf.to(dtype) if dtype is not None else hf).eval()
 
 
 def check_out_dir(out: PathLike, force: bool) -> Path:
@@ -254,5 +304,4 @@ def import_hf(src: PathLike, out: PathLike, *, force: bool = False) -> Path:
     text = read_tokenizer_json(src)
     if text is not None:  # fail before loading or writing anything when it is broken or lacks an end-of-text token
         Tokenizer.from_json_str(text, source=str(Path(src) / "tokenizer.json"))
-    hf = load_hf(src, dtype=torch.float32)
-    return save_native(to_native(hf), out, tokenizer_json=text, source={"format": "hf", "path": str(src)})
+    return save_native(load_hf_native(src), out, tokenizer_json=text, source={"format": "hf", "path": str(src)})

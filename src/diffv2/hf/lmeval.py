@@ -22,7 +22,7 @@ from ..data.shards import read_shard
 from ..data.tokenizer import Tokenizer
 from ..errors import ConfigError, DataError
 from ..model import Transformer
-from .convert import hf_tokenizer, is_hf_folder, load_hf, load_native, to_hf
+from .convert import hf_tokenizer, is_hf_folder, load_hf, load_native, read_hf_tokenizer, to_hf
 
 PathLike = str | os.PathLike[str]
 TASK_NAME = "diffv2_val_ppl"
@@ -103,8 +103,8 @@ def _model_and_tokenizer(model_or_path: Any, tokenizer: Any) -> tuple[Any, Any]:
         model = to_hf(model_or_path)
     elif isinstance(model_or_path, str | os.PathLike) and is_hf_folder(model_or_path):
         model = load_hf(model_or_path)
-        if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(str(model_or_path))
+        if tokenizer is None:
+            tokenizer = read_hf_tokenizer(model_or_path, model.config.vocab_size)
     elif isinstance(model_or_path, str | os.PathLike):
         native, tok, _ = load_native(model_or_path)
         model = to_hf(native)
