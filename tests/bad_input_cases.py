@@ -43,6 +43,7 @@ IMPORT = ["convert", "IN", "--out", "TMP/out"]
 HF_GEN = ["generate", "--checkpoint", "IN", "--prompt", "And", "--max-new-tokens", 2, "--seed", 0]
 NESTED = "[" * 100_000 + "]" * 100_000
 BINARY = bytes(range(256)) * 8
+CMP = 'steps = 2\n[model]\nd_model = 32\nn_layers = 1\nn_heads = 2\nn_kv_heads = 1\n[compare]\nvariants = ["diff_v2"]\n'
 
 
 # (id, what is broken: "data" / "run" / "hf" / "llama" / "empty" folder or None, how, argv, names in the message)
@@ -366,6 +367,21 @@ CASES = [
     ("models-vocab-0", None, None, ["models", "--vocab-size", 0], ["vocab_size"]),
     ("inspect-layer", None, None, ["inspect", "--checkpoint", "RUN", "--layer", 99, "--out", "TMP/i"], ["--layer"]),
     ("convert-nothing", None, None, ["convert", "--out", "TMP/o"], ["--from-llama"]),
+    # ---- compare grids and their reports
+    ("compare-jobs-0", "empty", write("c.toml", CMP), ["compare", "IN/c.toml", "--jobs", 0], ["--jobs"]),
+    ("compare-lrs-empty", "empty", write("c.toml", CMP + "lrs = []\n"), ["compare", "IN/c.toml", "--dry-run"], ["lrs"]),
+    ("compare-data-empty", "empty", write("c.toml", CMP), ["compare", "IN/c.toml", "--data", ""], ["--data"]),
+    (
+        "compare-report-only-nothing",
+        "empty",
+        write("c.toml", CMP),
+        ["compare", "IN/c.toml", "--report-only", "--out-dir", "TMP/none"],
+        ["--report-only", "none"],
+    ),
+    ("report-grid-not-json", "empty", write("grid.json", "{not json"), ["report", "IN"], ["grid.json"]),
+    ("report-grid-list", "empty", write("grid.json", "[]"), ["report", "IN"], ["grid.json"]),
+    ("report-grid-fields", "empty", write("grid.json", '{"runs": "x"}'), ["report", "IN"], ["grid.json"]),
+    ("report-grid-binary", "empty", write("grid.json", BINARY), ["report", "IN"], ["grid.json"]),
 ]
 if not torch.cuda.is_available():
     CASES += [

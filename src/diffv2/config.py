@@ -303,6 +303,25 @@ def read_text_file(name: str, path: object, max_bytes: int = 1 << 30, error: typ
         raise error(f"{name} {file}: not UTF-8 text (at byte {err.start}); give UTF-8 text") from None
 
 
+def read_json_file(file: Any, error: type[DiffV2Error] = ConfigError) -> dict[str, Any]:
+    """A JSON object from ``file``; anything else (missing, binary, not JSON, a list) is a one-line error."""
+    import json
+    from pathlib import Path
+
+    file = Path(file)
+    if file.exists() and not file.is_file():  # a FIFO would block the read
+        raise error(f"{file}: not a regular file")
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise error(f"{file}: unreadable ({e.strerror or type(e).__name__})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{file}: not a JSON file ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
 def check_output_path(name: str, value: object, *, folder: bool, error: type[DiffV2Error] = ConfigError) -> Any:
     """Where a command will write a file (``folder=False``) or a folder: named, and not already the other kind,
     checked before any work so a long job does not fail at its end."""

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import check_positive_int
+from ..errors import DataError
+from .fields import path_arg
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,10 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "budget and schedule under <out_dir>/<variant>/lr<lr>/seed<seed>, then writes "
         "<out_dir>/report/report.md. Finished runs are skipped, interrupted ones resumed.",
     )
-    p.add_argument("config", help="a diffv2 train config (.toml/.yaml/.json) with a [compare] table")
+    p.add_argument("config", type=path_arg, help="a diffv2 train config (.toml/.yaml/.json) with a [compare] table")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, as subprocesses (default: 1, in-process)")
-    p.add_argument("--out-dir", default=None, help="override [compare] out_dir")
-    p.add_argument("--data", default=None, help="override the config's data (a text source or a prepared data dir)")
+    p.add_argument("--out-dir", type=path_arg, default=None, help="override [compare] out_dir")
+    p.add_argument(
+        "--data", type=path_arg, default=None, help="override the config's data (a text source or a prepared data dir)"
+    )
     p.add_argument(
         "--stop-after",
         type=int,
@@ -36,15 +42,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only (re)write the report of CONFIG's runs already made (grids may share an out_dir)",
     )
-    p.add_argument("--report-dir", default=None, help="where to write the report (default: <out_dir>/report)")
+    p.add_argument(
+        "--report-dir", type=path_arg, default=None, help="where to write the report (default: <out_dir>/report)"
+    )
     p.add_argument("--no-report", action="store_true", help="train only")
     p.add_argument("--no-probe", action="store_true", help="report without the per-token σ(λ) pass over checkpoints")
     p.add_argument("--progress", action="store_true", help="progress bars for in-process runs")
     p.set_defaults(func=run_compare)
 
     r = sub.add_parser("report", help="write report.md + figures for a grid made by `diffv2 compare`")
-    r.add_argument("out_dir", help="the grid's out_dir (holds grid.json)")
-    r.add_argument("--report-dir", default=None, help="where to write (default: OUT_DIR/report)")
+    r.add_argument("out_dir", type=path_arg, help="the grid's out_dir (holds grid.json)")
+    r.add_argument("--report-dir", type=path_arg, default=None, help="where to write (default: OUT_DIR/report)")
     r.add_argument("--no-probe", action="store_true", help="skip the per-token σ(λ) pass over checkpoints")
     r.set_defaults(func=run_report)
 
@@ -52,11 +60,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     from ..compare import expand_grid, load_compare_config, run_grid, write_report
 
+    check_positive_int("--jobs", args.jobs, maximum=1024)
     cfg = load_compare_config(args.config)
     if args.out_dir:
-        cfg.out_dir = args.out_dir
+        cfg.out_dir = str(args.out_dir)
     if args.data:
-        cfg.base = cfg.base.replace(data=args.data)
+        cfg.base = cfg.base.replace(data=str(args.data))
     if args.dry_run:
         _print_grid(cfg, expand_grid(cfg))
         return 0
@@ -65,6 +74,8 @@ def run_compare(args: argparse.Namespace) -> int:
         # grid.json is rewritten so the report covers exactly this config's runs
         from ..compare.runner import write_grid_file
 
+        if not Path(cfg.out_dir).is_dir():
+            raise DataError(f"--report-only: {cfg.out_dir} does not exist; the grid's runs are made without the flag")
         write_grid_file(cfg, expand_grid(cfg, cfg.data_dir), cfg.data_dir)
     else:
         outcomes = run_grid(cfg, jobs=args.jobs, stop_after=args.stop_after, progress=args.progress)

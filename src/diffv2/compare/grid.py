@@ -150,7 +150,10 @@ class CompareConfig:
     def from_dict(cls, data: dict[str, Any]) -> CompareConfig:
         """Training fields at the top level, ``model`` for the model, ``compare`` for the grid."""
         data = dict(data)
-        table = dict(data.pop("compare", None) or {})
+        table = data.pop("compare", None) or {}  # no table: every default variant at the base lr and seed
+        if not isinstance(table, dict):
+            raise ConfigError(f"compare={table!r}: must be a table ([compare] in TOML)")
+        table = dict(table)
         if "out_dir" in data:  # a top-level out_dir (the train config's) holds the grid unless [compare] says
             table.setdefault("out_dir", data["out_dir"])
         if unknown := sorted(set(table) - set(_COMPARE_KEYS)):
@@ -158,6 +161,8 @@ class CompareConfig:
         for key in ("variants", "seeds", "lrs", "horizons"):
             if key in table and not isinstance(table[key], list):
                 raise ConfigError(f"compare.{key}={table[key]!r}: must be a list")
+            if key in table and not table[key]:  # an empty grid would run nothing and report nothing
+                raise ConfigError(f"compare.{key}=[]: list at least one, or leave the field out for the default")
         if "rules" in table and not isinstance(table["rules"], dict):
             raise ConfigError(f"compare.rules={table['rules']!r}: must be a table of rule tables")
         return cls(base=TrainConfig.from_dict(data), **table)

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, read_json_file
+from ..errors import DataError
 from ..model import Transformer
 from .curves import grad_growth, spikes_after_warmup
 from .grid import VARIANTS
@@ -159,10 +160,17 @@ def load_grid(out_dir: str | Path) -> Grid:
     out = Path(out_dir)
     path = out / GRID_FILE
     if not path.is_file():
-        from ..errors import DataError
-
         raise DataError(f"{path}: not found; run `diffv2 compare CONFIG` (it writes grid.json) first")
-    grid = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return _grid(out, read_json_file(path, DataError))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+        raise DataError(
+            f"{path}: not a grid file of `diffv2 compare` ({type(e).__name__}: {str(e)[:100]}); "
+            "`diffv2 compare CONFIG --report-only` writes it again"
+        ) from None
+
+
+def _grid(out: Path, grid: dict[str, Any]) -> Grid:
     cmp = grid["compare"]
     base_steps, warmup = int(cmp["base"]["steps"]), int(cmp["base"]["warmup_steps"])
     runs = [

@@ -19,14 +19,14 @@ from transformers import PreTrainedTokenizerFast
 
 from ..checkpoint import load_pretrained, save_checkpoint
 from ..checkpoint.state import check_weights
-from ..config import ModelConfig, check_bool, show
+from ..config import ModelConfig, check_bool, read_json_file, show
 from ..data import publish_mode
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model import Transformer
 from .configuration_diffv2 import DiffV2Config
 from .modeling_diffv2 import DiffV2ForCausalLM
-from .upcycle import read_hf_folder, read_json_file
+from .upcycle import read_hf_folder
 
 PathLike = str | os.PathLike[str]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -219,7 +219,7 @@ def read_hf_config(path: PathLike) -> ModelConfig:
         raise CheckpointError(f"{path}: not a Hugging Face diffv2 folder (no config.json with model_type 'diffv2')")
     file = Path(path) / "config.json"
     try:
-        return from_hf_config(read_json_file(file))
+        return from_hf_config(read_json_file(file, CheckpointError))
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
         what = e if isinstance(e, ConfigError) else f"a field is missing or malformed ({type(e).__name__}: {e})"
         raise CheckpointError(f"{file}: {what}") from None
@@ -245,7 +245,8 @@ def load_hf(path: PathLike, *, dtype: torch.dtype | None = None) -> DiffV2ForCau
     reading), with the folder's other config fields (token ids, ...) kept; in ``dtype`` if given."""
     folder = Path(path)
     native = load_hf_native(folder)
-    extra = {k: v for k, v in read_json_file(folder / "config.json").items() if k in _HF_EXTRA and v is not None}
+    config = read_json_file(folder / "config.json", CheckpointError)
+    extra = {k: v for k, v in config.items() if k in _HF_EXTRA and v is not None}
     hf = to_hf(native, **extra)
     return (hf.to(dtype) if dtype is not None else hf).eval()
 

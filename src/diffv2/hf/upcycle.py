@@ -14,7 +14,6 @@ and any weight the Llama layout does not have (e.g. Qwen3's q_norm).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -31,9 +30,10 @@ from ..config import (
     check_number,
     check_positive_int,
     check_table,
+    read_json_file,
     show,
 )
-from ..errors import CheckpointError, ConfigError, DiffV2Error
+from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 
 PathLike = str | os.PathLike[str]
@@ -55,27 +55,12 @@ _LAYER_KEYS = {
 }
 
 
-def read_json_file(file: Path, error: type[DiffV2Error] = CheckpointError) -> dict[str, Any]:
-    """A JSON object from ``file``; anything else (missing, binary, not JSON, a list) is a one-line error."""
-    if file.exists() and not file.is_file():  # a FIFO would block the read
-        raise error(f"{file}: not a regular file")
-    try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise error(f"{file}: unreadable ({e.strerror or type(e).__name__})") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise error(f"{file}: not a JSON file ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(data, dict):
-        raise error(f"{file}: must hold a JSON object, not a {type(data).__name__}")
-    return data
-
-
 def safetensors_files(folder: Path) -> list[str]:
     """The weight files of an HF folder (``model.safetensors``, or the shards its index names), each a plain name
     inside ``folder`` whose header reads; pickle files (``pytorch_model.bin``) are refused, never opened."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json_file(index).get("weight_map")
+        weight_map = read_json_file(index, CheckpointError).get("weight_map")
         check_table(f"{index}: weight_map", weight_map, CheckpointError)
         if not weight_map:
             raise CheckpointError(f"{index}: weight_map is empty; it must name the shard of every weight")
@@ -105,7 +90,7 @@ def read_hf_folder(path: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tens
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
-    config = read_json_file(folder / "config.json")
+    config = read_json_file(folder / "config.json", CheckpointError)
     weights: dict[str, torch.Tensor] = {}
     for name in safetensors_files(folder):
         try:
