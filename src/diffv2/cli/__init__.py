@@ -53,6 +53,12 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split("\n")).strip()
 
 
+def torch_oom() -> type[BaseException]:
+    """torch's out-of-memory error when torch is already loaded (it is not imported for this), else MemoryError."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -68,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`diffv2 models | head`): nothing left to say to it
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- so the interpreter's final flush finds no pipe
         return 0
+    except (MemoryError, torch_oom()) as err:  # a size the machine cannot hold (batch, model, context)
+        if args.debug:
+            raise
+        print(f"diffv2: error: out of memory ({one_line(err)[:200]}); use smaller sizes", file=sys.stderr)
+        return 1
     except OSError as err:  # the system refused (permission, disk full, a vanished file): its own words
         if args.debug:
             raise

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .fields import path_arg
 
 
@@ -48,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--data",
+        type=path_arg,
         help="a prepared dataset whose val split gives the text (default: the run's own, if on "
         "disk; else the embedded corpus)",
     )
@@ -68,8 +69,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.checkpoint is None and args.tasks is None:
         raise ConfigError("--checkpoint: give a run or HF folder (only --tasks mqar runs without one)")
+    variants = [v.strip() for v in args.variants.split(",")]
+    if not all(variants):
+        raise ConfigError(f"--variants={args.variants!r}: an empty variant name; e.g. baseline,diff_v1,diff_v2")
+    if args.data is not None and not (args.data / "manifest.json").is_file():
+        raise DataError(f"--data {args.data}: not a prepared dataset (no manifest.json); see diffv2 data prepare")
     options = {
-        "variants": [v.strip() for v in args.variants.split(",") if v.strip()],
+        "variants": variants,
         "include_path": args.include_path,
         "limit": args.limit,
         "max_docs": args.max_docs,
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None or args.checkpoint is not None else Path("runs/eval")
     summary = evaluate_checkpoint(
         args.checkpoint,
-        args.tasks or default_tasks(),
+        args.tasks if args.tasks is not None else default_tasks(),
         out=out,
         device=args.device,
         dtype=args.dtype,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..data.shards import atomic_write_bytes
 from ..errors import ConfigError
@@ -36,9 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--tasks: give at least one task name")
     print(
         f"diffv2 evaluate is an alias of: diffv2 eval --checkpoint {args.src} --tasks "
-        + ",".join(f"lm_eval:{t}" for t in tasks),
-        file=sys.stderr,
-    )
+        + ",".join(f"lm_eval:{t}" for t in tasks)
+    )  # on stdout: a notice, and stderr keeps to the one error line when the run fails
     results = lm_eval_results(
         args.src,
         tasks,

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import check_int, check_positive_int, check_seed
+from ..config import check_int, check_positive_int, check_seed, check_str
 from ..errors import CheckpointError, DiffV2Error
 
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     try:
-        from ..serve import Scheduler, TextCodec, create_app, run_forever
+        from ..serve import Scheduler, TextCodec, bind_socket, create_app, run_forever
     except ImportError as e:
         raise DiffV2Error(f"serve needs the serve extra: pip install 'diffv2[serve]' ({e})") from None
     from ..checkpoint import pick_device
@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     check_int("--port", args.port, maximum=65535)
     if args.seed is not None:
         check_seed("--seed", args.seed)
+    if args.model_name is not None:
+        check_str("--model-name", args.model_name, empty=False)
+    sock = bind_socket(args.host, args.port)  # before the model loads: a bad address fails at once
     device = pick_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -135,10 +138,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"diffv2 serve: '{name}' on {device} ({dtype}), {args.max_batch} rows of {scheduler.max_len} tokens; "
-        f"OpenAI API at http://{args.host}:{args.port}/v1"
+        f"OpenAI API at http://{f'[{args.host}]' if ':' in args.host else args.host}:{sock.getsockname()[1]}/v1"
     )
     try:
-        run_forever(app, args.host, args.port, log_level=args.log_level)
+        run_forever(app, sock, log_level=args.log_level)
     finally:
         scheduler.close()
     return 0

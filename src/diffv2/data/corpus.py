@@ -132,6 +132,8 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a text record") from None
                 if not isinstance(record, dict) or text_field not in record:
                     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise DataError(
@@ -223,7 +225,7 @@ def iter_labeled_documents(
     The name is the file a document came from (see :func:`source_label`; a folder of ``<source>.jsonl`` files,
     as ``scripts/build_corpus.py`` writes, gives one name per source), the corpus name for "default", and the
     folder name for a `datasets` folder. It lets the validation loss be broken down by source. Empty documents
-    (an empty file, a JSONL line with an empty text) are left out; ``empty[0]`` counts them when given.
+    (an empty or blank file, a JSONL line with an empty text) are left out; ``empty[0]`` counts them when given.
     """
     if str(source) == DEFAULT_SOURCE:
         label = _default_corpus()[0]
@@ -248,7 +250,7 @@ def iter_labeled_documents(
             raise DataError(f"unsupported file type: {path}; give {SUPPORTED}")
     count = 0
     for label, doc in docs:
-        if doc:
+        if doc.strip():  # whitespace alone is no document: a source of blank lines would train on newlines
             count += 1
             yield label, doc
         elif empty is not None:

@@ -47,9 +47,9 @@ def register_family(name: str, build: Callable[[str], Task]) -> None:
 
 def resolve_tasks(names: str | Iterable[str]) -> list[Task]:
     """Tasks from a comma-separated list (or a list) of names; ``family:member`` builds a family's task."""
-    items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    if not items:
-        raise ConfigError(f"--tasks: give at least one task; choose from {', '.join(available())}")
+    items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+    if not all(items):  # "needle,,passkey" or "": a name was left out, not meant to be skipped
+        raise ConfigError(f"--tasks={names!r}: an empty task name; choose from {', '.join(available())}")
     tasks = []
     for item in dict.fromkeys(items):
         family, _, member = item.partition(":")

@@ -10,7 +10,7 @@ model), :mod:`diffv2.generate.text` (tokenizers, chat prompts, incremental detok
 from ..generate.text import TextCodec, TextStream, plain_chat_text
 from .app import create_app
 from .metrics import ServerMetrics
-from .runner import BackgroundServer, run_forever
+from .runner import BackgroundServer, bind_socket, run_forever
 from .scheduler import QueueFull, Scheduler, SchedulerDown
 from .sequence import SamplingParams, SchedulerEvent, Sequence, TokenInfo
 
@@ -26,6 +26,7 @@ __all__ = [
     "TextCodec",
     "TextStream",
     "TokenInfo",
+    "bind_socket",
     "create_app",
     "plain_chat_text",
     "run_forever",

@@ -8,10 +8,31 @@ import threading
 import uvicorn
 from fastapi import FastAPI
 
+from ..errors import ConfigError
 
-def run_forever(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM: uvicorn finishes open requests first)."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (IPv4 or IPv6, as the host resolves), or a one-line ``ConfigError`` naming
+    them: bound before the model loads, so a bad address fails at once, and in our words rather than uvicorn's."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except (OSError, UnicodeError) as e:  # socket.gaierror for a name that does not resolve is an OSError
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({why})") from None
+    return sock
+
+
+def run_forever(app: FastAPI, sock: socket.socket, *, log_level: str = "info") -> None:
+    """Serve on ``sock`` (from :func:`bind_socket`) until interrupted (Ctrl-C / SIGTERM: uvicorn finishes open
+    requests first)."""
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:
@@ -19,9 +40,7 @@ class BackgroundServer:
     takes a free one (bound before uvicorn starts, so no other process can take it in between)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        self.sock = bind_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
