@@ -161,3 +161,20 @@ def test_loader_on_a_prepared_dataset(tmp_path):
     assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) <= 256
     assert loader.manifest is not None and loader.manifest["eot_id"] == 256
     assert len(list(EvalBatches(tmp_path / "out", batch_size=2, seq_len=16, max_batches=2))) >= 1
+
+
+def test_a_token_beyond_the_vocabulary_is_refused_when_read(counting_data):
+    """Tokens are ids 0..n-1: with a vocabulary of n - 100, the windows reaching the last 100 tokens are refused
+    in one line (a shard rewritten after its verification), and every other window reads as before."""
+    data, n = counting_data
+    vocab = n - 100
+    loader = TokenLoader(data, "train", batch_size=4, seq_len=32, seed=3, vocab_size=vocab)
+    unchecked = TokenLoader(data, "train", batch_size=4, seq_len=32, seed=3)
+    with pytest.raises(DataError, match=f"but the vocabulary has {vocab} ids"):
+        for _ in range(n // 128 + 2):  # an epoch and a bit: some window reaches the end
+            x, _ = next(loader)
+            torch.testing.assert_close(x, next(unchecked)[0])
+            assert int(x.max()) < vocab
+    evals = EvalBatches(data, "val", batch_size=2, seq_len=8, vocab_size=30)
+    with pytest.raises(DataError, match="token id 3"):
+        list(evals)

@@ -4,6 +4,7 @@ state (weights, optimizer, RNGs) for an exact resume. Every read is checksum-ver
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,4 +122,8 @@ def _read_weights(file: Path, model: nn.Module, map_location: Any, strict: bool)
 
 
 def _load_cpu(file: Path) -> Any:
-    return torch.load(file, map_location="cpu", weights_only=True)
+    # weights_only refuses a pickle that would run code; the warnings torch adds to that refusal (several lines
+    # about protocols and the weights_only default) would bury the one-line error it becomes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(file, map_location="cpu", weights_only=True)

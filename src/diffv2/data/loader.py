@@ -33,10 +33,14 @@ def split_shard_paths(data_dir: str | Path, split: str) -> tuple[list[Path], dic
 class _TokenStream:
     """The shards of a split seen as one token sequence, memory-mapped, with random access."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], vocab_size: int | None = None) -> None:
         self.arrays = [a for a in (read_shard(p) for p in paths) if a.size]
         self.starts = np.cumsum([0] + [a.size for a in self.arrays])
         self.n_tokens = int(self.starts[-1])
+        self.folder = paths[0].parent if paths else Path(".")
+        # every read checked against the vocabulary: a shard changed after its one-time verification (which is
+        # keyed on size, mtime and inode) must fail here in one line, not as an index error inside the embedding
+        self.vocab_size = vocab_size
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, gathered across shard boundaries."""
@@ -50,6 +54,11 @@ class _TokenStream:
             out[done : done + take] = arr[lo : lo + take]
             done += take
             shard += 1
+        if self.vocab_size is not None and length and (top := int(out.max())) >= self.vocab_size:
+            raise DataError(
+                f"{self.folder}: token id {top} near token {start}, but the vocabulary has {self.vocab_size} ids; "
+                "a shard changed after it was verified: prepare the dataset again"
+            )
         return out
 
 
@@ -59,9 +68,11 @@ def _check_positive(**values: int) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _open_split(data_dir: str | Path, split: str, seq_len: int) -> tuple[_TokenStream, dict | None]:
+def _open_split(
+    data_dir: str | Path, split: str, seq_len: int, vocab_size: int | None
+) -> tuple[_TokenStream, dict | None]:
     paths, manifest = split_shard_paths(data_dir, split)
-    stream = _TokenStream(paths)
+    stream = _TokenStream(paths, vocab_size)
     if stream.n_tokens < seq_len + 1:
         raise DataError(
             f"split {split!r} of {data_dir} has {stream.n_tokens} tokens, but seq_len={seq_len} needs "
@@ -88,7 +99,7 @@ class TokenLoader:
     chunks r, r + W, r + 2W, ...: every ``next()`` moves a window counter shared by all ranks by W chunks.
     So ranks never share a window, W ranks taking k batches each read exactly the k·W chunks one rank reads
     in k·W calls, and the state (that counter) is the same on every rank whatever W is: a run saved with N
-    ranks resumes with M.
+    ranks resumes with M. ``vocab_size``: every token read must be below it (a one-line ``DataError`` otherwise).
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class TokenLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int | None = None,
     ) -> None:
         _check_positive(batch_size=batch_size, seq_len=seq_len, world_size=world_size)
         if not 0 <= rank < world_size:
@@ -109,7 +121,7 @@ class TokenLoader:
         self.data_dir, self.split = Path(data_dir), split
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
-        self._stream, self.manifest = _open_split(data_dir, split, seq_len)
+        self._stream, self.manifest = _open_split(data_dir, split, seq_len, vocab_size)
         self.n_windows = (self._stream.n_tokens - 1) // seq_len
         self.windows_per_epoch = self.n_windows
         self._slack = self._stream.n_tokens - 1 - self.n_windows * seq_len
@@ -195,6 +207,7 @@ class EvalBatches:
         rank: int = 0,
         world_size: int = 1,
         whole: bool = False,
+        vocab_size: int | None = None,
     ) -> None:
         _check_positive(batch_size=batch_size, seq_len=seq_len, world_size=world_size)
         if max_batches is not None:
@@ -202,7 +215,7 @@ class EvalBatches:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
-        self._stream, self.manifest = _open_split(data_dir, split, seq_len)
+        self._stream, self.manifest = _open_split(data_dir, split, seq_len, vocab_size)
         n_windows = (self._stream.n_tokens - 1) // seq_len
         per_batch = min(batch_size, n_windows)
         n_batches = n_windows // per_batch
@@ -267,7 +280,7 @@ def spread_windows(data_dir: str | Path, split: str, seq_len: int, n: int) -> to
     """``n`` input windows (n, seq_len) spaced evenly over the whole split (not just its first documents),
     for diagnostics that should see every part of the data."""
     _check_positive(seq_len=seq_len, n=n)
-    stream, _ = _open_split(data_dir, split, seq_len)
+    stream, _ = _open_split(data_dir, split, seq_len, None)
     last = stream.n_tokens - seq_len - 1
     starts = np.linspace(0, last, n).round().astype(np.int64)
     return torch.from_numpy(np.stack([stream.read(int(s), seq_len) for s in starts]))

@@ -157,7 +157,14 @@ def setup(
         fused=device.type == "cuda",
     )
     loader = TokenLoader(
-        data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=env.rank, world_size=env.world_size
+        data_dir,
+        "train",
+        cfg.batch_size,
+        cfg.seq_len,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        vocab_size=model_cfg.vocab_size,
     )
     # FSDP with bf16 parameters casts them itself (MixedPrecisionPolicy); autocast serves everything else.
     autocast = torch.bfloat16 if use_bf16 and not fsdp_casts else None

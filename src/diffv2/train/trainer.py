@@ -143,6 +143,7 @@ class Trainer:
             whole=cfg.eval_batches == 0,
             rank=self.env.rank,
             world_size=self.env.world_size,
+            vocab_size=self.run.model_cfg.vocab_size,
         )
         self.val_documents = split_documents(self.run.data_dir, "val")
         if self.env.is_main and self.val_documents is not None:
