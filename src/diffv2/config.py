@@ -337,7 +337,29 @@ def check_output_path(name: str, value: object, *, folder: bool, error: type[Dif
         raise error(f"{name} {path}: exists and is not a folder")
     if not folder and path.is_dir():
         raise error(f"{name} {path}: is a folder; give a file name")
+    _check_writable(name, path, error)
     return value
+
+
+def _check_writable(name: str, path: Any, error: type[DiffV2Error]) -> None:
+    """A file can be created in the folder ``path`` goes in (or in its nearest existing ancestor, which the writer
+    would create it under): a probe file, removed at once, so a read-only place fails before the work, not after."""
+    import os
+    import tempfile
+
+    absolute = path.absolute()
+    existing = next((p for p in (absolute, *absolute.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if existing != absolute and not existing.is_dir():
+        raise error(f"{name} {path}: {existing} is not a folder")
+    where = existing if existing.is_dir() else existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".diffv2-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise error(f"{name} {path}: cannot write in {where} ({err.strerror or type(err).__name__})") from None
 
 
 def check_table(name: str, value: object, error: type[DiffV2Error] = ConfigError) -> dict[str, Any]:

@@ -14,7 +14,7 @@ state against a live model), :mod:`.sharded` (the same for FSDP2, imported on de
 :mod:`.files` (synced writes, checksums), :mod:`.pretrained`.
 """
 
-from .layout import FORMAT, latest_checkpoint, list_checkpoints, verify_checkpoint
+from .layout import FORMAT, foreign_folder, latest_checkpoint, list_checkpoints, verify_checkpoint
 from .load import load_checkpoint, load_model_weights, model_config_of, read_checkpoint_meta, read_tokenizer_json
 from .pretrained import Pretrained, load_pretrained, pick_device
 from .save import save_checkpoint
@@ -24,6 +24,7 @@ __all__ = [
     "FORMAT",
     "Pretrained",
     "canonical_name",
+    "foreign_folder",
     "gather_weights",
     "latest_checkpoint",
     "list_checkpoints",

@@ -56,6 +56,27 @@ def resolve(path: PathLike) -> Path:
     return found
 
 
+def foreign_folder(path: PathLike) -> str | None:
+    """What ``path`` (or a folder above it) holds that a run must not be written into: a checkpoint, a run's
+    checkpoints/ folder, a Hugging Face model folder or a prepared dataset; None when it is free for a run."""
+    p = Path(path).absolute()
+    for folder in (p, *p.parents):
+        if (folder / "checksums.json").is_file() or STEP_RE.fullmatch(folder.name):
+            return f"{folder} is a checkpoint"
+        steps = folder.is_dir() and any(STEP_RE.fullmatch(c.name) for c in folder.iterdir())
+        if folder.name == "checkpoints" and steps:
+            return f"{folder} holds a run's checkpoints"
+    if (p / "manifest.json").is_file():
+        return f"{p} is a prepared dataset"
+    if (p / "config.json").is_file() and not (p / "checkpoints").exists():
+        try:  # a run dir's config.json has a "train" table; an HF folder's has model_type
+            if "model_type" in json.loads((p / "config.json").read_text(encoding="utf-8")):
+                return f"{p} is a Hugging Face model folder"
+        except (OSError, ValueError, TypeError, RecursionError):
+            return f"{p} holds a config.json that is not a run's"
+    return None
+
+
 # ---------------------------------------------------------------------- verifying
 def verify_checkpoint(path: PathLike) -> None:
     """Raise :class:`CheckpointError` naming the first file that is missing, truncated or corrupted.

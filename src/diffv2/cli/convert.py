@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 def _upcycle(args: argparse.Namespace, hf) -> int:
     from ..hf.convert import check_out_dir, read_tokenizer_json, save_hf, save_native
 
-    out = check_out_dir(args.out, args.force)
+    out = check_out_dir(args.out, args.force, args.from_llama)
     native = (args.to or "hf") == "native"
     tokenizer = None if native else _source_tokenizer(args.from_llama)  # a broken one fails before any work
     model, source = hf.upcycle(args.from_llama, attention=args.attention, max_seq_len=args.max_seq_len)

@@ -171,6 +171,7 @@ def run_dedup_check(args: argparse.Namespace) -> int:
             f"{report.passage(train[d.index])!r}"
         )
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(
             args.json,
             {

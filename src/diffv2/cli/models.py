@@ -47,7 +47,7 @@ def variants(cfg: ModelConfig) -> dict[str, ModelConfig | str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_positive_int("--seq-len", args.seq_len)
+    check_positive_int("--seq-len", args.seq_len, 1 << 24)  # FLOPs are counted for it, and --check runs it
     check_positive_int("--batch-size", args.batch_size, 1 << 16)
     overrides = {"n_kv_heads": args.n_kv_heads} if args.n_kv_heads is not None else {}
     base = ModelConfig.preset(args.preset, vocab_size=args.vocab_size, attention="diff_v2", **overrides)

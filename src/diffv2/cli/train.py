@@ -19,7 +19,7 @@ from typing import Any
 from ..config import PRESETS, RUNTIME_FIELDS, ModelConfig
 from ..errors import ConfigError
 from ..train.config import TrainConfig, load_config_file
-from .fields import add_field_flags
+from .fields import add_field_flags, path_arg
 
 # vocab_size follows the tokenizer; the model table itself is not a flag (its fields are)
 _SKIP = {"model", "vocab_size"}
@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Pretrain a language model. Defaults: the tiny preset, DIFF V2, the embedded corpus, CPU-sized. "
         "Precedence: field defaults <- --config file <- flags; with --resume, the run's config.json <- file <- flags.",
     )
-    p.add_argument("--config", help="a .toml/.yaml/.json file with training fields and a [model] table")
+    p.add_argument("--config", type=path_arg, help="a .toml/.yaml/.json file with training fields and a [model] table")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """The training and model fields the config file and the flags set (flags win)."""
-    data = dict(load_config_file(args.config)) if args.config else {}
+    data = dict(load_config_file(args.config)) if args.config is not None else {}
     model = TrainConfig.model_table(data.pop("model", None))
     if "preset" in model:
         data.setdefault("preset", model.pop("preset"))

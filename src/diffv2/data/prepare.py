@@ -48,6 +48,11 @@ def _old_dataset_files(out_dir: Path, overwrite: bool) -> list[Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"output {out_dir} exists and is not a folder")
     old = sorted(p for p in out_dir.glob("*") if _is_dataset_file(p.name)) if out_dir.is_dir() else []
+    others = sorted(p.name for p in out_dir.glob("*") if not _is_dataset_file(p.name)) if out_dir.is_dir() else []
+    if others and not (out_dir / MANIFEST_NAME).exists():  # e.g. a model folder: its tokenizer.json would go
+        raise DataError(
+            f"{out_dir} holds files that are no dataset's ({', '.join(others[:3])}); prepare into a new or empty folder"
+        )
     if old and not overwrite:
         what = "a dataset" if (out_dir / MANIFEST_NAME).exists() else "an unfinished prepare (no manifest.json)"
         raise DataError(

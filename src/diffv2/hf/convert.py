@@ -251,8 +251,14 @@ def load_hf(path: PathLike, *, dtype: torch.dtype | None = None) -> DiffV2ForCau
     return (hf.to(dtype) if dtype is not None else hf).eval()
 
 
-def check_out_dir(out: PathLike, force: bool) -> Path:
+def check_out_dir(out: PathLike, force: bool, src: PathLike | None = None) -> Path:
+    """``out`` as a Path when a conversion may write there: empty or new (or ``force``), and never the source
+    folder, inside it or around it (``--force`` would write over what is being read)."""
     out = Path(out)
+    if src is not None:
+        a, b = out.resolve(), Path(src).resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise CheckpointError(f"--out {out}: overlaps the source {src}; write the conversion somewhere else")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise CheckpointError(f"--out {out}: exists and is not empty; choose another folder or pass --force")
     return out
@@ -278,7 +284,7 @@ def save_hf(
 
 def export_hf(src: PathLike, out: PathLike, *, dtype: str | None = None, force: bool = False) -> Path:
     """Native checkpoint (run dir or checkpoint dir) → HF folder, tokenizer included; returns ``out``."""
-    out = check_out_dir(out, force)
+    out = check_out_dir(out, force, src)
     native, tok, _ = load_native(src)
     extra = {"eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id} if tok is not None else {}
     hf = to_hf(native, **extra)
@@ -301,7 +307,7 @@ def save_native(
 
 def import_hf(src: PathLike, out: PathLike, *, force: bool = False) -> Path:
     """HF diffv2 folder → native run dir (step 0 checkpoint); returns the checkpoint dir."""
-    out = check_out_dir(out, force)
+    out = check_out_dir(out, force, src)
     text = read_tokenizer_json(src)
     if text is not None:  # fail before loading or writing anything when it is broken or lacks an end-of-text token
         Tokenizer.from_json_str(text, source=str(Path(src) / "tokenizer.json"))

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, load_pretrained, model_config_of, read_checkpoint_meta
+from ..checkpoint import (
+    foreign_folder,
+    latest_checkpoint,
+    load_checkpoint,
+    load_pretrained,
+    model_config_of,
+    read_checkpoint_meta,
+)
 from ..config import RUNTIME_FIELDS, ModelConfig, check_int, check_table
 from ..data import Tokenizer, TokenLoader, describe_skipped, load_manifest, prepare_dataset, verify_dataset
 from ..errors import CheckpointError, ConfigError, DataError, DiffV2Error
@@ -97,6 +104,8 @@ def setup(
     env, device = init_distributed(cfg.parallel, device_type, cfg.dist_timeout_s)
     micro_steps = cfg.micro_steps_per_rank(env.world_size)
     run_dir = Path(cfg.out_dir)
+    if (taken := foreign_folder(run_dir)) is not None:  # a run writes config.json, checkpoints/, data/ there
+        raise CheckpointError(f"--out_dir {run_dir}: {taken}; a run needs a folder of its own")
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = latest_checkpoint(run_dir)
     if existing is not None and not resume:
