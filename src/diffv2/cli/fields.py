@@ -74,3 +74,15 @@ def path_arg(text: str):
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
     return Path(text)
+
+
+def add_kv_cache_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """``--kv-cache-dtype`` of the decoding commands; the choices are ``diffv2.generate.cache.KV_DTYPES`` (not
+    imported here: it would load torch for ``--help``; tests/test_cli_generate.py holds them equal)."""
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="KV cache storage: auto = the model's dtype; int8 = int8 with a scale per cached vector, about half "
+        "the bytes of bf16 (default: %(default)s)",
+    )

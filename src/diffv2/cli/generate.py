@@ -20,7 +20,7 @@ from ..config import check_positive_int, check_text, read_text_file
 from ..errors import ConfigError, DataError
 from ..generate import TextCodec, TextStream, stream_batch
 from ..generate.cache import check_kv_dtype
-from .fields import path_arg
+from .fields import add_kv_cache_dtype_flag, path_arg
 
 DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "num_samples": 1}
 
@@ -67,13 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; slow to start)")
-    p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="KV cache storage: auto = the model's dtype; int8 = int8 with a scale per cached vector, about half "
-        "the bytes of bf16 (default: %(default)s)",
-    )
+    add_kv_cache_dtype_flag(p)
     p.add_argument("--stats", action="store_true", help="print time to first token and decode tokens/s to stderr")
     p.add_argument(
         "--no-cuda-graph",

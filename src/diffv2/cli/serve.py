@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import check_int, check_positive_int, check_seed, check_str
 from ..errors import CheckpointError, DiffV2Error
+from .fields import add_kv_cache_dtype_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,13 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="auto: bfloat16 on CUDA, float32 on the CPU (default: %(default)s)",
     )
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run decode steps eagerly (no graph capture)")
-    p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="KV cache storage: auto = the model's dtype; int8 = int8 with a scale per cached vector, about half "
-        "the bytes of bf16 (default: %(default)s)",
-    )
+    add_kv_cache_dtype_flag(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the generator shared by requests without one")
     p.add_argument(
         "--log-level",

@@ -261,8 +261,8 @@ def check_resume_state(ckpt: Path, state: dict[str, Any], config: dict[str, Any]
         history = spikes.get("history")
         if not isinstance(history, list) or not all(_finite_number(v) for v in history):
             raise CheckpointError(f"{file}: {name}.history must be a list of finite numbers")
-    if "nonfinite" in state:
-        check_int(f"{file}: nonfinite", state["nonfinite"], error=CheckpointError)
+    if "nonfinite" in state:  # steps skipped for a non-finite loss: at most every step taken so far
+        check_int(f"{file}: nonfinite", state["nonfinite"], maximum=int(state["step"]), error=CheckpointError)
 
 
 def _finite_number(value: Any) -> bool:
