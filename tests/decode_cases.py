@@ -74,7 +74,8 @@ def int8_inputs(b, hq, hkv, d, t, s, dtype, device="cpu", seed=0):
     values), and their float64 dequantisation ``q·s``, the definition the kernel must compute."""
     q, _, _, start, end, w = make_inputs(b, hq, hkv, d, t, s, dtype, device, seed)
     gen = torch.Generator().manual_seed(seed + 100)
-    kv = [QuantizedKV(*quantize_int8(torch.randn(b, 2 * hkv, s + 7, d, generator=gen)), dtype) for _ in "kv"]
-    k, v = (x.to(device) if device != "cpu" else x for x in (kv[0][:, 0::2, :s], kv[1][:, 1::2, :s]))
+    raw = [torch.randn(b, 2 * hkv, s + 7, d, generator=gen).to(device) for _ in "kv"]
+    kv = [QuantizedKV(*quantize_int8(x), dtype) for x in raw]  # quantised where the kernel reads it
+    k, v = kv[0][:, 0::2, :s], kv[1][:, 1::2, :s]
     exact = [x.data.double().cpu() * x.scale.double().cpu()[..., None] for x in (k, v)]
     return q, k, v, *exact, start, end, w
