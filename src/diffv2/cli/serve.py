@@ -87,7 +87,7 @@ def load_for_serving(path: str, device, dtype):
             raise DiffV2Error(f"serving an HF folder needs transformers: pip install 'diffv2[hf]' ({e})") from None
         cfg = read_hf_config(folder)  # the config first, then the tokenizer: both fail before the weights load
         tokenizer = read_hf_tokenizer(folder, cfg.vocab_size)
-        return load_hf_native(folder).to(device, dtype=dtype).eval(), tokenizer
+        return load_hf_native(folder, cfg).to(device, dtype=dtype).eval(), tokenizer
     from ..checkpoint import load_pretrained
 
     loaded = load_pretrained(folder, device=device, dtype=dtype)

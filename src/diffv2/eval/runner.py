@@ -65,7 +65,7 @@ def load_for_eval(path: PathLike, *, device: str | torch.device = "cpu", dtype: 
                 f"{path}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary {cfg.vocab_size}; the "
                 "tokenizer belongs to another model"
             )
-        model = load_hf_native(path).to(device, dtype=dtype).eval()
+        model = load_hf_native(path, cfg).to(device, dtype=dtype).eval()
         info = {"checkpoint": str(path), "format": "hf", "train_len": model.cfg.max_seq_len, "data_dir": None}
         return Loaded(model, tok, info)
     loaded = load_pretrained(path, device=device, dtype=dtype)

@@ -225,11 +225,12 @@ def read_hf_config(path: PathLike) -> ModelConfig:
         raise CheckpointError(f"{file}: {what}") from None
 
 
-def load_hf_native(path: PathLike) -> Transformer:
+def load_hf_native(path: PathLike, cfg: ModelConfig | None = None) -> Transformer:
     """The native ``Transformer`` (fp32, CPU, eval mode) of an HF diffv2 folder, read strictly: every weight the
     config implies present (``lm_head.weight`` may be left out only when the embeddings are tied), nothing
-    else, each of its shape, floating point and finite. Exact: the state dicts share their keys."""
-    cfg = read_hf_config(path)
+    else, each of its shape, floating point and finite. Exact: the state dicts share their keys. ``cfg``: the
+    folder's config when the caller has read it already (:func:`read_hf_config`)."""
+    cfg = cfg if cfg is not None else read_hf_config(path)
     folder = Path(path)
     _, tensors = read_hf_folder(folder)  # refuses pickle weights; every header and tensor must read
     if cfg.tie_embeddings and "lm_head.weight" not in tensors and "tok_embeddings.weight" in tensors:
