@@ -279,6 +279,20 @@ CASES = [
         RESUME,
         ["loader.window"],
     ),
+    (
+        "state-loader-window-far",
+        "run",
+        edit("CKPT/state.json", lambda s: s["loader"].update(window=10**9)),
+        RESUME,
+        ["loader.window", "loader_origin"],
+    ),
+    (
+        "state-loader-origin-str",
+        "run",
+        edit("CKPT/state.json", lambda s: s.update(loader_origin="x")),
+        RESUME,
+        ["loader_origin"],
+    ),
     ("state-loader-empty", "run", edit("CKPT/state.json", lambda s: s.update(loader={})), RESUME, ["loader"]),
     (
         "state-spikes",
@@ -354,6 +368,21 @@ CASES = [
             "TMP/e",
         ],
         ["val_000000.bin", "sha256"],
+    ),
+    # with progress bars on: the dataset is verified before any task starts its bar
+    (
+        "eval-val-flipped-progress",
+        "data",
+        flip("val_000000.bin", 5000),
+        ["eval", "--checkpoint", "RUN", "--tasks", "needle", "--data", "IN", "--quick", "--out", "TMP/e"],
+        ["val_000000.bin", "sha256"],
+    ),
+    (
+        "eval-val-out-of-vocab-progress",
+        "data",
+        token_out_of_vocab,
+        ["eval", "--checkpoint", "RUN", "--tasks", "needle", "--data", "IN", "--quick", "--out", "TMP/e"],
+        ["val_000000.bin", "vocabulary"],
     ),
     (
         "inspect-prompt-invalid-utf8",

@@ -118,6 +118,20 @@ def test_resume_refuses_trajectory_changes_unless_forced(data_dir, tmp_path, cap
     assert len(train_losses(run)) == 5
 
 
+def test_a_forced_grad_accum_change_keeps_the_saved_loader_window_checkable(data_dir, tmp_path, capsys):
+    """Each step reads grad_accum × batch_size windows from the step where that grad_accum began: a run whose
+    grad_accum changed on a forced resume resumes again, and its saved window is what its steps read."""
+    run = tmp_path / "run"
+    assert main([*flags(data_dir, run, steps=6, eval_every=0), "--stop-after", "2"]) == 0
+    resume = ["train", "--out_dir", str(run), "--resume", "--no-progress"]
+    assert main([*resume, "--grad_accum", "2", "--force", "--stop-after", "4"]) == 0
+    assert main(resume) == 0  # a resume with no change after the forced one
+    state = json.loads((run / "checkpoints" / "step_00000006" / "state.json").read_text())
+    assert state["loader_origin"] == {"step": 2, "window": 2 * 4}
+    assert state["loader"]["window"] == 2 * 4 + 4 * 2 * 4
+    capsys.readouterr()
+
+
 def _wait_for_steps(run: Path, proc: subprocess.Popen, n: int) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

@@ -327,6 +327,46 @@ def test_subprocess_jobs(text_dir, tmp_path):
     assert "they are no speed comparison" in write_report(cfg.out_dir, probe=False).read_text()
 
 
+def test_every_finished_run_is_scored_on_the_eval_tasks_and_the_report_compares_them(text_dir, tmp_path):
+    """``eval_tasks`` score each finished run once (in the worker too); a task added later scores only the
+    missing results; the report's section and the claims table read the headline scores."""
+    evals = dict(eval_tasks=["ar_hit"], eval_quick=True, eval_options={"ar_hit_windows": 2})
+    variants = ["baseline_matched", "diff_v2"]
+    cfg = make_config(text_dir, tmp_path / "out", variants=variants, seeds=[0, 1], **evals)
+    outcomes = run_grid(cfg, jobs=2, log=lambda _: None)
+    assert [(o.before, o.after) for o in outcomes] == [("new", "done")] * 4
+    results = {s.key: json.loads((s.run_dir / "eval" / "eval.json").read_text()) for s in expand_grid(cfg)}
+    assert all(set(r["tasks"]) == {"ar_hit"} and r["tasks"]["ar_hit"]["windows"] == 2 for r in results.values())
+    assert {r["settings"]["seed"] for r in results.values()} == {0}  # the same samples for every run
+    stamps = {s.key: (s.run_dir / "eval" / "eval.json").stat().st_mtime_ns for s in expand_grid(cfg)}
+    assert not any(o.trained for o in run_grid(cfg, log=lambda _: None))
+    assert stamps == {s.key: (s.run_dir / "eval" / "eval.json").stat().st_mtime_ns for s in expand_grid(cfg)}
+    more = make_config(text_dir, tmp_path / "out", variants=variants, seeds=[0, 1], **evals)
+    more.eval_tasks = ["ar_hit", "passkey"]
+    logs: list[str] = []
+    again = run_grid(more, log=logs.append)
+    assert "0 to train, 4 to evaluate" in logs[0] and {(o.before, o.after) for o in again} == {("done", "done")}
+    grid = load_grid(cfg.out_dir)
+    scores = {r.key: r.scores for r in grid.runs}
+    assert all({"ar_hit_loss", "ar_other_loss", "passkey_rank_top1"} <= set(s) for s in scores.values())
+    hit = [s["ar_hit_loss"].value for s in scores.values()]
+    assert all(math.isfinite(h) and h > 0 for h in hit)
+    report = write_report(cfg.out_dir, probe=False).read_text()
+    assert "## Evaluation tasks" in report and "`passkey_rank_top1` ↑" in report
+    assert "DIFF V2 finds a pass key in filler better than a Transformer" in report  # a row of the claims table
+
+
+def test_eval_tasks_that_train_their_own_models_or_unknown_options_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="mqar"):
+        make_config("x", tmp_path, eval_tasks=["mqar"])
+    with pytest.raises(ConfigError, match="unknown task"):
+        make_config("x", tmp_path, eval_tasks=["nope"])
+    with pytest.raises(ConfigError, match="eval_options: unknown 'needles'"):
+        make_config("x", tmp_path, eval_tasks=["needle"], eval_options={"needles": 3})
+    with pytest.raises(ConfigError, match="eval_options.needle_samples"):
+        make_config("x", tmp_path, eval_tasks=["needle"], eval_options={"needle_samples": 0})
+
+
 def test_compare_cli_dry_run_and_report_only(text_dir, tmp_path, capsys):
     config = tmp_path / "grid.toml"
     config.write_text(

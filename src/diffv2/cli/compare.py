@@ -121,5 +121,12 @@ def _print_grid(cfg, specs) -> None:
         print(f"decision rules (min_tokens {rules.min_tokens:,}, min_seeds {rules.min_seeds}, alpha {rules.alpha:g}):")
         for rule in rules.rules:
             print(f"  {rule.name}: {rule.describe().replace('**', '').replace('`', '')}")
+    if cfg.eval_tasks:
+        options = ", ".join(f"{k} {v}" for k, v in cfg.eval_options.items())
+        print(
+            f"evaluation of every finished run: {', '.join(cfg.eval_tasks)}"
+            + (" (quick)" if cfg.eval_quick else "")
+            + (f"; {options}" if options else "")
+        )
     for spec in specs:
         print(f"  {spec.key}")

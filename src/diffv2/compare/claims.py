@@ -200,6 +200,44 @@ CHECKS = [
 ]
 
 
+# The DIFF V1 paper's attention-noise claims (docs/eval.md names the section each task follows), measured by the
+# evaluation tasks' headline scores (``[compare] eval_tasks``); the direction of each is the score's own.
+EVAL_CLAIMS = {
+    "needle_rank_top1": ("V1 §3.4", "DIFF V2 retrieves needles from its context better than a Transformer"),
+    "needle_exact": ("V1 §3.4", "DIFF V2 answers needle queries exactly more often than a Transformer"),
+    "passkey_rank_top1": ("V1 §3.4", "DIFF V2 finds a pass key in filler better than a Transformer"),
+    "answer_attention": ("V1 Table 3", "DIFF V2 puts more attention on the answer than a Transformer"),
+    "ar_hit_loss": ("V1 §3.8", "DIFF V2 predicts recurring bigrams better than a Transformer"),
+    "distractor_unrelated": ("V1 noise", "unrelated context costs DIFF V2 less than a Transformer"),
+    "icl_accuracy": ("V1 §3.6", "DIFF V2 learns a label mapping in context better than a Transformer"),
+    "icl_margin": ("V1 §3.6", "DIFF V2 depends less on the order of the demonstrations than a Transformer"),
+    "lowbit4_loss_increase": ("V1 §3.7", "DIFF V2 loses less than a Transformer with 4-bit attention logits"),
+    "lowbit4_needle_rank": ("V1 §3.7", "DIFF V2 retrieves better than a Transformer with 4-bit attention logits"),
+}
+
+
+def score_metric(name: str) -> Metric:
+    return lambda r: None if (s := r.scores.get(name)) is None else s.value
+
+
+def eval_checks(grid: Grid, a: str = "diff_v2", b: str = "baseline_matched") -> list[Check]:
+    """The attention-noise rows whose scores some finished run of the grid has."""
+    seen = {name: score for r in grid.runs for name, score in r.scores.items()}
+    return [
+        Check(
+            ref,
+            claim,
+            a,
+            b,
+            score_metric(name),
+            seen[name].what,
+            expect="higher" if seen[name].higher_is_better else "lower",
+        )
+        for name, (ref, claim) in EVAL_CLAIMS.items()
+        if name in seen
+    ]
+
+
 @dataclass
 class Finding:
     check: Check
@@ -251,7 +289,7 @@ def rule_checks(rule_set: RuleSet) -> list[Check]:
 def evaluate(grid: Grid, rule_set: RuleSet) -> list[Finding]:
     """Every check whose two variants are in the grid, at every horizon, Holm-adjusted as one family."""
     findings = []
-    for check in [*CHECKS, *rule_checks(rule_set)]:
+    for check in [*CHECKS, *rule_checks(rule_set), *eval_checks(grid)]:
         if check.a not in grid.variants or check.b not in grid.variants:
             continue
         for steps in grid.horizons:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_int
 from ..errors import ConfigError
 from ..sizing import baseline_1p5h, baseline_ffn_matched, ffn_matched
 from ..train.config import TrainConfig, load_config_file
@@ -74,7 +74,18 @@ OPT_IN = (
     "baseline_2h_matched",
 )
 DEFAULT_BASELINE = "baseline_matched"
-_COMPARE_KEYS = ("variants", "seeds", "lrs", "out_dir", "baseline", "horizons", "rules")
+_COMPARE_KEYS = (
+    "variants",
+    "seeds",
+    "lrs",
+    "out_dir",
+    "baseline",
+    "horizons",
+    "rules",
+    "eval_tasks",
+    "eval_quick",
+    "eval_options",
+)
 
 
 @dataclass
@@ -89,6 +100,11 @@ class CompareConfig:
     baseline: str | None = None  # the variant the report compares against (default: the FFN-matched baseline)
     horizons: list[int] = field(default_factory=list)  # run lengths in steps; empty = the base config's steps
     rules: dict[str, Any] = field(default_factory=dict)  # the [compare.rules] table, as written (see .rules)
+    # evaluation tasks (``diffv2 eval`` names) scored on every run's final checkpoint, all with seed 0 so every run
+    # sees the same samples; ``eval_options`` sets sample counts (eval.registry.SAMPLE_OPTIONS)
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_quick: bool = False
+    eval_options: dict[str, int] = field(default_factory=dict)
 
     skipped: dict[str, str] = field(default_factory=dict, init=False)  # default variants left out, and why
     rule_set: RuleSet = field(init=False, repr=False)
@@ -131,6 +147,26 @@ class CompareConfig:
             raise ConfigError(f"compare.lrs={self.lrs!r}: learning rates must be positive")
         for name in self.variants:  # fail now, not hours into the grid, on a shape a variant cannot take
             variant_model(self.base, name, vocab_size=2)
+        self._validate_eval()
+
+    def _validate_eval(self) -> None:
+        from ..eval.registry import SAMPLE_OPTIONS, resolve_tasks
+
+        if not isinstance(self.eval_tasks, list) or not all(isinstance(t, str) for t in self.eval_tasks):
+            raise ConfigError(f"compare.eval_tasks={self.eval_tasks!r}: a list of task names, e.g. ['needle']")
+        if self.eval_tasks and (trains := [t.name for t in resolve_tasks(self.eval_tasks) if not t.needs_model]):
+            raise ConfigError(
+                f"compare.eval_tasks: {', '.join(trains)} train(s) their own models and score no run; run them with "
+                "`diffv2 eval --tasks` instead"
+            )
+        if not isinstance(self.eval_quick, bool):
+            raise ConfigError(f"compare.eval_quick={self.eval_quick!r}: must be true or false")
+        if not isinstance(self.eval_options, dict):
+            raise ConfigError(f"compare.eval_options={self.eval_options!r}: must be a table of sample counts")
+        for key, value in self.eval_options.items():
+            if key not in SAMPLE_OPTIONS:
+                raise ConfigError(f"compare.eval_options: unknown {key!r}; choose from {', '.join(SAMPLE_OPTIONS)}")
+            check_int(f"compare.eval_options.{key}", value, minimum=1, maximum=100_000)
 
     @property
     def steps(self) -> list[int]:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import claims, report_diagnostics, report_tables
+from . import claims, report_diagnostics, report_eval, report_tables
 from .grid import VARIANTS
 from .probe import probe_run
 from .results import Grid, accounting, load_grid, write_raw
@@ -47,6 +47,7 @@ def write_report(out_dir: str | Path, *, report_dir: str | Path | None = None, p
     lines = _header(grid) + report_tables.rules_section(grid, rule_set, verdicts) + _params_table(grid, params)
     lines += report_tables.final_loss_sections(grid, params) + report_tables.lr_section(grid)
     lines += report_tables.source_section(grid) + report_tables.claims_section(findings, grid, rule_set)
+    lines += report_eval.eval_section(grid)
     lines += report_diagnostics.diagnostics_sections(grid) + report_diagnostics.stability_section(grid)
     lines += _figure_section(figures) + _runs_section(grid)
     path = dest / REPORT_FILE

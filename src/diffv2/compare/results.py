@@ -22,10 +22,11 @@ import torch
 
 from ..config import ModelConfig, read_json_file
 from ..errors import DataError
+from ..eval.registry import Score, headline_scores
 from ..model import Transformer
 from .curves import grad_growth, spikes_after_warmup
 from .grid import VARIANTS
-from .runner import FAILED_FILE, GRID_FILE
+from .runner import EVAL_DIR, FAILED_FILE, GRID_FILE
 
 MAX_POINTS = 200  # points per downsampled curve
 
@@ -49,6 +50,7 @@ class RunResult:
     first_diag: dict[str, Any] | None = None  # the first one (step 1: the model almost at init)
     environment: dict[str, Any] = field(default_factory=dict)  # environment.json: versions, device, sharing
     error: str = ""
+    scores: dict[str, Score] = field(default_factory=dict)  # the evaluation tasks' headline numbers (eval/eval.json)
 
     @property
     def final_val_loss(self) -> float | None:
@@ -152,6 +154,9 @@ def load_run(run_dir: Path, variant: str, lr: float, seed: int, key: str, steps:
     elif (run_dir / FAILED_FILE).is_file():
         result.status = "diverged"
         result.error = json.loads((run_dir / FAILED_FILE).read_text(encoding="utf-8")).get("error", "")
+    if result.status == "finished" and (run_dir / EVAL_DIR / "eval.json").is_file():
+        evaluated = read_json_file(run_dir / EVAL_DIR / "eval.json", DataError)
+        result.scores = headline_scores(evaluated.get("tasks", {}) if isinstance(evaluated, dict) else {})
     return result
 
 

@@ -39,6 +39,52 @@ from .grid import CompareConfig, RunSpec, expand_grid, variant_model
 GRID_FILE = "grid.json"
 CONFIG_FILE = "compare_config.json"  # the full train config of one run, what the worker reads
 FAILED_FILE = "failed.json"
+EVAL_DIR = "eval"  # <run>/eval: eval.json, eval.md and figures of the evaluation tasks on the final checkpoint
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The evaluation tasks every finished run is scored on (``[compare] eval_tasks``); seed 0 for all runs, so
+    every run sees the same samples and the scores pair up by sample as well as by seed."""
+
+    tasks: tuple[str, ...] = ()
+    quick: bool = False
+    options: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, cfg: CompareConfig) -> EvalSpec:
+        return cls(tuple(cfg.eval_tasks), cfg.eval_quick, tuple(sorted(cfg.eval_options.items())))
+
+    def to_args(self) -> list[str]:
+        if not self.tasks:
+            return []
+        args = ["--eval-tasks", ",".join(self.tasks), "--eval-options", json.dumps(dict(self.options))]
+        return [*args, "--eval-quick"] if self.quick else args
+
+    def done(self, run_dir: Path) -> bool:
+        """Whether ``run_dir`` holds these tasks' results with these settings (nothing to do without tasks)."""
+        if not self.tasks:
+            return True
+        try:
+            saved = json.loads((run_dir / EVAL_DIR / "eval.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        settings = saved.get("settings", {})
+        same = settings.get("quick") == self.quick and settings.get("sample_options", {}) == dict(self.options)
+        return same and set(self.tasks) <= set(saved.get("tasks", {}))
+
+    def run(self, run_dir: Path) -> None:
+        from ..eval import evaluate_checkpoint
+
+        evaluate_checkpoint(
+            run_dir,
+            list(self.tasks),
+            out=run_dir / EVAL_DIR,
+            quick=self.quick,
+            seed=0,
+            options=dict(self.options),
+            progress=False,
+        )
 
 
 @dataclass
@@ -111,14 +157,27 @@ def write_grid_file(cfg: CompareConfig, specs: list[RunSpec], data_dir: Path) ->
     return path
 
 
-def execute(train_cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = False) -> tuple[str, str]:
-    """Start, resume or skip one run according to its folder; returns (state before, state after)."""
+def execute(
+    train_cfg: TrainConfig,
+    *,
+    stop_after: int | None = None,
+    progress: bool = False,
+    evals: EvalSpec = EvalSpec(),
+) -> tuple[str, str]:
+    """Start, resume or skip one run according to its folder, then score a finished run on ``evals`` unless its
+    folder holds those results already; returns (state before, state after)."""
+    run_dir = Path(train_cfg.out_dir)
+    before = run_state(run_dir)
+    after = before if before in ("done", "failed") else _train(train_cfg, before, stop_after, progress)
+    if after == "done" and not evals.done(run_dir):
+        evals.run(run_dir)
+    return before, after
+
+
+def _train(train_cfg: TrainConfig, before: str, stop_after: int | None, progress: bool) -> str:
     from ..train import TrainingError, train  # the training stack only when a run is trained, not to read results
 
     run_dir = Path(train_cfg.out_dir)
-    before = run_state(run_dir)
-    if before in ("done", "failed"):
-        return before, before
     if before == "new":
         # A run killed before its first checkpoint left records the trainer would append to; start clean.
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -133,10 +192,10 @@ def execute(train_cfg: TrainConfig, *, stop_after: int | None = None, progress: 
             raise
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FAILED_FILE).write_text(json.dumps({"error": str(err)}, indent=2), encoding="utf-8")
-        return before, "failed"
+        return "failed"
     if summary.get("signal"):  # Ctrl-C / SIGTERM: the run saved a checkpoint; the grid stops (a re-run resumes)
         raise KeyboardInterrupt
-    return before, "done" if summary["finished"] else "stopped"
+    return "done" if summary["finished"] else "stopped"
 
 
 def run_grid(
@@ -158,9 +217,15 @@ def run_grid(
     for spec in specs:
         check_run_config(spec)
     write_grid_file(cfg, specs, data_dir)
-    todo = [s for s in specs if run_state(s.run_dir) in ("new", "resume")]
+    evals = EvalSpec.of(cfg)
+    unscored = [s for s in specs if run_state(s.run_dir) == "done" and not evals.done(s.run_dir)]
+    todo = [s for s in specs if run_state(s.run_dir) in ("new", "resume") or s in unscored]
     outcomes = {s.key: RunOutcome(s.key, run_state(s.run_dir), run_state(s.run_dir)) for s in specs}
-    log(f"compare: {len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to train")
+    trained = len(todo) - len(unscored)
+    log(
+        f"compare: {len(specs)} runs, {len(specs) - trained} already finished, {trained} to train"
+        + (f", {len(unscored)} to evaluate" if unscored else "")
+    )
 
     slots: queue.SimpleQueue[int] = queue.SimpleQueue()  # which worker slot (and GPU) is free
     for slot in range(jobs):
@@ -169,12 +234,12 @@ def run_grid(
     def one(i: int, spec: RunSpec) -> None:
         start = time.perf_counter()
         if jobs == 1:
-            before, after = execute(spec.train, stop_after=stop_after, progress=progress)
+            before, after = execute(spec.train, stop_after=stop_after, progress=progress, evals=evals)
             message = ""
         else:
             slot = slots.get()
             try:
-                before, after, message = _execute_in_subprocess(spec, slot, jobs, stop_after)
+                before, after, message = _execute_in_subprocess(spec, slot, jobs, stop_after, evals)
             finally:
                 slots.put(slot)
         outcome = RunOutcome(spec.key, before, after, time.perf_counter() - start, message)
@@ -248,11 +313,13 @@ def check_run_config(spec: RunSpec) -> None:
         )
 
 
-def _execute_in_subprocess(spec: RunSpec, index: int, jobs: int, stop_after: int | None) -> tuple[str, str, str]:
+def _execute_in_subprocess(
+    spec: RunSpec, index: int, jobs: int, stop_after: int | None, evals: EvalSpec
+) -> tuple[str, str, str]:
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     config_path = spec.run_dir / CONFIG_FILE
     config_path.write_text(json.dumps(spec.train.to_dict(), indent=2), encoding="utf-8")
-    command = [sys.executable, "-m", "diffv2.compare.worker", str(config_path)]
+    command = [sys.executable, "-m", "diffv2.compare.worker", str(config_path), *evals.to_args()]
     command += ["--stop-after", str(stop_after)] if stop_after is not None else []
     log_path = spec.run_dir / "train.log"
     before = run_state(spec.run_dir)

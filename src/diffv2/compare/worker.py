@@ -11,16 +11,21 @@ import json
 import sys
 
 from ..train import TrainConfig, load_config_file
-from .runner import execute
+from .runner import EvalSpec, execute
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffv2.compare.worker")
     parser.add_argument("config", help="the run's full training config (JSON)")
     parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--eval-tasks", default="", help="comma-separated evaluation tasks for the finished run")
+    parser.add_argument("--eval-quick", action="store_true")
+    parser.add_argument("--eval-options", default="{}", help="sample counts, as JSON")
     args = parser.parse_args(argv)
     cfg = TrainConfig.from_dict(load_config_file(args.config))
-    before, after = execute(cfg, stop_after=args.stop_after, progress=False)
+    tasks = tuple(t for t in args.eval_tasks.split(",") if t)
+    evals = EvalSpec(tasks, args.eval_quick, tuple(sorted(json.loads(args.eval_options).items())))
+    before, after = execute(cfg, stop_after=args.stop_after, progress=False, evals=evals)
     print(json.dumps({"before": before, "after": after}), flush=True)
     return 0
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .context import EvalContext
-from .registry import Result, Task, register
+from .registry import Result, Score, Task, register
 from .retrieval import fmt
 
 DISTANCE_EDGES = (1, 4, 16, 64, 256, 1024, 4096)
@@ -61,7 +61,7 @@ def score(windows: np.ndarray, losses: torch.Tensor) -> dict[str, Any]:
 
 
 def run(ctx: EvalContext) -> Result:
-    n = ctx.count(ctx.options.get("ar_hit_windows", 64), 4)
+    n = ctx.count("ar_hit_windows", 64, 4)
     rng = ctx.rng("ar_hit")
     text = ctx.text()
     windows = np.stack([text.window(ctx.train_len, rng) for _ in range(n)])
@@ -98,6 +98,20 @@ def markdown(result: Result) -> str:
     return "\n".join(lines)
 
 
+def headline(result: Result) -> list[Score]:
+    return [
+        Score("ar_hit_loss", result["hit"]["loss"], False, "ar_hit: loss on tokens whose bigram occurred earlier"),
+        Score("ar_other_loss", result["other"]["loss"], False, "ar_hit: loss on the other tokens"),
+    ]
+
+
 register(
-    Task("ar_hit", "loss on tokens whose bigram occurred earlier in the window vs the rest, by distance", run, markdown)
+    Task(
+        "ar_hit",
+        "loss on tokens whose bigram occurred earlier in the window vs the rest, by distance",
+        run,
+        markdown,
+        reads_text=True,
+        headline=headline,
+    )
 )

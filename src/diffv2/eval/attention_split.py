@@ -19,7 +19,7 @@ import torch
 from ..diagnostics import attention_maps
 from .context import EvalContext
 from .needle import make_sample
-from .registry import Result, Task, register
+from .registry import Result, Score, Task, register
 from .retrieval import DEPTHS, Numbers
 
 MAX_CONTEXT = 1024  # every layer's (B, heads, T, T) maps are held at once
@@ -78,7 +78,7 @@ def run(ctx: EvalContext) -> Result:
     length = min(ctx.train_len, MAX_CONTEXT)
     numbers = Numbers(ctx.tokenizer, 5, ctx.rng("attention_split/numbers"))
     rng = ctx.rng("attention_split")
-    per_depth = ctx.count(ctx.options.get("attention_split_samples", 10), 2)
+    per_depth = ctx.count("attention_split_samples", 10, 2)
     splits, answer_tokens = [], 0
     with ctx.bar(per_depth * len(DEPTHS), "attention_split") as bar:
         for depth in DEPTHS:
@@ -135,6 +135,20 @@ def plot(result: Result, out) -> list:
     return [grouped_bars(layers, series, "attention mass on the answer", title, out / "attention_split.png")]
 
 
+def headline(result: Result) -> list[Score]:
+    key = result["best_head"]["map"]
+    what = "the effective map divided by 1 − w" if key == "effective" else "its one softmax map"
+    return [
+        Score(
+            "answer_attention",
+            result[key]["answer"],
+            True,
+            f"attention_split: attention on the answer at the query, mean over layers and heads ({what}; uniform "
+            f"attention gives {result['uniform_answer']:.3g})",
+        )
+    ]
+
+
 register(
     Task(
         "attention_split",
@@ -142,5 +156,7 @@ register(
         run,
         markdown,
         plot,
+        reads_text=True,
+        headline=headline,
     )
 )

@@ -48,8 +48,9 @@ class EvalContext:
         """A generator seeded by the run's seed and the task's name: tasks do not shift each other's samples."""
         return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
 
-    def count(self, full: int, quick: int) -> int:
-        return quick if self.quick else full
+    def count(self, option: str, full: int, quick: int) -> int:
+        """How many samples: ``options[option]`` when the caller set it, else ``quick`` or ``full``."""
+        return int(self.options[option]) if option in self.options else quick if self.quick else full
 
     def text(self) -> TextSource:
         if self.text_source is None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .context import EvalContext
-from .registry import Result, Task, register
+from .registry import Result, Score, Task, register
 
 
 def lengths(train_len: int) -> tuple[int, list[int]]:
@@ -57,7 +57,7 @@ def conditions(true_prefix: np.ndarray, unrelated: np.ndarray, ks: list[int]) ->
 def run(ctx: EvalContext) -> Result:
     target, ks = lengths(ctx.train_len)
     text = ctx.text()
-    n = ctx.count(ctx.options.get("distractor_samples", 64), 6)
+    n = ctx.count("distractor_samples", 64, 6)
     samples, unrelated_from = make_samples(text.documents, target, ks, n, ctx.rng("distractor"))
     base = {
         "task": "distractor",
@@ -109,4 +109,31 @@ def markdown(result: Result) -> str:
     return "\n".join(lines)
 
 
-register(Task("distractor", "loss after the true prefix, after unrelated text and after nothing", run, markdown))
+def headline(result: Result) -> list[Score]:
+    k = max(result["ks"])
+    return [
+        Score(
+            "distractor_unrelated",
+            result["minus_none"][f"unrelated_{k}"]["mean"],
+            False,
+            f"distractor: loss after {k} tokens of unrelated text minus loss after none",
+        ),
+        Score(
+            "distractor_true",
+            result["minus_none"][f"true_{k}"]["mean"],
+            False,
+            f"distractor: loss after the true {k}-token prefix minus loss after none",
+        ),
+    ]
+
+
+register(
+    Task(
+        "distractor",
+        "loss after the true prefix, after unrelated text and after nothing",
+        run,
+        markdown,
+        reads_text=True,
+        headline=headline,
+    )
+)

@@ -20,7 +20,7 @@ import torch
 from ..data.tokenizer import Tokenizer
 from ..errors import DataError
 from .context import EvalContext, tie_aware_top1
-from .registry import Result, Task, register
+from .registry import Result, Score, Task, register
 
 CLASS_COUNTS = (2, 4)
 LABEL_WORDS = (
@@ -111,7 +111,7 @@ def accuracy(ctx: EvalContext, prompt: list[int], conts: list[list[int]], labels
 
 def run(ctx: EvalContext) -> Result:
     seeds = ctx.options.get("icl_seeds", 10)
-    n_queries = ctx.count(ctx.options.get("icl_queries", 32), 8)
+    n_queries = ctx.count("icl_queries", 32, 8)
     rng = ctx.rng("icl")
     results = []
     with ctx.bar(len(CLASS_COUNTS) * 2 * seeds, "icl") as bar:
@@ -153,6 +153,25 @@ def markdown(result: Result) -> str:
     return "\n".join(lines)
 
 
+def headline(result: Result) -> list[Score]:
+    row = max(result["by_k"], key=lambda r: r["k"])
+    return [
+        Score("icl_accuracy", row["random"]["mean"], True, f"icl: accuracy at k = {row['k']}, random order"),
+        Score(
+            "icl_margin",
+            row["random"]["margin"],
+            False,
+            f"icl: best − worst accuracy over {result['seeds']} demonstration orders at k = {row['k']}",
+        ),
+    ]
+
+
 register(
-    Task("icl", "in-context k-class label mapping: accuracy and its spread over demonstration orders", run, markdown)
+    Task(
+        "icl",
+        "in-context k-class label mapping: accuracy and its spread over demonstration orders",
+        run,
+        markdown,
+        headline=headline,
+    )
 )

@@ -19,7 +19,7 @@ import torch
 from ..diagnostics import attention_logit_transform
 from . import needle
 from .context import EvalContext
-from .registry import Result, Task, register
+from .registry import Result, Score, Task, register
 from .retrieval import DEPTHS, fmt
 
 BITS = (8, 6, 4)
@@ -51,8 +51,8 @@ def measure(ctx: EvalContext, windows: np.ndarray, cells: list[dict]) -> dict:
 def run(ctx: EvalContext) -> Result:
     rng = ctx.rng("lowbit")
     text = ctx.text()
-    windows = np.stack([text.window(ctx.train_len, rng) for _ in range(ctx.count(16, 2))])
-    n = ctx.count(ctx.options.get("lowbit_needle_samples", 10), 1)
+    windows = np.stack([text.window(ctx.train_len, rng) for _ in range(ctx.count("lowbit_windows", 16, 2))])
+    n = ctx.count("lowbit_needle_samples", 10, 1)
     cells = [
         {"length": ctx.train_len, "n_needles": nn, "n_queried": 1, "depth": d, "n": n} for nn in (1, 4) for d in DEPTHS
     ]
@@ -91,4 +91,32 @@ def markdown(result: Result) -> str:
     return "\n".join(lines)
 
 
-register(Task("lowbit", "loss and needle accuracy with attention logits fake-quantised to 8/6/4 bits", run, markdown))
+def headline(result: Result) -> list[Score]:
+    bits = min(BITS)
+    w = result["widths"][f"{bits}-bit"]
+    return [
+        Score(
+            f"lowbit{bits}_loss_increase",
+            w["loss_increase"],
+            False,
+            f"lowbit: loss increase with attention logits at {bits} bits",
+        ),
+        Score(
+            f"lowbit{bits}_needle_rank",
+            w["needle_ll"],
+            True,
+            f"lowbit: needle log-likelihood top-1 with attention logits at {bits} bits",
+        ),
+    ]
+
+
+register(
+    Task(
+        "lowbit",
+        "loss and needle accuracy with attention logits fake-quantised to 8/6/4 bits",
+        run,
+        markdown,
+        reads_text=True,
+        headline=headline,
+    )
+)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .context import EvalContext
-from .registry import Result, Task, register
+from .registry import Result, Score, Task, register
 from .retrieval import DEPTHS, N_CANDIDATES, Numbers, Sample, fmt, heat_table, run_cells, summarize
 from .text import insert_at_depths
 
@@ -63,7 +63,7 @@ def cells(ctx: EvalContext, numbers: Numbers) -> list[dict[str, Any]]:
     """Every (length, N, R, depth); lengths start where one needle and its query fill at most half."""
     longest = max(CITIES, key=lambda c: len(ctx.tokenizer.encode(NEEDLE.format(city=c))))
     one = len(ctx.tokenizer.encode(NEEDLE.format(city=longest) + QUERY.format(city=longest))) + numbers.n_tokens + 1
-    n = ctx.count(ctx.options.get("needle_samples", 50), 3)
+    n = ctx.count("needle_samples", 50, 3)
     return [
         {"length": length, "n_needles": nn, "n_queried": r, "depth": d, "n": n}
         for length in ctx.context_lengths(2 * one)
@@ -129,6 +129,20 @@ def plot(result: Result, out) -> list:
     return [depth_length_heatmaps(result["by_depth_length"], result["train_len"], "needle", out / "needle.png")]
 
 
+def headline(result: Result) -> list[Score]:
+    row = (result["overall_within_train_len"] or [{}])[0]
+    within = "contexts up to the training length"
+    return [
+        Score(
+            "needle_rank_top1",
+            row.get("ll"),
+            True,
+            f"needle: the queried number ranked first of {result['candidates']} by log-likelihood, {within}",
+        ),
+        Score("needle_exact", row.get("em"), True, f"needle: greedy exact match, {within}"),
+    ]
+
+
 register(
     Task(
         "needle",
@@ -136,5 +150,7 @@ register(
         run,
         markdown,
         plot,
+        reads_text=True,
+        headline=headline,
     )
 )

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from .context import EvalContext
-from .registry import Result, Task, register
-from .retrieval import DEPTHS, N_CANDIDATES, Numbers, Sample, fmt, heat_table, run_cells, summarize
+from .registry import Result, Score, Task, register
+from .retrieval import DEPTHS, N_CANDIDATES, Numbers, Sample, fmt, heat_table, run_cells, summarize, weighted_mean
 from .text import insert_at_depths
 
 INTRO = "A pass key is hidden in this text. Remember it.\n"
@@ -42,7 +42,7 @@ def run(ctx: EvalContext, cells_override: list[dict[str, Any]] | None = None) ->
     numbers = Numbers(ctx.tokenizer, DIGITS, ctx.rng("passkey/numbers"))
     # the shortest context: intro, key line and query fill half of it, filler the rest
     fixed = len(ctx.tokenizer.encode(INTRO + "".join(KEY) + QUERY)) + 2 * numbers.n_tokens + 1
-    n = ctx.count(ctx.options.get("passkey_samples", 20), 3)
+    n = ctx.count("passkey_samples", 20, 3)
     grid = cells_override or [
         {"length": length, "depth": d, "n": n} for length in ctx.context_lengths(2 * fixed) for d in DEPTHS
     ]
@@ -86,6 +86,26 @@ def plot(result: Result, out) -> list:
     return [depth_length_heatmaps(result["by_depth_length"], result["train_len"], "passkey", out / "passkey.png")]
 
 
+def headline(result: Result) -> list[Score]:
+    rows = [r for r in result["by_length"] if r["length"] <= result["train_len"]]
+    return [
+        Score(
+            "passkey_rank_top1",
+            weighted_mean(rows, "ll"),
+            True,
+            f"passkey: the key ranked first of {result['candidates']} by log-likelihood, contexts up to the training "
+            "length",
+        )
+    ]
+
+
 register(
-    Task("passkey", "a pass key in filler text at five depths (exact match, log-likelihood rank)", run, markdown, plot)
+    Task(
+        "passkey",
+        "a pass key in filler text at five depths (exact match, log-likelihood rank)",
+        run,
+        markdown,
+        plot,
+        headline=headline,
+    )
 )

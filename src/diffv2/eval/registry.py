@@ -15,6 +15,29 @@ if TYPE_CHECKING:
     from .context import EvalContext
 
 Result = dict[str, Any]
+# per-task sample counts a caller may set in ``options`` (each task's default is in its module); the rest of
+# ``options`` is internal (device, text source, mqar's settings)
+SAMPLE_OPTIONS = (
+    "needle_samples",
+    "passkey_samples",
+    "attention_split_samples",
+    "ar_hit_windows",
+    "distractor_samples",
+    "icl_seeds",
+    "icl_queries",
+    "lowbit_windows",
+    "lowbit_needle_samples",
+)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One number a task's result is summarised by, which ``diffv2 compare`` compares across variants."""
+
+    name: str
+    value: float | None
+    higher_is_better: bool
+    what: str  # what it measures, for the report
 
 
 @dataclass(frozen=True)
@@ -25,6 +48,8 @@ class Task:
     markdown: Callable[[Result], str]  # the result as a markdown section (no heading)
     plot: Callable[[Result, Path], list[Path]] | None = None  # figures into a folder (needs matplotlib)
     needs_model: bool = True  # False: the task trains its own models (mqar)
+    reads_text: bool = False  # builds on the run's val split / the corpus (loaded and verified before any task)
+    headline: Callable[[Result], list[Score]] | None = None  # the result's summary numbers (see Score)
 
 
 TASKS: dict[str, Task] = {}
@@ -65,3 +90,15 @@ def resolve_tasks(names: str | Iterable[str]) -> list[Task]:
 def available() -> list[str]:
     named = sorted(TASKS, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
     return [*named, *(f"{family}:TASK" for family in FAMILIES)]
+
+
+def headline_scores(results: dict[str, Result]) -> dict[str, Score]:
+    """Every registered task's summary numbers from ``{task name: result}`` (an eval.json's ``tasks``), by score
+    name; tasks without a headline (lm-eval families, mqar) and skipped results give none."""
+    out: dict[str, Score] = {}
+    for name, result in results.items():
+        task = TASKS.get(name)
+        if task is None or task.headline is None or not isinstance(result, dict) or "skipped" in result:
+            continue
+        out.update((s.name, s) for s in task.headline(result))
+    return out

@@ -144,6 +144,13 @@ def summarize(records: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict
     return rows
 
 
+def weighted_mean(rows: list[dict[str, Any]], metric: str) -> float | None:
+    """The mean of ``metric`` over summary rows, each weighted by its sample count ``n`` (None: no values)."""
+    rows = [r for r in rows if r.get(metric) is not None and r.get("n")]
+    total = sum(r["n"] for r in rows)
+    return sum(r[metric] * r["n"] for r in rows) / total if total else None
+
+
 def run_cells(ctx: EvalContext, name: str, cells: list[dict[str, Any]], build):
     """Build and score the samples of every cell (``build(cell, rng) -> Sample | None``); returns the per-sample
     records (the same seed gives the same samples, so records of two checkpoints pair up) and the cells skipped

@@ -18,7 +18,7 @@ from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from .context import EvalContext
-from .registry import Task, resolve_tasks
+from .registry import SAMPLE_OPTIONS, Task, resolve_tasks
 from .report import write_outputs
 
 PathLike = str | os.PathLike[str]
@@ -108,10 +108,13 @@ def run_tasks(
     if needing and (model is None or tokenizer is None):
         raise ConfigError(f"--checkpoint: {', '.join(needing)} need(s) a model and its tokenizer")
     ctx = _context(model, tokenizer, quick, seed, train_len, data_dir, options or {}, progress)
+    if any(t.reads_text for t in resolved):
+        ctx.text()  # a damaged dataset is reported before any task starts its progress bar
     results: dict[str, Any] = {}
     for task in resolved:
         results[task.name] = _timed(task, ctx)
     settings = {"seed": seed, "quick": quick, "train_len": ctx.train_len, "device": str(ctx.device), **(info or {})}
+    settings["sample_options"] = {k: v for k, v in ctx.options.items() if k in SAMPLE_OPTIONS}
     if model is not None:
         settings["model"] = model.cfg.to_dict() if isinstance(model, Transformer) else type(model).__name__
     summary = {"settings": settings, "tasks": results}

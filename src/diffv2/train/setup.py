@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ class Run:
     autocast_dtype: torch.dtype | None
     env: DistEnv
     micro_steps: int  # micro-steps per optimizer step on this rank: grad_accum / world_size
+    # the step and loader window where this grad_accum began (a forced resume may change it): from there on, each
+    # step reads grad_accum × batch_size windows, which lets a resume check the saved window against the step
+    loader_origin: dict[str, int] = field(default_factory=lambda: {"step": 0, "window": 0})
 
     @property
     def model(self) -> nn.Module:
@@ -213,6 +216,10 @@ def _resume(run: Run, ckpt: Path) -> dict[str, Any]:
             )
     state = load_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, map_location=run.device)
     run.loader.load_state_dict(state["loader"])  # a global position: any world size continues the same stream
+    origin = saved_state.get("loader_origin")
+    if origin is None or saved_cfg["train"].get("grad_accum") != run.cfg.grad_accum:
+        origin = {"step": int(saved_state["step"]), "window": run.loader.window}
+    run.loader_origin = {"step": int(origin["step"]), "window": int(origin["window"])}
     return state
 
 
@@ -255,6 +262,8 @@ def check_resume_state(ckpt: Path, state: dict[str, Any], config: dict[str, Any]
             check_int(f"{file}: loader.{key}", loader[key], maximum=2**63 - 1, error=CheckpointError)
     if "window" not in loader and not {"epoch", "position"} <= set(loader):
         raise CheckpointError(f"{file}: loader has no 'window' (nor 'epoch' and 'position'); not a diffv2 state")
+    if "loader_origin" in state and "window" in loader:
+        _check_loader_window(file, state, config["train"])
     for name in ("loss_spikes", "grad_spikes") if "loss_spikes" in state or "grad_spikes" in state else ():
         spikes = check_table(f"{file}: {name}", state.get(name), CheckpointError)
         check_int(f"{file}: {name}.count", spikes.get("count"), error=CheckpointError)
@@ -282,3 +291,19 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, RecursionError):
         return None
     return summary if isinstance(summary, dict) and summary.get("finished") is True else None
+
+
+def _check_loader_window(file: Path, state: dict[str, Any], train: dict[str, Any]) -> None:
+    """The saved loader window must be where training leaves it: every step since ``loader_origin`` read
+    grad_accum × batch_size windows (a tampered window would silently skip or repeat data)."""
+    origin = check_table(f"{file}: loader_origin", state["loader_origin"], CheckpointError)
+    step = int(state["step"])
+    check_int(f"{file}: loader_origin.step", origin.get("step"), maximum=step, error=CheckpointError)
+    check_int(f"{file}: loader_origin.window", origin.get("window"), maximum=2**63 - 1, error=CheckpointError)
+    per_step = int(train.get("grad_accum") or 1) * int(train.get("batch_size") or 0)
+    expect = origin["window"] + (step - origin["step"]) * per_step
+    if state["loader"]["window"] != expect:
+        raise CheckpointError(
+            f"{file}: loader.window={state['loader']['window']} but {step - origin['step']} steps of {per_step} "
+            f"windows from loader_origin give {expect}; the state was not written by this run's training"
+        )

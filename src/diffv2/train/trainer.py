@@ -342,6 +342,7 @@ class Trainer:
         state = {
             "step": self.step,
             "loader": run.loader.state_dict(),
+            "loader_origin": run.loader_origin,
             "loss_spikes": self.loss_spikes.state_dict(),
             "grad_spikes": self.grad_spikes.state_dict(),
             "nonfinite": self.nonfinite,
