@@ -17,9 +17,9 @@ clients in a second process, so their Python does not share the server's interpr
   batches of ``--max-batch`` (each batch decodes until its longest request is done; tokens/s counts the tokens
   asked for), by ``generate_batch`` and by HF transformers ``generate`` on the model exported to HF.
 
-The run is time-boxed (``--time-budget``): a phase that would start after the budget is spent is skipped and
-marked so. Results go to ``OUT/serve_bench.json`` (written atomically, after every phase); a table is printed
-last.
+The run is time-boxed (``--time-budget``, shared equally by the variants): a phase that would start after its
+variant's share is spent is skipped and marked so. Results go to ``OUT/serve_bench.json`` (written atomically,
+after every phase); a table is printed last.
 """
 
 from __future__ import annotations
@@ -309,8 +309,10 @@ def main() -> None:
     if args.quick:
         torch.set_num_threads(1)  # a smoke test: intra-op threads only thrash on a small, shared CPU
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for variant in variants:
-            bench_variant(variant, args, pool, deadline, emit)  # its model and caches are freed on return
+        for i, variant in enumerate(variants):
+            # an equal share of the time left per variant: a short budget cuts the same phases of each
+            share = time.monotonic() + (deadline - time.monotonic()) / (len(variants) - i)
+            bench_variant(variant, args, pool, share, emit)  # its model and caches are freed on return
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print()

@@ -363,7 +363,7 @@ def test_eval_tasks_that_train_their_own_models_or_unknown_options_are_refused(t
         make_config("x", tmp_path, eval_tasks=["nope"])
     with pytest.raises(ConfigError, match="eval_options: unknown 'needles'"):
         make_config("x", tmp_path, eval_tasks=["needle"], eval_options={"needles": 3})
-    with pytest.raises(ConfigError, match="eval_options.needle_samples"):
+    with pytest.raises(ConfigError, match=r"eval_options\.needle_samples"):
         make_config("x", tmp_path, eval_tasks=["needle"], eval_options={"needle_samples": 0})
 
 
