@@ -346,6 +346,12 @@ def test_every_finished_run_is_scored_on_the_eval_tasks_and_the_report_compares_
     logs: list[str] = []
     again = run_grid(more, log=logs.append)
     assert "0 to train, 4 to evaluate" in logs[0] and {(o.before, o.after) for o in again} == {("done", "done")}
+    # a run copied without its checkpoints cannot be scored on a task added later: said, not an error
+    shutil.rmtree(expand_grid(cfg)[0].run_dir / "checkpoints")
+    more.eval_tasks = ["ar_hit", "passkey", "distractor"]
+    logs.clear()
+    run_grid(more, log=logs.append)
+    assert "3 to evaluate; 1 finished without eval results cannot be scored (no checkpoint)" in logs[0]
     grid = load_grid(cfg.out_dir)
     scores = {r.key: r.scores for r in grid.runs}
     assert all({"ar_hit_loss", "ar_other_loss", "passkey_rank_top1"} <= set(s) for s in scores.values())

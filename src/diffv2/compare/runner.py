@@ -169,7 +169,7 @@ def execute(
     run_dir = Path(train_cfg.out_dir)
     before = run_state(run_dir)
     after = before if before in ("done", "failed") else _train(train_cfg, before, stop_after, progress)
-    if after == "done" and not evals.done(run_dir):
+    if after == "done" and not evals.done(run_dir) and latest_checkpoint(run_dir) is not None:
         evals.run(run_dir)
     return before, after
 
@@ -218,13 +218,19 @@ def run_grid(
         check_run_config(spec)
     write_grid_file(cfg, specs, data_dir)
     evals = EvalSpec.of(cfg)
-    unscored = [s for s in specs if run_state(s.run_dir) == "done" and not evals.done(s.run_dir)]
+    finished = [s for s in specs if run_state(s.run_dir) == "done" and not evals.done(s.run_dir)]
+    unscored = [s for s in finished if latest_checkpoint(s.run_dir) is not None]
     todo = [s for s in specs if run_state(s.run_dir) in ("new", "resume") or s in unscored]
     outcomes = {s.key: RunOutcome(s.key, run_state(s.run_dir), run_state(s.run_dir)) for s in specs}
     trained = len(todo) - len(unscored)
     log(
         f"compare: {len(specs)} runs, {len(specs) - trained} already finished, {trained} to train"
         + (f", {len(unscored)} to evaluate" if unscored else "")
+        + (
+            f"; {len(finished) - len(unscored)} finished without eval results cannot be scored (no checkpoint)"
+            if len(finished) > len(unscored)
+            else ""
+        )
     )
 
     slots: queue.SimpleQueue[int] = queue.SimpleQueue()  # which worker slot (and GPU) is free
