@@ -92,6 +92,23 @@ def test_logit_summary_ignores_masked_entries():
     assert out[m.LOGIT_TOP1] == pytest.approx(top)
 
 
+def test_key0_of_the_normalized_map_from_its_column_equals_the_whole_maps():
+    a1, a2 = causal_softmax(torch.randn(2, 3, 9, 9)), causal_softmax(torch.randn(2, 3, 9, 9))
+    for w in (torch.rand(2, 3, 9), 0.4):
+        expect = m.key0_mass(m.normalized_difference(a1, a2, w))
+        assert torch.allclose(m.key0_mass_normalized(a1, a2, w), expect, rtol=1e-12, atol=0)
+
+
+def test_the_median_of_many_logits_is_estimated_from_a_sample_close_to_the_exact_one():
+    logits = torch.randn(4, 6, 512, 512) * 3 + 1  # 6.3M entries, half of them masked
+    masked = logits.masked_fill(torch.ones(512, 512, dtype=torch.bool).triu(1), float("-inf"))
+    top, median = m.logit_summary(masked)
+    valid = logits[:, :, torch.ones(512, 512, dtype=torch.bool).tril()]
+    assert top == valid.max().item()  # the maximum is always exact
+    assert abs(median - valid.median().item()) < 0.02  # the sample's standard error here is about 0.004
+    assert m.logit_summary(masked) == (top, median)  # seeded: the same estimate every time
+
+
 # ---------------------------------------------------------------------- statistics
 def test_paired_t_interval_and_p_against_known_values():
     # diffs 1, 2, 3: mean 2, sd 1, t = 2·√3 on 2 df; two-sided p = 1 − t/√(t² + 2) for 2 df
