@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import gather_weights, latest_checkpoint, save_checkpoint
 from ..config import check_int
-from ..data import EvalBatches, SplitDocuments, split_documents, spread_windows
+from ..data import EvalBatches, split_documents, spread_windows
 from ..diagnostics import diagnose
 from ..generate import generate
 from ..model import Transformer
 from .config import MAX_STEPS, TrainConfig
 from .console import StopRequests, log_line, stop_message
 from .distributed import clip_grad_norm_
+from .evaluation import autocast, evaluate, summarize_diagnostics
 from .monitor import MetricsLogger, SpikeDetector, StepProfiler, last_results
 from .schedule import lr_at
 from .setup import Run, TrainingError, check_stop_after, read_summary, setup, write_json
@@ -38,56 +38,6 @@ __all__ = ["PEAK_FLOPS", "VAL_SPLIT_FILE", "Trainer", "TrainingError", "evaluate
 
 # dense bf16 peak FLOP/s by device name, for MFU (vendor datasheets)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
-
-
-def _autocast(run: Run):
-    return torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None)
-
-
-@torch.no_grad()
-def evaluate(run: Run, batches: EvalBatches, documents: SplitDocuments | None = None) -> dict[str, Any]:
-    """Mean loss per token over all ranks' eval batches (each rank runs its share; a sharded model runs them in
-    step). With the split's ``documents`` it is also broken down by half (select/test) and source."""
-    run.model.eval()
-    n_groups = documents.n_groups if documents is not None else 1
-    totals = torch.zeros(2, n_groups, dtype=torch.float64, device=run.device)  # loss sums, token counts
-    for index, real in batches.rounds():
-        x, y = (t.to(run.device) for t in batches.batch(index))
-        with _autocast(run):
-            logits = run.par.eval_fn(x, y)[0]
-        if not real:
-            continue
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
-        if documents is None:
-            groups = torch.zeros_like(y.flatten())
-        else:
-            groups = torch.from_numpy(documents.groups_of(batches.target_positions(index))).to(run.device).flatten()
-        onehot = F.one_hot(groups, n_groups).double()  # a matmul, not an atomic scatter: the same sums every time
-        totals[0] += losses @ onehot
-        totals[1] += onehot.sum(0)
-    run.model.train()
-    run.env.all_reduce(totals)
-    sums, counts = totals.cpu().numpy()
-    if documents is None:
-        return {"val_loss": float(sums[0] / counts[0]), "val_tokens": int(counts[0])}
-    return documents.summarize(sums, counts)
-
-
-def summarize_diagnostics(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-layer lists of the diagnostics :func:`diffv2.diagnostics.diagnose` records: every number or list that
-    each layer recorded, with ``context_rms`` and ``sink_mass`` (per head) reduced to the layer mean (the per-head
-    context RMS is kept as ``context_rms_per_head``)."""
-    out: dict[str, Any] = {}
-    for key in stats[0]:
-        values = [s.get(key) for s in stats]
-        if all(isinstance(v, int | float | list) for v in values):  # leaves out maps and other tensors
-            out[key] = values
-    if "context_rms" in out:
-        out["context_rms_per_head"] = out["context_rms"]
-        out["context_rms"] = [sum(v) / len(v) for v in out["context_rms"]]
-    if "sink_mass" in out:
-        out["sink_mass"] = [sum(v) / len(v) for v in out["sink_mass"]]
-    return out
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
@@ -272,7 +222,7 @@ class Trainer:
         for i in range(run.micro_steps):
             x, y = (t.to(run.device, non_blocking=True) for t in next(run.loader))
             with run.par.grad_sync(i == run.micro_steps - 1):  # reduce gradients once, on the last micro-step
-                with _autocast(run):
+                with autocast(run):
                     _, loss = run.par.train_fn(x, y)
                 (loss / run.micro_steps).backward()  # ranks average their gradients: the mean over grad_accum
             loss_sum += loss.detach()
