@@ -1,5 +1,6 @@
-"""attention_split and lowbit: the split sums to 1 per softmax map and sees constructed answers; fake quantisation
-at 16 bits changes nothing and at 4 bits changes the logits."""
+"""attention_split, lowbit and kv_int8: the split sums to 1 per softmax map and sees constructed answers; fake
+quantisation at 16 bits changes nothing and at 4 bits changes the logits; the int8 KV cache's round trip changes
+the loss a little, and its headline scores come from the int8 row."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 from diffv2 import ModelConfig, Transformer
 from diffv2.diagnostics import attention_logit_transform
-from diffv2.eval import attention_split, lowbit
+from diffv2.eval import attention_split, kv_int8, lowbit
+from diffv2.eval.registry import headline_scores
 
 from .test_eval import V, context
 
@@ -75,3 +77,18 @@ def test_lowbit_task_reports_every_width() -> None:
     assert list(result["widths"]) == ["full", "8-bit", "6-bit", "4-bit"]
     assert result["widths"]["full"]["loss_increase"] == 0.0
     assert all(0.0 <= w["needle_ll"] <= 1.0 for w in result["widths"].values())
+
+
+@pytest.mark.parametrize("attention", ["baseline", "diff_v2"])
+def test_kv_int8_task_compares_the_int8_cache_with_the_model_dtype(attention) -> None:
+    model = tiny(attention)
+    ctx = context(model, train_len=256, kv_int8_needle_samples=1, kv_int8_windows=3)
+    result = kv_int8.run(ctx)
+    assert list(result["widths"]) == ["model dtype", "int8"] and result["windows"] == 3
+    full, int8 = result["widths"]["model dtype"], result["widths"]["int8"]
+    assert full["loss_increase"] == 0.0 and int8["loss_increase"] != 0.0  # the round trip rounds something
+    assert abs(int8["loss_increase"]) < 0.05 * full["loss"]  # and not much: 8 bits per value
+    assert all(layer.attn.kv_transform is None for layer in model.layers)  # the hooks are gone afterwards
+    scores = headline_scores({"kv_int8": result})
+    assert scores["kv_int8_loss_increase"].value == int8["loss_increase"]
+    assert scores["kv_int8_needle_rank"].value == int8["needle_ll"]

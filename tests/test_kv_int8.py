@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from diffv2 import ModelConfig, Transformer
+from diffv2.diagnostics import attention_kv_transform
 from diffv2.errors import ConfigError
 from diffv2.generate import KVCache, RowDecoder, generate_batch, stream_batch
 from diffv2.generate.step import DecodeStep
 from diffv2.kernels import QuantizedKV, quantize_int8
 from diffv2.kernels import decode_triton as dt
+from diffv2.kernels.kv_int8 import int8_round_trip
 
 from .decode_cases import check, int8_inputs, make_inputs, reference
 
@@ -112,6 +114,22 @@ def test_int8_decode_stays_within_the_logit_bound(attention, static):
     clear = top2[..., 0] - top2[..., 1] > 2 * err
     assert clear.float().mean() > 0.5  # the check below is not vacuous
     assert torch.equal(int8.argmax(-1)[clear], full.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["prefix", "static"])
+@pytest.mark.parametrize("attention", ["baseline", "diff_v1", "diff_v2", "gated"])
+@torch.no_grad()
+def test_a_forward_through_the_int8_round_trip_is_decoding_from_an_int8_cache(attention, static):
+    """What ``diffv2 eval --tasks kv_int8`` scores: one forward with every layer's keys and values through the
+    cache's round trip gives the logits of teacher-forced decoding over a real int8 cache."""
+    model = model_for(attention, seed=4)
+    seq = torch.randint(0, 61, (3, 16), generator=torch.Generator().manual_seed(5))
+    with attention_kv_transform(model, int8_round_trip):
+        forward = model(seq)
+    decoded = _teacher_forced(model, seq, "int8", static)
+    torch.testing.assert_close(forward, decoded, rtol=1e-4, atol=1e-5)
+    assert (forward - model(seq)).abs().max() > 1e-4  # the round trip changed something, and the hook is gone
+    assert all(layer.attn.kv_transform is None for layer in model.layers)
 
 
 @pytest.mark.parametrize("attention", ["baseline", "diff_v1", "diff_v2"])

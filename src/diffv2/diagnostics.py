@@ -117,4 +117,27 @@ def attention_logit_transform(model: nn.Module, transform: Callable[[torch.Tenso
             layer.backend, layer.logit_transform = backend, previous
 
 
-__all__ = ["AttentionMaps", "attention_logit_transform", "attention_maps", "diagnose", "subtraction_weights"]
+@contextmanager
+def attention_kv_transform(model: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block every attention layer maps its rotated keys and its values (B, Hkv, S, d) through
+    ``transform`` before caching or attending to them, on whatever path it runs: e.g. the int8 KV cache's round
+    trip (``kernels.kv_int8.int8_round_trip``), to score a model as if it decoded from that cache."""
+    layers = _attention_layers(model)
+    saved = [layer.kv_transform for layer in layers]
+    try:
+        for layer in layers:
+            layer.kv_transform = transform
+        yield
+    finally:
+        for layer, previous in zip(layers, saved, strict=True):
+            layer.kv_transform = previous
+
+
+__all__ = [
+    "AttentionMaps",
+    "attention_kv_transform",
+    "attention_logit_transform",
+    "attention_maps",
+    "diagnose",
+    "subtraction_weights",
+]

@@ -46,6 +46,7 @@ class Attention(nn.Module):
 
     name: ClassVar[str]
     logit_transform = None  # a map of the logits before the softmax, eager path only (diffv2.diagnostics)
+    kv_transform = None  # a map of the rotated keys and of the values before they are cached (diffv2.diagnostics)
     # linears that read the layer input x; generation fuses them into one matmul (diffv2.generate.fusion)
     input_projections: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj")
     # the linear whose output is ``combine``'s per-token input (diagnostics recompute it from x), if any
@@ -102,6 +103,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = (r.transpose(1, 2) for r in apply_rope_qk(q, k, *rope))
+        if self.kv_transform is not None:
+            k, v = self.kv_transform(k), self.kv_transform(v)
         if cache is not None:
             k, v = cache.update(k, v)
         return q, k, v

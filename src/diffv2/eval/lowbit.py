@@ -11,6 +11,8 @@ logits widen the step for the whole row, which is the failure the paper ties to 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from functools import partial
 
 import numpy as np
@@ -48,32 +50,46 @@ def measure(ctx: EvalContext, windows: np.ndarray, cells: list[dict]) -> dict:
     }
 
 
-def run(ctx: EvalContext) -> Result:
-    rng = ctx.rng("lowbit")
+def under_conditions(ctx: EvalContext, name: str, conditions: dict[str, Callable[[], ContextManager]]) -> Result:
+    """Loss on windows of the training length and needle accuracy (1 or 4 needles, one queried, five depths) under
+    each condition (a context manager changing how attention computes); every condition sees the same windows and
+    needles, and ``loss_increase`` is against the first. Sample counts: options ``{name}_windows`` and
+    ``{name}_needle_samples``."""
+    rng = ctx.rng(name)
     text = ctx.text()
-    windows = np.stack([text.window(ctx.train_len, rng) for _ in range(ctx.count("lowbit_windows", 16, 2))])
-    n = ctx.count("lowbit_needle_samples", 10, 1)
+    windows = np.stack([text.window(ctx.train_len, rng) for _ in range(ctx.count(f"{name}_windows", 16, 2))])
+    n = ctx.count(f"{name}_needle_samples", 10, 1)
     cells = [
         {"length": ctx.train_len, "n_needles": nn, "n_queried": 1, "depth": d, "n": n} for nn in (1, 4) for d in DEPTHS
     ]
     inner = dataclasses.replace(ctx, progress=False)  # the needle runs inside this task's own bar
     widths: dict[str, dict] = {}
-    with ctx.bar(1 + len(BITS), "lowbit") as bar:
-        for bits in (None, *BITS):
-            transform = identity if bits is None else partial(fake_quantize, bits=bits)
-            with attention_logit_transform(ctx.model, transform):
-                widths["full" if bits is None else f"{bits}-bit"] = measure(inner, windows, cells)
+    with ctx.bar(len(conditions), name) as bar:
+        for label, condition in conditions.items():
+            with condition():
+                widths[label] = measure(inner, windows, cells)
             bar.update()
-    full = widths["full"]
+    first = next(iter(widths.values()))
     for w in widths.values():
-        w["loss_increase"] = w["loss"] - full["loss"]
+        w["loss_increase"] = w["loss"] - first["loss"]
     return {
-        "task": "lowbit",
+        "task": name,
         "windows": len(windows),
         "window_len": ctx.train_len,
         "needle_samples": n * len(cells),
         "widths": widths,
     }
+
+
+def run(ctx: EvalContext) -> Result:
+    # the eager path at every width, full precision included: differences come from the rounding alone
+    conditions = {
+        "full" if bits is None else f"{bits}-bit": partial(
+            attention_logit_transform, ctx.model, identity if bits is None else partial(fake_quantize, bits=bits)
+        )
+        for bits in (None, *BITS)
+    }
+    return under_conditions(ctx, "lowbit", conditions)
 
 
 def markdown(result: Result) -> str:

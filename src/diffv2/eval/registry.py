@@ -27,6 +27,8 @@ SAMPLE_OPTIONS = (
     "icl_queries",
     "lowbit_windows",
     "lowbit_needle_samples",
+    "kv_int8_windows",
+    "kv_int8_needle_samples",
 )
 
 
@@ -54,7 +56,7 @@ class Task:
 
 TASKS: dict[str, Task] = {}
 # the order of listings and of the default run
-ORDER = ("needle", "passkey", "attention_split", "ar_hit", "distractor", "icl", "lowbit", "mqar")
+ORDER = ("needle", "passkey", "attention_split", "ar_hit", "distractor", "icl", "lowbit", "kv_int8", "mqar")
 # family name -> builder of the task named after the colon ("lm_eval:hellaswag" -> FAMILIES["lm_eval"]("hellaswag"))
 FAMILIES: dict[str, Callable[[str], Task]] = {}
 

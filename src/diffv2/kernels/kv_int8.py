@@ -54,6 +54,11 @@ class QuantizedKV:
         return (self.data.float() * self.scale[..., None]).to(self.dtype)
 
 
+def int8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as an int8 cache stores and reads it back: attention over the result is attention over that cache."""
+    return QuantizedKV(*quantize_int8(x), x.dtype).dequantize()
+
+
 def plain_kv(x: torch.Tensor | QuantizedKV) -> torch.Tensor:
     """``x`` as an ordinary tensor: dequantised if it is a :class:`QuantizedKV`, else as it is."""
     return x.dequantize() if isinstance(x, QuantizedKV) else x
