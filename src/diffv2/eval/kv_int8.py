@@ -16,9 +16,8 @@ from functools import partial
 from ..diagnostics import attention_kv_transform
 from ..kernels.kv_int8 import int8_round_trip
 from .context import EvalContext
-from .lowbit import under_conditions
+from .lowbit import conditions_markdown, under_conditions
 from .registry import Result, Score, Task, register
-from .retrieval import fmt
 
 
 def run(ctx: EvalContext) -> Result:
@@ -30,18 +29,7 @@ def run(ctx: EvalContext) -> Result:
 
 
 def markdown(result: Result) -> str:
-    lines = [
-        f"Loss on {result['windows']} windows of {result['window_len']} tokens; needle on "
-        f"{result['needle_samples']} samples (1 or 4 needles, one queried).",
-        "",
-        "| KV cache | loss (nats) | loss increase | needle exact match | needle LL top-1 |",
-        "|---|---|---|---|---|",
-    ]
-    for name, w in result["widths"].items():
-        lines.append(
-            f"| {name} | {w['loss']:.4f} | {w['loss_increase']:+.4f} | {fmt(w['needle_em'])} | {fmt(w['needle_ll'])} |"
-        )
-    return "\n".join(lines)
+    return conditions_markdown(result, "KV cache")
 
 
 def headline(result: Result) -> list[Score]:

@@ -92,19 +92,24 @@ def run(ctx: EvalContext) -> Result:
     return under_conditions(ctx, "lowbit", conditions)
 
 
-def markdown(result: Result) -> str:
+def conditions_markdown(result: Result, condition: str) -> str:
+    """The table of :func:`under_conditions`' result, its first column headed ``condition``."""
     lines = [
         f"Loss on {result['windows']} windows of {result['window_len']} tokens; needle on "
         f"{result['needle_samples']} samples (1 or 4 needles, one queried).",
         "",
-        "| attention logits | loss (nats) | loss increase | needle exact match | needle LL top-1 |",
+        f"| {condition} | loss (nats) | loss increase | needle exact match | needle LL top-1 |",
         "|---|---|---|---|---|",
     ]
     for name, w in result["widths"].items():
         lines.append(
-            f"| {name} | {w['loss']:.4f} | {w['loss_increase']:+.4f} | {fmt(w['needle_em'])} | {fmt(w['needle_ll'])} |"
+            f"| {name} | {w['loss']:.4f} | {w['loss_increase']:+.2e} | {fmt(w['needle_em'])} | {fmt(w['needle_ll'])} |"
         )
     return "\n".join(lines)
+
+
+def markdown(result: Result) -> str:
+    return conditions_markdown(result, "attention logits")
 
 
 def headline(result: Result) -> list[Score]:
