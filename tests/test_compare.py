@@ -327,9 +327,10 @@ def test_subprocess_jobs(text_dir, tmp_path):
     assert "they are no speed comparison" in write_report(cfg.out_dir, probe=False).read_text()
 
 
-def test_every_finished_run_is_scored_on_the_eval_tasks_and_the_report_compares_them(text_dir, tmp_path):
+def test_every_finished_run_is_scored_on_the_eval_tasks_and_the_report_compares_them(text_dir, tmp_path, monkeypatch):
     """``eval_tasks`` score each finished run once (in the worker too); a task added later scores only the
-    missing results; the report's section and the claims table read the headline scores."""
+    missing results; a failed evaluation is an outcome, not the grid's end; the report's section and the claims
+    table read the headline scores, and name an eval.json they cannot read."""
     evals = dict(eval_tasks=["ar_hit"], eval_quick=True, eval_options={"ar_hit_windows": 2})
     variants = ["baseline_matched", "diff_v2"]
     cfg = make_config(text_dir, tmp_path / "out", variants=variants, seeds=[0, 1], **evals)
@@ -346,6 +347,17 @@ def test_every_finished_run_is_scored_on_the_eval_tasks_and_the_report_compares_
     logs: list[str] = []
     again = run_grid(more, log=logs.append)
     assert "0 to train, 4 to evaluate" in logs[0] and {(o.before, o.after) for o in again} == {("done", "done")}
+    merged = {s.key: json.loads((s.run_dir / "eval" / "eval.json").read_text()) for s in expand_grid(cfg)}
+    assert all(list(m["tasks"]) == ["ar_hit", "passkey"] for m in merged.values())
+    assert all(merged[k]["tasks"]["ar_hit"] == results[k]["tasks"]["ar_hit"] for k in results)  # kept, not redone
+    # in-process (jobs=1) an evaluation that fails is reported with its run, and the grid goes on
+    from diffv2.compare.evaluation import EvalSpec
+
+    monkeypatch.setattr(EvalSpec, "run", lambda self, run_dir: (_ for _ in ()).throw(RuntimeError("CUDA oom")))
+    more.eval_tasks = ["ar_hit", "passkey", "icl"]
+    failed = run_grid(more, log=lambda _: None)
+    assert all("evaluation failed: RuntimeError: CUDA oom" in o.message for o in failed)
+    monkeypatch.undo()
     # a run copied without its checkpoints cannot be scored on a task added later: said, not an error
     shutil.rmtree(expand_grid(cfg)[0].run_dir / "checkpoints")
     more.eval_tasks = ["ar_hit", "passkey", "distractor"]
@@ -360,6 +372,10 @@ def test_every_finished_run_is_scored_on_the_eval_tasks_and_the_report_compares_
     report = write_report(cfg.out_dir, probe=False).read_text()
     assert "## Evaluation tasks" in report and "`passkey_rank_top1` ↑" in report
     assert "DIFF V2 finds a pass key in filler better than a Transformer" in report  # a row of the claims table
+    broken = expand_grid(cfg)[1].run_dir / "eval" / "eval.json"
+    broken.write_text('{"settings": {"quick": true, "seed": 0}, "tasks": {"ar_hit": {"hit": 1}}}')
+    report = write_report(cfg.out_dir, probe=False).read_text()
+    assert f"- not read: {broken}" in report and "## Evaluation tasks" in report
 
 
 def test_eval_tasks_that_train_their_own_models_or_unknown_options_are_refused(tmp_path):

@@ -108,20 +108,25 @@ MEDIAN_SAMPLE = 1 << 20  # logits the median is estimated from when there are mo
 
 def logit_summary(logits: torch.Tensor) -> tuple[float, float]:
     """(top-1, median) of the finite attention logits (masked entries are -inf and left out). The median is exact
-    up to ``MEDIAN_SAMPLE`` entries and estimated from a seeded sample of that many beyond: an exact median of
-    a diagnostic batch's ~10⁹ logits takes seconds, and its sampling error (~1/√N of the spread) is far below
-    the digits reported."""
+    up to ``MEDIAN_SAMPLE`` finite entries and estimated beyond from a seeded uniform sample of about that many:
+    an exact median of a diagnostic batch's ~10⁹ logits takes seconds, and the sample's error (~1/√N of the
+    spread) is far below the digits reported."""
     flat = logits.reshape(-1)
-    if flat.numel() > 2 * MEDIAN_SAMPLE:  # about half of a causal map is masked: sample, then keep the finite
-        gen = torch.Generator(device=flat.device).manual_seed(0)
-        flat = flat[torch.randint(flat.numel(), (4 * MEDIAN_SAMPLE,), generator=gen, device=flat.device)]
-    valid = flat[torch.isfinite(flat)][:MEDIAN_SAMPLE].float()
-    if valid.numel() == 0:
+    finite = torch.isfinite(flat)
+    n_finite = int(finite.sum())
+    if n_finite == 0:
         return math.nan, math.nan
+    if n_finite <= MEDIAN_SAMPLE:
+        valid = flat[finite]
+    else:  # uniform indices over all entries; the finite ones among them are uniform over the finite entries
+        gen = torch.Generator(device=flat.device).manual_seed(0)
+        draws = math.ceil(MEDIAN_SAMPLE * flat.numel() / n_finite)
+        picked = flat[torch.randint(flat.numel(), (draws,), generator=gen, device=flat.device)]
+        valid = picked[torch.isfinite(picked)]
     top = logits.amax()  # masked entries are -inf: they never win; +inf or NaN only in a broken model
     if not torch.isfinite(top):
-        top = logits.masked_fill(~torch.isfinite(logits), -math.inf).amax()
-    return top.float().item(), valid.median().item()
+        top = flat.masked_fill(~finite, -math.inf).amax()
+    return top.float().item(), valid.float().median().item()
 
 
 def attention_layer_metrics(

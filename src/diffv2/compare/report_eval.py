@@ -12,9 +12,15 @@ from .results import Grid
 from .stats import fmt_p, summarize
 
 
+def _g(x: float, signed: bool = False) -> str:
+    """Three significant digits: the scores range from 1e-5 (a loss increase) to a few nats."""
+    return f"{x:+.3g}" if signed else f"{x:.3g}"
+
+
 def eval_section(grid: Grid) -> list[str]:
     seen = {name: score for r in grid.runs for name, score in r.scores.items()}
-    if not seen:
+    problems = [r.eval_problem for r in grid.runs if r.eval_problem]
+    if not seen and not problems:
         return []
     base = grid.baseline
     lines = [
@@ -22,8 +28,12 @@ def eval_section(grid: Grid) -> list[str]:
         "",
         "Scored on each run's final checkpoint (`diffv2 eval`, seed 0: every run sees the same samples), each "
         f"variant at its best lr; mean ± std over seeds (n), then the paired Δ against `{base}` with its 95% "
-        "t-interval and unadjusted p (the claims table adjusts). ↑: higher is better; ↓: lower is better.",
+        "t-interval and unadjusted p (the claims table adjusts: its Holm family holds these scores' claims too, "
+        "so every row there, decision rules included, is judged more strictly than without them). ↑: higher is "
+        "better; ↓: lower is better.",
         "",
+        *(f"- not read: {p}" for p in problems),
+        *([""] if problems else []),
         "| score | what |",
         "|---|---|",
         *(row([f"`{name}` {'↑' if s.higher_is_better else '↓'}", s.what]) for name, s in seen.items()),
@@ -38,11 +48,13 @@ def eval_section(grid: Grid) -> list[str]:
             for name in seen:
                 metric = score_metric(name)
                 s = summarize([x for r in grid.select(v, lr, steps) if (x := metric(r)) is not None])
-                text = "–" if s.mean is None else f"{s.fmt(3)} ({s.n})"
+                text = "–" if s.mean is None else _g(s.mean) + ("" if s.std is None else f" ± {_g(s.std)}")
+                text += f" ({s.n})" if s.mean is not None else ""
                 if v != base and s.mean is not None:
                     c = contrast(grid, v, base, steps, metric).result
                     if c.mean is not None:
-                        text += f"<br>Δ {c.mean:+.3f} {c.fmt_ci(3)}, p {fmt_p(c.p, c.note)}"
+                        ci = "" if c.ci is None else f" [{_g(c.ci[0], True)}, {_g(c.ci[1], True)}]"
+                        text += f"<br>Δ {_g(c.mean, True)}{ci}, p {fmt_p(c.p, c.note)}"
                 cells.append(text)
             lines.append(row(cells))
         lines.append("")

@@ -22,11 +22,12 @@ import torch
 
 from ..config import ModelConfig, read_json_file
 from ..errors import DataError
-from ..eval.registry import Score, headline_scores
+from ..eval.registry import Score
 from ..model import Transformer
 from .curves import grad_growth, spikes_after_warmup
+from .evaluation import NO_EVAL, EvalSpec
 from .grid import VARIANTS
-from .runner import EVAL_DIR, FAILED_FILE, GRID_FILE
+from .runner import FAILED_FILE, GRID_FILE
 
 MAX_POINTS = 200  # points per downsampled curve
 
@@ -51,6 +52,7 @@ class RunResult:
     environment: dict[str, Any] = field(default_factory=dict)  # environment.json: versions, device, sharing
     error: str = ""
     scores: dict[str, Score] = field(default_factory=dict)  # the evaluation tasks' headline numbers (eval/eval.json)
+    eval_problem: str = ""  # why an eval.json could not be read
 
     @property
     def final_val_loss(self) -> float | None:
@@ -121,7 +123,16 @@ class Grid:
         return max((int(r.environment.get("runs_per_device", 1)) for r in self.runs), default=1)
 
 
-def load_run(run_dir: Path, variant: str, lr: float, seed: int, key: str, steps: int = 0, warmup: int = 0) -> RunResult:
+def load_run(
+    run_dir: Path,
+    variant: str,
+    lr: float,
+    seed: int,
+    key: str,
+    steps: int = 0,
+    warmup: int = 0,
+    evals: EvalSpec = NO_EVAL,
+) -> RunResult:
     result = RunResult(key, variant, lr, seed, run_dir, "missing", steps, warmup)
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
@@ -154,9 +165,8 @@ def load_run(run_dir: Path, variant: str, lr: float, seed: int, key: str, steps:
     elif (run_dir / FAILED_FILE).is_file():
         result.status = "diverged"
         result.error = json.loads((run_dir / FAILED_FILE).read_text(encoding="utf-8")).get("error", "")
-    if result.status == "finished" and (run_dir / EVAL_DIR / "eval.json").is_file():
-        evaluated = read_json_file(run_dir / EVAL_DIR / "eval.json", DataError)
-        result.scores = headline_scores(evaluated.get("tasks", {}) if isinstance(evaluated, dict) else {})
+    if result.status == "finished":
+        result.scores, result.eval_problem = evals.scores(run_dir)
     return result
 
 
@@ -178,8 +188,11 @@ def load_grid(out_dir: str | Path) -> Grid:
 def _grid(out: Path, grid: dict[str, Any]) -> Grid:
     cmp = grid["compare"]
     base_steps, warmup = int(cmp["base"]["steps"]), int(cmp["base"]["warmup_steps"])
+    evals = EvalSpec.of(cmp)
     runs = [
-        load_run(out / r["key"], r["variant"], r["lr"], r["seed"], r["key"], int(r.get("steps", base_steps)), warmup)
+        load_run(
+            out / r["key"], r["variant"], r["lr"], r["seed"], r["key"], int(r.get("steps", base_steps)), warmup, evals
+        )
         for r in grid["runs"]
     ]
     horizons = sorted(cmp.get("horizons") or [base_steps])

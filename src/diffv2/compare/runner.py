@@ -32,59 +32,14 @@ import torch
 
 from ..checkpoint import latest_checkpoint
 from ..data import load_manifest, prepare_dataset, split_documents
-from ..errors import ConfigError
+from ..errors import ConfigError, DiffV2Error
 from ..train import TrainConfig
+from .evaluation import NO_EVAL, EvalSpec
 from .grid import CompareConfig, RunSpec, expand_grid, variant_model
 
 GRID_FILE = "grid.json"
 CONFIG_FILE = "compare_config.json"  # the full train config of one run, what the worker reads
 FAILED_FILE = "failed.json"
-EVAL_DIR = "eval"  # <run>/eval: eval.json, eval.md and figures of the evaluation tasks on the final checkpoint
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """The evaluation tasks every finished run is scored on (``[compare] eval_tasks``); seed 0 for all runs, so
-    every run sees the same samples and the scores pair up by sample as well as by seed."""
-
-    tasks: tuple[str, ...] = ()
-    quick: bool = False
-    options: tuple[tuple[str, int], ...] = ()
-
-    @classmethod
-    def of(cls, cfg: CompareConfig) -> EvalSpec:
-        return cls(tuple(cfg.eval_tasks), cfg.eval_quick, tuple(sorted(cfg.eval_options.items())))
-
-    def to_args(self) -> list[str]:
-        if not self.tasks:
-            return []
-        args = ["--eval-tasks", ",".join(self.tasks), "--eval-options", json.dumps(dict(self.options))]
-        return [*args, "--eval-quick"] if self.quick else args
-
-    def done(self, run_dir: Path) -> bool:
-        """Whether ``run_dir`` holds these tasks' results with these settings (nothing to do without tasks)."""
-        if not self.tasks:
-            return True
-        try:
-            saved = json.loads((run_dir / EVAL_DIR / "eval.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        settings = saved.get("settings", {})
-        same = settings.get("quick") == self.quick and settings.get("sample_options", {}) == dict(self.options)
-        return same and set(self.tasks) <= set(saved.get("tasks", {}))
-
-    def run(self, run_dir: Path) -> None:
-        from ..eval import evaluate_checkpoint
-
-        evaluate_checkpoint(
-            run_dir,
-            list(self.tasks),
-            out=run_dir / EVAL_DIR,
-            quick=self.quick,
-            seed=0,
-            options=dict(self.options),
-            progress=False,
-        )
 
 
 @dataclass
@@ -162,16 +117,20 @@ def execute(
     *,
     stop_after: int | None = None,
     progress: bool = False,
-    evals: EvalSpec = EvalSpec(),
-) -> tuple[str, str]:
-    """Start, resume or skip one run according to its folder, then score a finished run on ``evals`` unless its
-    folder holds those results already; returns (state before, state after)."""
+    evals: EvalSpec = NO_EVAL,
+) -> tuple[str, str, str]:
+    """Start, resume or skip one run according to its folder, then score a finished run on the ``evals`` tasks its
+    folder lacks; returns (state before, state after, a note: why the scoring failed, or "")."""
     run_dir = Path(train_cfg.out_dir)
     before = run_state(run_dir)
     after = before if before in ("done", "failed") else _train(train_cfg, before, stop_after, progress)
-    if after == "done" and not evals.done(run_dir) and latest_checkpoint(run_dir) is not None:
+    if after != "done" or evals.done(run_dir) or latest_checkpoint(run_dir) is None:
+        return before, after, ""
+    try:
         evals.run(run_dir)
-    return before, after
+    except (DiffV2Error, RuntimeError, OSError) as err:  # CUDA out of memory is a RuntimeError; the run stays done
+        return before, after, f"(evaluation failed: {type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    return before, after, ""
 
 
 def _train(train_cfg: TrainConfig, before: str, stop_after: int | None, progress: bool) -> str:
@@ -217,7 +176,7 @@ def run_grid(
     for spec in specs:
         check_run_config(spec)
     write_grid_file(cfg, specs, data_dir)
-    evals = EvalSpec.of(cfg)
+    evals = EvalSpec.of(cfg.to_dict())
     finished = [s for s in specs if run_state(s.run_dir) == "done" and not evals.done(s.run_dir)]
     unscored = [s for s in finished if latest_checkpoint(s.run_dir) is not None]
     todo = [s for s in specs if run_state(s.run_dir) in ("new", "resume") or s in unscored]
@@ -240,8 +199,7 @@ def run_grid(
     def one(i: int, spec: RunSpec) -> None:
         start = time.perf_counter()
         if jobs == 1:
-            before, after = execute(spec.train, stop_after=stop_after, progress=progress, evals=evals)
-            message = ""
+            before, after, message = execute(spec.train, stop_after=stop_after, progress=progress, evals=evals)
         else:
             slot = slots.get()
             try:
@@ -335,4 +293,4 @@ def _execute_in_subprocess(
     if proc.returncode != 0:
         return before, "error", f"(exit {proc.returncode}; see {log_path}: {tail[0] if tail else ''})"
     result: dict[str, Any] = json.loads(tail[0])  # the worker's last line
-    return result["before"], result["after"], ""
+    return result["before"], result["after"], result.get("message", "")

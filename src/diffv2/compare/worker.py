@@ -11,7 +11,8 @@ import json
 import sys
 
 from ..train import TrainConfig, load_config_file
-from .runner import EvalSpec, execute
+from .evaluation import EvalSpec
+from .runner import execute
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.from_dict(load_config_file(args.config))
     tasks = tuple(t for t in args.eval_tasks.split(",") if t)
     evals = EvalSpec(tasks, args.eval_quick, tuple(sorted(json.loads(args.eval_options).items())))
-    before, after = execute(cfg, stop_after=args.stop_after, progress=False, evals=evals)
-    print(json.dumps({"before": before, "after": after}), flush=True)
+    before, after, message = execute(cfg, stop_after=args.stop_after, progress=False, evals=evals)
+    print(json.dumps({"before": before, "after": after, "message": message}), flush=True)
     return 0
 
 

@@ -137,14 +137,14 @@ def plot(result: Result, out) -> list:
 
 def headline(result: Result) -> list[Score]:
     key = result["best_head"]["map"]
-    what = "the effective map divided by 1 − w" if key == "effective" else "its one softmax map"
     return [
         Score(
             "answer_attention",
             result[key]["answer"],
             True,
-            f"attention_split: attention on the answer at the query, mean over layers and heads ({what}; uniform "
-            f"attention gives {result['uniform_answer']:.3g})",
+            "attention_split: attention on the answer at the query, mean over layers and heads (a Transformer's "
+            "softmax map; DIFF's effective map divided by 1 − w; uniform attention gives "
+            f"{result['uniform_answer']:.3g})",
         )
     ]
 
