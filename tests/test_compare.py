@@ -334,6 +334,8 @@ def test_every_finished_run_is_scored_on_the_eval_tasks_and_the_report_compares_
     evals = dict(eval_tasks=["ar_hit"], eval_quick=True, eval_options={"ar_hit_windows": 2})
     variants = ["baseline_matched", "diff_v2"]
     cfg = make_config(text_dir, tmp_path / "out", variants=variants, seeds=[0, 1], **evals)
+    nothing = run_grid(cfg, log=lambda _: None, train=False)  # `compare --eval-only`: scores, never trains
+    assert [(o.before, o.after) for o in nothing] == [("new", "new")] * 4
     outcomes = run_grid(cfg, jobs=2, log=lambda _: None)
     assert [(o.before, o.after) for o in outcomes] == [("new", "done")] * 4
     results = {s.key: json.loads((s.run_dir / "eval" / "eval.json").read_text()) for s in expand_grid(cfg)}

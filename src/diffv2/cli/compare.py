@@ -46,6 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--report-dir", type=path_arg, default=None, help="where to write the report (default: <out_dir>/report)"
     )
     p.add_argument("--no-report", action="store_true", help="train only")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="only score finished runs that lack the [compare] eval_tasks results; train nothing",
+    )
     p.add_argument("--no-probe", action="store_true", help="report without the per-token σ(λ) pass over checkpoints")
     p.add_argument("--progress", action="store_true", help="progress bars for in-process runs")
     p.set_defaults(func=run_compare)
@@ -78,7 +83,9 @@ def run_compare(args: argparse.Namespace) -> int:
             raise DataError(f"--report-only: {cfg.out_dir} does not exist; the grid's runs are made without the flag")
         write_grid_file(cfg, expand_grid(cfg, cfg.data_dir), cfg.data_dir)
     else:
-        outcomes = run_grid(cfg, jobs=args.jobs, stop_after=args.stop_after, progress=args.progress)
+        outcomes = run_grid(
+            cfg, jobs=args.jobs, stop_after=args.stop_after, progress=args.progress, train=not args.eval_only
+        )
         errors = [o for o in outcomes if o.after == "error"]
         for o in errors:
             print(f"run {o.key} crashed {o.message}")

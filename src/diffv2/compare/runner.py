@@ -164,10 +164,12 @@ def run_grid(
     stop_after: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    train: bool = True,
 ) -> list[RunOutcome]:
     """Prepare the data, write ``grid.json``, then run every unfinished run; returns one outcome per run.
 
     ``stop_after`` stops each run after that step (with a checkpoint), as ``diffv2 train --stop-after`` does.
+    ``train=False`` only scores finished runs that lack eval results (what a time-boxed call keeps time for).
     """
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: must be >= 1")
@@ -179,7 +181,7 @@ def run_grid(
     evals = EvalSpec.of(cfg.to_dict())
     finished = [s for s in specs if run_state(s.run_dir) == "done" and not evals.done(s.run_dir)]
     unscored = [s for s in finished if latest_checkpoint(s.run_dir) is not None]
-    todo = [s for s in specs if run_state(s.run_dir) in ("new", "resume") or s in unscored]
+    todo = [s for s in specs if (train and run_state(s.run_dir) in ("new", "resume")) or s in unscored]
     outcomes = {s.key: RunOutcome(s.key, run_state(s.run_dir), run_state(s.run_dir)) for s in specs}
     trained = len(todo) - len(unscored)
     log(
