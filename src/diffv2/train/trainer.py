@@ -8,6 +8,7 @@ norm and the skip decision are reduced across ranks, so all ranks take the same 
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import sys
@@ -338,7 +339,15 @@ def train(
         check_int("stop_after", stop_after, minimum=1, maximum=MAX_STEPS)
     trainer = Trainer(cfg, resume=resume, progress=progress, quiet=quiet, stop_after=stop_after)
     summary = trainer.fit(stop_after)
-    trainer.env.close()
+    env = trainer.env
+    # DDP's reducer holds a reference to the process group: freed after the group is destroyed, on a rank whose
+    # peers have already left, its gloo destructor could wait forever (seen on the CPU under load). So every rank
+    # frees the model while all are still there, then the group goes.
+    env.barrier()
+    del trainer
+    gc.collect()
+    env.barrier()
+    env.close()
     return summary
 
 
