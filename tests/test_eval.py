@@ -187,6 +187,24 @@ def test_shared_prompt_forward_equals_whole_rows(attention: str) -> None:
         torch.testing.assert_close(shared[i, : len(c)], whole[i, : len(c)], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["baseline", "diff_v2"])
+def test_prompts_of_one_length_scored_as_a_batch_equal_each_alone(attention: str) -> None:
+    """A cell's samples run together (prompts in one batch, every continuation against its own prompt's keys and
+    values, split over several calls here): the logits each prompt gets alone."""
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig.preset("tiny", attention=attention, vocab_size=V, max_seq_len=64)).eval()
+    prompts = [torch.randint(0, V, (40,)).tolist() for _ in range(3)]
+    conts = [[torch.randint(0, V, (n,)).tolist() for n in sizes] for sizes in ((3, 5), (2,), (4, 1, 6))]
+    ctx = context(model)
+    ctx.max_tokens = 2 * (40 + 17)  # two prompts per call, two continuation rows per call
+    together = ctx.continuation_logits_many(prompts, conts)
+    for prompt, cs, got in zip(prompts, conts, together, strict=True):
+        alone = context(model).continuation_logits(prompt, cs)
+        assert got.shape == alone.shape
+        for i, c in enumerate(cs):
+            torch.testing.assert_close(got[i, : len(c)], alone[i, : len(c)], atol=1e-5, rtol=1e-5)
+
+
 def test_registry_resolves_and_refuses() -> None:
     assert [t.name for t in resolve_tasks("needle, passkey,needle")] == ["needle", "passkey"]
     assert resolve_tasks("lm_eval:hellaswag")[0].name == "lm_eval:hellaswag"

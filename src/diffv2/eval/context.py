@@ -80,24 +80,47 @@ class EvalContext:
         A :class:`Transformer` runs the prompt once and the continuations against its cached keys and values;
         any other model runs each whole row.
         """
-        width = max(len(c) for c in continuations)
-        pad = self.tokenizer.eot_id
-        if not isinstance(self.model, Transformer) or len(prompt) < 2:
-            rows = [[*prompt, *c, *[pad] * (width - len(c))] for c in continuations]
-            return self._rows(torch.tensor(rows, device=self.device), len(prompt) - 1, width)
+        return self.continuation_logits_many([prompt], [continuations])[0]
+
+    @torch.no_grad()
+    def continuation_logits_many(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]]
+    ) -> list[torch.Tensor]:
+        """:meth:`continuation_logits` of each prompt and its continuations. On a :class:`Transformer`, prompts of
+        one length run as one batch (the samples of a needle cell), their continuations as batches against it."""
+        if not isinstance(self.model, Transformer) or len({len(p) for p in prompts}) != 1 or len(prompts[0]) < 2:
+            if len(prompts) > 1:
+                return [self.continuation_logits_many([p], [c])[0] for p, c in zip(prompts, continuations, strict=True)]
+            width = max(len(c) for c in continuations[0])
+            pad = self.tokenizer.eot_id
+            rows = [[*prompts[0], *c, *[pad] * (width - len(c))] for c in continuations[0]]
+            return [self._rows(torch.tensor(rows, device=self.device), len(prompts[0]) - 1, width)]
+        length, pad = len(prompts[0]), self.tokenizer.eot_id
+        width = max(len(c) for cs in continuations for c in cs)
         # the last prompt token and the continuations run together; causal attention: padding after a row's tokens
         # changes nothing before them
         width_run = max(width, _MIN_CONTINUATION)
-        tail = [[prompt[-1], *c[:-1], *[pad] * (width_run - len(c))] for c in continuations]
+        pairs = zip(prompts, continuations, strict=True)
+        tail = [[p[-1], *c[:-1], *[pad] * (width_run - len(c))] for p, cs in pairs for c in cs]
+        owner = torch.tensor([i for i, cs in enumerate(continuations) for _ in cs], device=self.device)
         caches = [_SharedPrefix() for _ in self.model.layers]
+        heads = torch.tensor([list(p[:-1]) for p in prompts], device=self.device)
+        step = max(1, self.max_tokens // length)
         with _no_logits(self.model):
-            self._call(torch.tensor([list(prompt[:-1])], device=self.device), 0, caches)
+            for i in range(0, len(prompts), step):
+                self._call(heads[i : i + step], 0, caches)
         out = []
-        per_call = max(1, self.max_tokens // (len(prompt) + width_run))
+        per_call = max(1, self.max_tokens // (length + width_run))
         for i in range(0, len(tail), per_call):
+            for cache in caches:
+                cache.rows = owner[i : i + per_call]
             chunk = torch.tensor(tail[i : i + per_call], device=self.device)
-            out.append(self._call(chunk, len(prompt) - 1, caches)[:, :width].float())
-        return torch.cat(out)
+            out.append(self._call(chunk, length - 1, caches)[:, :width].float())
+        logits = torch.cat(out)
+        counts = [len(cs) for cs in continuations]
+        return [
+            part[:, : max(len(c) for c in cs)] for part, cs in zip(logits.split(counts), continuations, strict=True)
+        ]
 
     def _rows(self, rows: torch.Tensor, first: int, width: int) -> torch.Tensor:
         per_call = max(1, self.max_tokens // rows.shape[1])
@@ -121,19 +144,24 @@ class EvalContext:
 
 
 class _SharedPrefix:
-    """One layer's cache for scoring many continuations of one prompt: the first call (the prompt, one row)
-    keeps its keys and values; each later call (continuations, B rows) attends to them and to its own."""
+    """One layer's cache for scoring many continuations of some prompts of one length: the calls made while
+    ``rows`` is None (the prompts) keep their keys and values; each later call (continuations, B rows) attends to
+    those of its rows' prompts (``rows``: B prompt indices) and to its own."""
 
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            self.k, self.v = k, v
+        if self.rows is None:  # a batch of prompts
+            self.k = k if self.k is None else torch.cat((self.k, k))
+            self.v = v if self.v is None else torch.cat((self.v, v))
             return k, v
         b = k.shape[0]
-        return torch.cat((self.k.expand(b, -1, -1, -1), k), 2), torch.cat((self.v.expand(b, -1, -1, -1), v), 2)
+        if self.k.shape[0] == 1:  # one prompt: a view, no copy
+            return torch.cat((self.k.expand(b, -1, -1, -1), k), 2), torch.cat((self.v.expand(b, -1, -1, -1), v), 2)
+        return torch.cat((self.k[self.rows], k), 2), torch.cat((self.v[self.rows], v), 2)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from .context import EvalContext, log_probs, tie_aware_top1
 from .text import starts_with_digit
 
 N_CANDIDATES = 8
+SAMPLES_PER_BATCH = 16  # a cell's samples share their prompt length: scored together, this many at a time
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -97,16 +98,34 @@ class Numbers:
         return Slot([self.encode(n) for n in numbers], numbers.index(right), list(range(len(needles))), after)
 
 
-@torch.no_grad()
-def score_sample(ctx: EvalContext, sample: Sample) -> dict[str, Any]:
-    """em / ll / ll_needles of one sample (see the module docstring)."""
+def _candidate_rows(sample: Sample) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Every continuation with one slot's candidate swapped in, and (slot, candidate) of each."""
     rows: list[list[int]] = []
     index: list[tuple[int, int]] = []
     for r, slot in enumerate(sample.slots):
         for j in range(len(slot.candidates)):
             rows.append(sample.continuation({r: j}))
             index.append((r, j))
-    logits = ctx.continuation_logits(sample.prompt, rows)
+    return rows, index
+
+
+@torch.no_grad()
+def score_samples(ctx: EvalContext, samples: list[Sample]) -> list[dict[str, Any]]:
+    """:func:`score_sample` of each; prompts of one length (a cell's samples) run as one batch."""
+    built = [_candidate_rows(s) for s in samples]
+    logits = ctx.continuation_logits_many([s.prompt for s in samples], [rows for rows, _ in built])
+    return [_score(ctx, s, rows, index, lg) for s, (rows, index), lg in zip(samples, built, logits, strict=True)]
+
+
+@torch.no_grad()
+def score_sample(ctx: EvalContext, sample: Sample) -> dict[str, Any]:
+    """em / ll / ll_needles of one sample (see the module docstring)."""
+    return score_samples(ctx, [sample])[0]
+
+
+def _score(
+    ctx: EvalContext, sample: Sample, rows: list[list[int]], index: list[tuple[int, int]], logits: torch.Tensor
+) -> dict[str, Any]:
     targets = torch.tensor(rows, device=logits.device)
     lp = log_probs(logits, targets).cpu()
     top = logits.argmax(-1).cpu()
@@ -160,14 +179,20 @@ def run_cells(ctx: EvalContext, name: str, cells: list[dict[str, Any]], build):
     with ctx.bar(sum(c["n"] for c in cells), name) as bar:
         for cell in cells:
             settings = {k: v for k, v in cell.items() if k != "n"}
-            for i in range(cell["n"]):
+            samples = []
+            for _ in range(cell["n"]):  # building draws from rng, scoring does not: the samples of a seed stay
                 sample = build(cell, rng)
-                bar.update()
                 if sample is None:
                     skipped.append(settings)
                     break
-                depth = {"actual_depth": round(sample.meta["actual_depth"], 4)}
-                records.append({**settings, "sample": i, **depth, **score_sample(ctx, sample)})
+                samples.append(sample)
+            for first in range(0, len(samples), SAMPLES_PER_BATCH):
+                part = samples[first : first + SAMPLES_PER_BATCH]
+                for i, (sample, score) in enumerate(zip(part, score_samples(ctx, part), strict=True), first):
+                    depth = {"actual_depth": round(sample.meta["actual_depth"], 4)}
+                    records.append({**settings, "sample": i, **depth, **score})
+                bar.update(len(part))
+            bar.update(cell["n"] - len(samples))
     return records, skipped
 
 
