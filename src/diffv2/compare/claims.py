@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..eval.registry import Score
 from ..metrics import HIDDEN_OUTLIER_RATIO, KEY0_A1, KEY0_A2, LOGIT_TOP1, SINK_SHARE, SINK_THRESHOLD
 from .analysis import Contrast, Metric, best_lr, contrast, mean, test_loss
 from .results import Grid, RunResult
@@ -221,9 +222,14 @@ def score_metric(name: str) -> Metric:
     return lambda r: None if (s := r.scores.get(name)) is None else s.value
 
 
+def seen_scores(grid: Grid) -> dict[str, Score]:
+    """Every headline score some finished run of the grid has, by name (one run's instance of each)."""
+    return {name: score for r in grid.runs for name, score in r.scores.items()}
+
+
 def eval_checks(grid: Grid, a: str = "diff_v2", b: str = "baseline_matched") -> list[Check]:
     """The attention-noise rows whose scores some finished run of the grid has."""
-    seen = {name: score for r in grid.runs for name, score in r.scores.items()}
+    seen = seen_scores(grid)
     return [
         Check(
             ref,

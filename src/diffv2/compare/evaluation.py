@@ -44,23 +44,16 @@ class EvalSpec:
         same = settings.get("quick") == self.quick and settings.get("seed") == SEED
         return saved if same and settings.get("sample_options", {}) == dict(self.options) else None
 
-    def missing(self, run_dir: Path) -> list[str]:
-        saved = self.saved(run_dir)
-        return [t for t in self.tasks if saved is None or t not in saved["tasks"]]
-
-    def done(self, run_dir: Path) -> bool:
-        return not self.missing(run_dir)
-
     def run(self, run_dir: Path) -> None:
         """Score the run's final checkpoint on the missing tasks and merge them into eval.json: results already
         there are kept, and eval.json is replaced only once the new ones exist."""
         from ..eval import evaluate_checkpoint, resolve_tasks
         from ..eval.report import write_outputs
 
-        missing = self.missing(run_dir)
+        saved = self.saved(run_dir)
+        missing = [t for t in self.tasks if saved is None or t not in saved["tasks"]]
         if not missing:
             return
-        saved = self.saved(run_dir)
         partial = run_dir / EVAL_DIR / ".partial"
         new = evaluate_checkpoint(
             run_dir, missing, out=partial, quick=self.quick, seed=SEED, options=dict(self.options), progress=False
@@ -70,6 +63,10 @@ class EvalSpec:
         summary = {"settings": new["settings"], "tasks": {t: tasks[t] for t in order}}
         write_outputs(summary, resolve_tasks(order), run_dir / EVAL_DIR)
         shutil.rmtree(partial, ignore_errors=True)
+
+    def done(self, run_dir: Path) -> bool:
+        saved = self.saved(run_dir)
+        return all(saved is not None and t in saved["tasks"] for t in self.tasks)
 
     def scores(self, run_dir: Path) -> tuple[dict[str, Any], str]:
         """The headline scores of this spec's tasks in the run's eval.json, and what kept any from being read."""

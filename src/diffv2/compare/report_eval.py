@@ -6,7 +6,7 @@ table tests the DIFF V1 paper's attention-noise claims on the same scores, Holm-
 from __future__ import annotations
 
 from .analysis import best_lr, contrast
-from .claims import score_metric
+from .claims import score_metric, seen_scores
 from .report_tables import row, tok_heading
 from .results import Grid
 from .stats import fmt_p, summarize
@@ -18,7 +18,7 @@ def _g(x: float, signed: bool = False) -> str:
 
 
 def eval_section(grid: Grid) -> list[str]:
-    seen = {name: score for r in grid.runs for name, score in r.scores.items()}
+    seen = seen_scores(grid)
     problems = [r.eval_problem for r in grid.runs if r.eval_problem]
     if not seen and not problems:
         return []

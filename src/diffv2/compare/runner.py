@@ -124,10 +124,10 @@ def execute(
     run_dir = Path(train_cfg.out_dir)
     before = run_state(run_dir)
     after = before if before in ("done", "failed") else _train(train_cfg, before, stop_after, progress)
-    if after != "done" or evals.done(run_dir) or latest_checkpoint(run_dir) is None:
+    if after != "done" or latest_checkpoint(run_dir) is None:
         return before, after, ""
     try:
-        evals.run(run_dir)
+        evals.run(run_dir)  # scores only the tasks the folder lacks: nothing when it has them all
     except (DiffV2Error, RuntimeError, OSError) as err:  # CUDA out of memory is a RuntimeError; the run stays done
         return before, after, f"(evaluation failed: {type(err).__name__}: {str(err).splitlines()[0][:200]})"
     return before, after, ""
@@ -179,10 +179,11 @@ def run_grid(
         check_run_config(spec)
     write_grid_file(cfg, specs, data_dir)
     evals = EvalSpec.of(cfg.to_dict())
-    finished = [s for s in specs if run_state(s.run_dir) == "done" and not evals.done(s.run_dir)]
+    states = {s.key: run_state(s.run_dir) for s in specs}
+    finished = [s for s in specs if states[s.key] == "done" and not evals.done(s.run_dir)]
     unscored = [s for s in finished if latest_checkpoint(s.run_dir) is not None]
-    todo = [s for s in specs if (train and run_state(s.run_dir) in ("new", "resume")) or s in unscored]
-    outcomes = {s.key: RunOutcome(s.key, run_state(s.run_dir), run_state(s.run_dir)) for s in specs}
+    todo = [s for s in specs if (train and states[s.key] in ("new", "resume")) or s in unscored]
+    outcomes = {s.key: RunOutcome(s.key, states[s.key], states[s.key]) for s in specs}
     trained = len(todo) - len(unscored)
     log(
         f"compare: {len(specs)} runs, {len(specs) - trained} already finished, {trained} to train"
