@@ -139,6 +139,40 @@ def test_cached_decode_matches_the_reference(path, kw, device, dtype, maybe_inte
         _close(torch.stack(got[b]), expected[b][n - 1 : n + STEPS - 1], TOLERANCE[dtype], f"row {b} logits")
 
 
+# the rows a prompt fed in chunks takes (prefix mode: no mask object, T < S); chunks of at most and of more than
+# the decode kernels' query tile, so that both of masked_cuda's branches run
+CHUNKED = ("sdpa", "eager", "diff_v2_recompute", "diff_v2_keep", "masked_cuda")
+CHUNKS = (7, 16, 17)
+
+
+@pytest.mark.parametrize(("path", "kw", "device", "dtype"), [c for c in _cells("decode") if c.values[0] in CHUNKED])
+@torch.no_grad()
+def test_a_prompt_fed_in_chunks_matches_the_reference(path, kw, device, dtype, maybe_interpreter):
+    """The server's prefill: one row of a prefix-mode cache, a prompt fed in chunks after the slots already
+    written, each chunk causal over itself and seeing every earlier slot."""
+    row, others, backend, _ = PATHS[path]
+    model = _model(kw, backend, device, dtype)
+    tokens = torch.randint(0, model.cfg.vocab_size, (sum(CHUNKS),), generator=torch.Generator().manual_seed(5))
+    cache = KVCache(model.cfg, 1, sum(CHUNKS) + 1, dtype=dtype, device=torch.device(device))
+    got, begin = [], 0
+    with forced_routes(row, *others), traced_routes() as taken:
+        for n in CHUNKS:
+            slots = torch.arange(begin, begin + n, device=device)
+            cache.advance(slots, begin + n)
+            got.append(model(tokens[begin : begin + n].to(device)[None], positions=slots[None], caches=cache.layers)[0])
+            begin += n
+    assert row in taken, f"{row} did not run (ran: {sorted(set(taken))})"
+    if dtype == torch.bfloat16:
+        # bf16 rounding alone moves the v2_linear ablation's logits (an unbounded pair weight amplifies it) by
+        # more than the tolerance on every row, the one-call forward's included: in bf16 the chunks must give
+        # what one forward of the prompt gives; the fp32 and fp64 cells hold both to the reference
+        with forced_routes(row, *others):
+            want = model(tokens.to(device)[None])[0].double().cpu()
+    else:
+        want = reference.forward(model, tokens[None])[0]
+    _close(torch.cat(got), want, TOLERANCE[dtype], "logits")
+
+
 LENGTHS, STEPS = (20, 13), 4
 
 

@@ -47,6 +47,7 @@ def as_mask(mask: Mask, t: int, s: int) -> torch.Tensor | None:
 
 
 def explicit_mask(mask: Mask, t: int, s: int, device: torch.device) -> torch.Tensor:
-    """Any mask form as a boolean mask, the causal rule included."""
+    """Any mask form as a boolean mask broadcastable to (B, 1, T, S), the causal rule included (as (1, 1, T, S):
+    a kernel that inserts the query-group axis at dim 2 reads every form alike)."""
     mask = as_mask(mask, t, s)
-    return causal_mask(t, s, device) if mask is None else mask
+    return causal_mask(t, s, device)[None, None] if mask is None else mask
