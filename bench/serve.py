@@ -6,16 +6,20 @@ offline paths beside them.
 
 Per variant (random weights at the same shapes; token-id prompts, no tokenizer, so every request generates
 exactly ``max_tokens``): the server runs in this process (scheduler thread + uvicorn on a free port) and the
-clients in a second process, so their Python does not share the server's interpreter lock. Phases:
+clients in a second process, so their Python does not share the server's interpreter lock. Phases, in order:
 
+- ``offline`` then ``serve uniform``: the same ``--ratio-batch`` (64) requests of one prompt and output length,
+  run offline by ``generate_batch`` as one batch, then sent at once to the server: the cost of serving;
 - ``serve``: 1, 8, 64, 256 concurrent clients (``--clients``), each sending streaming requests of mixed prompt
   and output lengths, one after another; tokens/s over the level's wall time, time to first token and the gap
   between a request's tokens (inter-token latency) at p50 and p99;
-- ``serve uniform`` vs ``offline``: the same ``--ratio-batch`` (64) requests of one prompt and output length,
-  sent at once to the server, and run offline by ``generate_batch`` as one batch: the cost of serving;
 - ``offline static`` and ``hf static``: the mixed requests of the 64-client level in arrival order, in static
   batches of ``--max-batch`` (each batch decodes until its longest request is done; tokens/s counts the tokens
   asked for), by ``generate_batch`` and by HF transformers ``generate`` on the model exported to HF.
+
+Each serving row also says where the scheduler's loop spent its host time during the level
+(``Scheduler.busy_seconds``: prefill forwards, launching decode steps, collecting their tokens), how many
+prefill forwards and decode steps it ran and how many rows a step decoded on average.
 
 The run is time-boxed (``--time-budget``, shared equally by the variants): a phase that would start after its
 variant's share is spent is skipped and marked so. Results go to ``OUT/serve_bench.json`` (written atomically,
@@ -59,8 +63,12 @@ def client_level(url: str, requests: list[tuple[list[int], int]], concurrency: i
                         status = response.status_code
                         async for line in response.aiter_lines():
                             if line.startswith("data: {"):
-                                choices = json.loads(line[6:])["choices"]
-                                times += [time.perf_counter()] * sum(len(c.get("token_ids", [])) for c in choices)
+                                chunk = json.loads(line[6:])
+                                if "error" in chunk:  # the stream ended early: counted as a failed request
+                                    status = chunk["error"].get("code") or -1
+                                    break
+                                new = sum(len(c.get("token_ids", [])) for c in chunk["choices"])
+                                times += [time.perf_counter()] * new
                     records.append({"index": index, "status": status, "start": start, "times": times, "asked": n})
 
             began = time.perf_counter()
@@ -179,33 +187,35 @@ def bench_variant(variant: str, args, pool, deadline: float, emit) -> None:
         1, max(args.requests_per_client * max(args.clients), 8), args.prompt_range, args.output_range, cfg.vocab_size
     )
     uniform = workload(2, args.ratio_batch, (args.uniform[0],) * 2, (args.uniform[1],) * 2, cfg.vocab_size)
-    began = time.perf_counter()
-    scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=max(args.clients) * 4, seed=0).start()
-    startup = time.perf_counter() - began  # CUDA graph capture of every batch-size bucket
-    with BackgroundServer(create_app(scheduler, None, model_name="bench")) as server:
-        pool.submit(client_level, server.url, mixed[:4], 2, args.timeout).result()  # warm-up, both processes
-        for clients in args.clients:
-            requests = mixed[: args.requests_per_client * clients]
-            phase(
-                "serve",
-                lambda c=clients, r=requests: summarize(
-                    pool.submit(client_level, server.url, r, c, args.timeout).result()
-                ),
-                clients=clients,
-                startup_s=startup,
-            )
-        phase(
-            "serve uniform",
-            lambda: summarize(pool.submit(client_level, server.url, uniform, len(uniform), args.timeout).result()),
-            clients=len(uniform),
-        )
-    scheduler.close()
 
     def offline(prompts, new):
         generate_batch(model, prompts, new, temperature=0)
 
+    # the serve/offline ratio first (the serving goal): offline, then the server on the same requests
     offline([p for p, _ in uniform[:2]], 4)  # warm-up
     phase("offline", lambda: offline_static(offline, uniform, len(uniform)), clients=len(uniform))
+    began = time.perf_counter()
+    scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=max(args.clients) * 4, seed=0).start()
+    startup = time.perf_counter() - began  # CUDA graph capture of every batch-size bucket
+    active = [0]
+    scheduler.observers.append(lambda e: active.__setitem__(0, active[0] + e.active) if e.kind == "step" else None)
+
+    def served(requests, clients) -> dict:
+        """A level's client-side figures and where the scheduler's loop spent its host time meanwhile."""
+        busy, calls, steps, rows = dict(scheduler.busy_seconds), scheduler.prefill_calls, scheduler.steps, active[0]
+        row = summarize(pool.submit(client_level, server.url, requests, clients, args.timeout).result())
+        n = scheduler.steps - steps
+        row.update({f"{k}_s": scheduler.busy_seconds[k] - busy[k] for k in busy})
+        row.update(prefill_calls=scheduler.prefill_calls - calls, steps=n, rows_per_step=(active[0] - rows) / max(n, 1))
+        return row
+
+    with BackgroundServer(create_app(scheduler, None, model_name="bench")) as server:
+        pool.submit(client_level, server.url, mixed[:4], 2, args.timeout).result()  # warm-up, both processes
+        phase("serve uniform", lambda: served(uniform, len(uniform)), clients=len(uniform), startup_s=startup)
+        for clients in args.clients:
+            requests = mixed[: args.requests_per_client * clients]
+            phase("serve", lambda c=clients, r=requests: served(r, c), clients=clients)
+    scheduler.close()
     static = mixed[: args.requests_per_client * min(64, max(args.clients))]
     phase("offline static", lambda: offline_static(offline, static, args.max_batch), clients=args.max_batch)
     run_hf, _ = hf_runner(model)
@@ -229,6 +239,11 @@ def table(rows: list[dict], variants: list[str]) -> str:
         ttft = f"{fmt(r.get('ttft_p50_ms'))}/{fmt(r.get('ttft_p99_ms'))}" if "ttft_p50_ms" in r else "-"
         itl = f"{fmt(r.get('itl_p50_ms'))}/{fmt(r.get('itl_p99_ms'))}" if "itl_p50_ms" in r else "-"
         failed = f"  ({r['failed']} failed)" if r.get("failed") else ""
+        if "steps" in r:  # the scheduler's host seconds in the level: prefill / launch / collect, and its steps
+            failed += (
+                f"  [prefill {r['prefill_s']:.1f} s in {r['prefill_calls']}, launch {r['launch_s']:.1f} s, "
+                f"collect {r['collect_s']:.1f} s; {r['steps']} steps of {r['rows_per_step']:.1f} rows]"
+            )
         lines.append(
             f"{r['variant']:<9} {r['phase']:<15} {r['clients']:>7} {r['tokens_per_s']:>9.1f} {ttft:>17} "
             f"{itl:>15}{failed}"
@@ -281,7 +296,17 @@ def main() -> None:
     p.add_argument("--time-budget", type=float, default=1500, help="seconds; later phases are skipped")
     p.add_argument("--timeout", type=float, default=600, help="seconds a client waits for one request")
     p.add_argument("--quick", action="store_true", help="a toy run on the CPU")
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="seconds; Python's thread switch interval for the server process (default: Python's, 0.005)",
+    )
     args = p.parse_args()
+    if args.switch_interval is not None:
+        import sys
+
+        sys.setswitchinterval(args.switch_interval)
     if args.quick:
         args.preset, args.vocab_size, args.max_len, args.max_batch = "tiny", 512, 128, 8
         args.clients, args.prompt_range, args.output_range, args.uniform = "1,4,8", "4,24", "4,16", "16,16"

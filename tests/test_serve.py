@@ -259,3 +259,41 @@ def test_gpu_served_batches_equal_eager_generation(variant):
     scheduler.close()
     for (prompt, n, _), (ids, _) in zip(requests, results, strict=True):
         assert ids == generate_batch(model, [prompt], n, temperature=0, cuda_graph=False)[0]
+
+
+# ---------------------------------------------------------------------- the scheduler thread → event loop hand-over
+def test_outputs_reach_each_request_in_order_with_one_loop_wake_up_per_burst():
+    """Items put from another thread while the loop is busy arrive in order per request, after one wake-up."""
+    import asyncio
+
+    from diffv2.serve.outputs import RequestOutputs
+
+    async def main() -> tuple[list[list[tuple]], int, list[list[tuple]]]:
+        loop = asyncio.get_running_loop()
+        wake_ups = 0
+        plain = loop.call_soon_threadsafe
+
+        def counted(*args):
+            nonlocal wake_ups
+            wake_ups += 1
+            return plain(*args)
+
+        loop.call_soon_threadsafe = counted
+        outputs = [RequestOutputs(loop) for _ in range(3)]
+        sent = [[(i, "token", n) for n in torch.randperm(50).tolist()] for i in range(3)]
+
+        def produce() -> None:
+            for n in range(50):
+                for i in range(3):
+                    outputs[i].put(sent[i][n])
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        producer.join()  # the loop is blocked meanwhile: every item waits for one drain
+        got = [[await o.queue.get() for _ in range(50)] for o in outputs]
+        assert all(o.queue.empty() for o in outputs)
+        return got, wake_ups, sent
+
+    got, wake_ups, sent = asyncio.run(main())
+    assert got == sent
+    assert wake_ups == 1

@@ -132,6 +132,10 @@ def test_health_and_metrics(server):
     assert delta("diffv2_time_per_output_token_seconds_count") == out.usage.completion_tokens - 1
     assert delta("diffv2_batch_occupancy_count") == delta("diffv2_decode_steps_total") > 0
     assert after["diffv2_queue_depth{}"] == 0 and after["diffv2_batch_rows{}"] == MAX_BATCH
+    # the request's prefill and its decode steps took host time in each part of the loop
+    assert delta("diffv2_scheduler_busy_seconds", part="prefill") > 0
+    assert delta("diffv2_scheduler_busy_seconds", part="launch") > 0
+    assert delta("diffv2_scheduler_busy_seconds", part="collect") > 0
 
 
 def test_the_readme_client_example_runs(server):

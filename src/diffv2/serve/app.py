@@ -41,6 +41,7 @@ def create_app(
     app = FastAPI(title="diffv2", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = metrics or ServerMetrics(scheduler.max_batch)
     scheduler.observers.append(metrics.observe)
+    metrics.watch_busy(scheduler.busy_seconds)
     created = int(time.time())
 
     async def check_key(request: Request) -> None:

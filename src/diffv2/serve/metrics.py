@@ -52,6 +52,17 @@ class ServerMetrics:
             registry=registry,
         )
 
+    def watch_busy(self, busy: dict[str, float]) -> None:
+        """Export a scheduler's :attr:`~diffv2.serve.Scheduler.busy_seconds`, read at every scrape."""
+        gauge = Gauge(
+            "diffv2_scheduler_busy_seconds",
+            "host seconds the scheduler loop spent per part of its turns (a running total)",
+            ["part"],
+            registry=self.registry,
+        )
+        for part in busy:
+            gauge.labels(part).set_function(lambda part=part: busy[part])
+
     def observe(self, event: SchedulerEvent) -> None:
         """A scheduler observer (runs on the scheduler's thread and the request threads; prometheus_client is
         thread-safe)."""

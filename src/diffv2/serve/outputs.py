@@ -5,7 +5,10 @@ a whole response or as stream chunks."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,16 +16,46 @@ from ..generate.text import TextCodec, TextStream
 from .sequence import Sequence, TokenInfo
 
 
-class RequestOutputs:
-    """The asyncio side of one request: items ``(choice index, kind, payload)`` arrive on :attr:`queue`."""
+class _Mailbox:
+    """Items from the scheduler's thread to the queues of one event loop, handed over in batches: a decode step
+    yields a token for every running request, and one wake-up of the loop per step instead of one per token
+    keeps the loop (and its hold on the interpreter lock, which the scheduler's thread needs) short."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+        self.loop, self.items = loop, collections.deque()
+        self.lock, self.scheduled = threading.Lock(), False
 
-    def put(self, item: tuple) -> None:
+    def put(self, queue: asyncio.Queue, item: tuple) -> None:
+        self.items.append((queue, item))
+        with self.lock:
+            if self.scheduled:  # a drain is on its way and will take this item too
+                return
+            self.scheduled = True
         # the event loop may have closed (the server is shutting down): then nobody is listening
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            self.scheduled = False  # items appended from here on schedule the next drain
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
+class RequestOutputs:
+    """The asyncio side of one request: items ``(choice index, kind, payload)`` arrive on :attr:`queue`, in
+    the order :meth:`put` was called. Built on the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, _Mailbox(loop))
+
+    def put(self, item: tuple) -> None:
+        self._mailbox.put(self.queue, item)
 
 
 class ChoiceConsumer:

@@ -70,6 +70,11 @@ class Scheduler:
         self._kv_cache_dtype = check_kv_dtype("kv_cache_dtype", kv_cache_dtype)  # the rows' cache: auto or int8
         self.observers: list[Callable[[SchedulerEvent], None]] = []
         self.steps = 0
+        # host seconds the loop spent in each part of its turns (prefill forwards and first tokens; launching a
+        # step: its host work and, on CUDA, the graph replay; collecting: waiting for a step's tokens and handing
+        # them out), and prefill forwards run: where a server's time goes, next to its tokens/s
+        self.busy_seconds = {"prefill": 0.0, "launch": 0.0, "collect": 0.0}
+        self.prefill_calls = 0
         self.error: str | None = None
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -197,11 +202,17 @@ class Scheduler:
                 self._admit(self._waiting.popleft())
         for seq in cancelled:
             self._retire(seq, "cancelled")
+        busy, t0 = self.busy_seconds, time.perf_counter()
         self._prefill()
+        t1 = time.perf_counter()
         launched = self._launch()
+        t2 = time.perf_counter()
         if self._pending is not None:
             self._collect(self._pending)
         self._pending = launched
+        busy["prefill"] += t1 - t0
+        busy["launch"] += t2 - t1
+        busy["collect"] += time.perf_counter() - t2
         return True
 
     def _admit(self, seq: Sequence) -> None:
@@ -250,6 +261,7 @@ class Scheduler:
             end = min(len(seq.prompt), begin + budget)
             chunk = to_device(seq.prompt[begin:end], self.device)
             logits = self._decoder.prefill(seq.row, chunk, begin)
+            self.prefill_calls += 1
             seq.prefilled, budget = end, budget - (end - begin)
             if seq.params.prompt_logprobs:
                 targets = seq.prompt[begin + 1 : end + 1]  # position j predicts prompt token begin + j + 1
