@@ -104,12 +104,15 @@ def test_serve_bench_quick_on_cpu(tmp_path):
     pytest.importorskip("fastapi")
     out = run_script("bench/serve.py", "--quick", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "serve_bench.json").read_text())["rows"]
-    phases = ["serve", "serve", "serve", "serve uniform", "offline", "offline static", "hf static", "hf uniform"]
+    phases = ["offline", "serve uniform", "serve", "serve", "serve", "offline static", "hf static", "hf uniform"]
     for variant in ("diff_v2", "baseline"):
         mine = [r for r in rows if r["variant"] == variant]
-        assert [r["phase"] for r in mine] == phases and [r["clients"] for r in mine[:3]] == [1, 4, 8]
+        assert [r["phase"] for r in mine] == phases and [r["clients"] for r in mine[2:5]] == [1, 4, 8]
         served = [r for r in mine if r["phase"].startswith("serve")]
         assert all(r["failed"] == 0 and r["tokens"] > 0 and r["ttft_p50_ms"] > 0 for r in served)
+        # every request prefilled at least once, and the loop's host time was spent in each part
+        assert all(r["prefill_calls"] >= r["requests"] and r["steps"] > 0 for r in served)
+        assert all(r["prefill_s"] > 0 and r["launch_s"] > 0 and r["collect_s"] > 0 for r in served)
         assert all(r["tokens_per_s"] > 0 for r in mine)
     assert "diff_v2: serve / offline generate_batch, 8 requests at once:" in out
     assert "diff_v2 / baseline tokens/s, serve (8):" in out
