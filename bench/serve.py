@@ -197,8 +197,13 @@ def bench_variant(variant: str, args, pool, deadline: float, emit) -> None:
     began = time.perf_counter()
     scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=max(args.clients) * 4, seed=0).start()
     startup = time.perf_counter() - began  # CUDA graph capture of every batch-size bucket
-    active = [0]
-    scheduler.observers.append(lambda e: active.__setitem__(0, active[0] + e.active) if e.kind == "step" else None)
+    active = [0]  # rows decoded, summed over the decode steps
+
+    def count_rows(event) -> None:
+        if event.kind == "step":
+            active[0] += event.active
+
+    scheduler.observers.append(count_rows)
 
     def served(requests, clients) -> dict:
         """A level's client-side figures and where the scheduler's loop spent its host time meanwhile."""
